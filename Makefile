@@ -1,0 +1,69 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+MODEL_REPOSITORY ?= models
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+# torch==2.13.0 comes from a CPU wheel on this machine's disk; an unpinned torch pulls CUDA builds.
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
+
+.PHONY: help venv install install-dev models run test test-unit test-integration lint format proto proto-check clean
+
+help:
+	@echo "make run     install, build the bundled model repository if missing, start the server"
+	@echo "make test    install everything and run the whole test suite"
+	@echo "make lint    ruff (lint + format check) and mypy --strict"
+	@echo "make proto   regenerate service/gen from proto/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PIP_INSTALL) -e '.[export]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP_INSTALL) -e '.[export,dev]'
+	touch $@ $(VENV)/.installed-run
+
+install: $(VENV)/.installed-run
+install-dev: $(VENV)/.installed-dev
+
+# Trains and exports the two example models (seeded) when the repository has none.
+models: $(VENV)/.installed-run
+	@if [ -z "$$(ls -d $(MODEL_REPOSITORY)/*/ 2>/dev/null)" ]; then \
+		$(PY) -m export.examples --repository $(MODEL_REPOSITORY); \
+	else echo "model repository $(MODEL_REPOSITORY) present: $$(ls -d $(MODEL_REPOSITORY)/*/ | xargs -n1 basename | tr '\n' ' ')"; fi
+
+run: models
+	$(PY) -m service --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest tests
+
+test-unit: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/unit
+
+test-integration: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/integration
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+proto: $(VENV)/.installed-dev
+	$(PY) -m service.protogen
+
+proto-check: $(VENV)/.installed-dev
+	$(PY) -m service.protogen --check
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,398 @@
+"""The protocol-neutral core: model registry, request validation, admission and execution.
+
+Protocol layers (service.servicer for gRPC) translate wire messages into :class:`PredictInput`
+and call :meth:`InferenceCore.predict`; they never touch numpy maths or ONNX Runtime. Session
+runs execute on a bounded thread pool, so the event loop never blocks; a bounded admission
+count answers RESOURCE_EXHAUSTED instead of letting a queue grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service import metrics
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    ResourceExhausted,
+    ServiceError,
+    VersionNotFound,
+)
+from service.onnx_session import SessionConfig
+from service.repository import ModelConfig, TensorSpec, VersionSource, scan_repository
+from service.runtime import CancelToken, Engine, OutputStats, TiledEngine
+from service.settings import Settings
+
+__all__ = [
+    "InferenceCore",
+    "LoadedVersion",
+    "ModelRegistry",
+    "OutputResult",
+    "PredictInput",
+    "PredictResult",
+    "validate_inputs",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A version that is loaded and can serve."""
+
+    source: VersionSource
+    engine: Engine
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.source.config
+
+    @property
+    def version(self) -> int:
+        return self.source.version
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """A decoded Predict request.
+
+    Attributes:
+        model: model name.
+        version: version number as sent ("" or None for the newest).
+        inputs: one (B, ...) array per model input.
+        num_samples: T; None or 0 for the model's default.
+    """
+
+    model: str
+    version: str | None
+    inputs: Mapping[str, NDArray[Any]]
+    num_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputResult:
+    spec: TensorSpec
+    stats: OutputStats
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    model: str
+    version: int
+    num_samples: int
+    outputs: tuple[OutputResult, ...]
+    labels: tuple[str, ...]
+
+
+class ModelRegistry:
+    """The loaded versions, by model name and version number."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, dict[int, LoadedVersion]] = {}
+        self.failed: list[tuple[Path, str]] = []
+
+    def add(self, loaded: LoadedVersion) -> None:
+        self._models.setdefault(loaded.source.name, {})[loaded.version] = loaded
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def has_model(self, name: str) -> bool:
+        return name in self._models
+
+    def versions(self, name: str) -> list[int]:
+        """Loaded versions of ``name``, newest first."""
+        return sorted(self._models.get(name, {}), reverse=True)
+
+    def get(self, name: str, version: str | None = None) -> LoadedVersion:
+        """The requested version, or the newest when ``version`` is empty.
+
+        Raises:
+            ModelNotFound / VersionNotFound.
+        """
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(name)
+        if not version:
+            return versions[max(versions)]
+        try:
+            number = int(version)
+        except ValueError:
+            raise InvalidInput(f"version must be a positive integer, got {version!r}") from None
+        if number not in versions:
+            raise VersionNotFound(name, version, [str(v) for v in self.versions(name)])
+        return versions[number]
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    """Load every version of the repository. Blocking: call it off the event loop.
+
+    A version that cannot be served (bad config, graph mismatch, dropout not stochastic) is
+    skipped and logged; it never takes the others down.
+    """
+    session_config = SessionConfig(
+        use_gpu=settings.device != "cpu",
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.allow_spinning,
+        graph_optimization_level=settings.graph_optimization_level,
+        gpu_device_id=settings.gpu_device_id,
+    )
+    registry = ModelRegistry()
+    sources, problems = scan_repository(settings.model_repository)
+    registry.failed.extend(problems)
+    for source in sources:
+        try:
+            engine = TiledEngine(source, session_config, settings.tile_memory_bytes)
+            if settings.device == "gpu" and engine.provider != "CUDAExecutionProvider":
+                raise ModelLoadError(
+                    f"{source.name}/{source.version}: device=gpu but CUDA did not load "
+                    f"(running on {engine.provider})"
+                )
+            if not engine.is_stochastic():
+                raise ModelLoadError(
+                    f"{source.name}/{source.version}: copies of one row gave identical outputs: "
+                    "the graph has no active dropout (was it exported with dropout in eval "
+                    "mode, or were its Dropout nodes optimised away?)"
+                )
+        except ModelLoadError as exc:
+            registry.failed.append((source.path, str(exc)))
+            continue
+        registry.add(LoadedVersion(source=source, engine=engine))
+        metrics.MODEL_INFO.labels(model=source.name, version=str(source.version)).info(
+            {
+                "provider": engine.provider,
+                "opset": str(source.provenance.opset),
+                "task": source.config.task.value,
+            }
+        )
+        log.info(
+            "loaded %s version %d on %s (T default %d, max %d)",
+            source.name,
+            source.version,
+            engine.provider,
+            source.config.default_num_samples,
+            source.config.max_num_samples,
+        )
+    for path, reason in registry.failed:
+        log.error("not serving %s: %s", path, reason)
+    return registry
+
+
+def validate_inputs(
+    config: ModelConfig, inputs: Mapping[str, NDArray[Any]], max_batch_rows: int
+) -> int:
+    """Check a decoded batch against the model's inputs.
+
+    Returns:
+        B, the number of rows.
+
+    Raises:
+        InvalidInput: missing or unexpected input, wrong dtype, rank or row shape, differing
+            batch sizes, empty batch, NaN or infinite values.
+        ResourceExhausted: more rows than ``max_batch_rows``.
+    """
+    expected = {spec.name for spec in config.inputs}
+    missing = sorted(expected - set(inputs))
+    unexpected = sorted(set(inputs) - expected)
+    if missing or unexpected:
+        raise InvalidInput(
+            f"model {config.name!r} takes inputs {sorted(expected)}; missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    rows: int | None = None
+    for spec in config.inputs:
+        x = inputs[spec.name]
+        if x.dtype != spec.dtype:
+            raise InvalidInput(f"input {spec.name!r} must be {spec.dtype}, got {x.dtype}")
+        if x.ndim != len(spec.shape):
+            raise InvalidInput(
+                f"input {spec.name!r} must have rank {len(spec.shape)} (shape {list(spec.shape)}),"
+                f" got shape {list(x.shape)}"
+            )
+        if tuple(x.shape[1:]) != spec.row_shape:
+            raise InvalidInput(
+                f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(x.shape)}"
+            )
+        if rows is not None and x.shape[0] != rows:
+            raise InvalidInput(f"inputs have different batch sizes ({rows} and {x.shape[0]})")
+        rows = x.shape[0]
+        if spec.dtype.kind == "f" and not np.isfinite(x).all():
+            raise InvalidInput(f"input {spec.name!r} contains NaN or infinite values")
+    assert rows is not None  # config.inputs is never empty
+    if rows == 0:
+        raise InvalidInput("the batch is empty (0 rows)")
+    if rows > max_batch_rows:
+        raise ResourceExhausted(f"{rows} rows is more than the limit of {max_batch_rows}")
+    return rows
+
+
+class InferenceCore:
+    """Serves Predict, model listing and metadata for every protocol layer.
+
+    Args:
+        settings: the server settings.
+        registry: the loaded models; set later with :meth:`set_registry` when loading
+            happens after the server started (it answers UNAVAILABLE until then).
+    """
+
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
+        self._settings = settings
+        self._registry = registry or ModelRegistry()
+        self._ready = registry is not None
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.compute_workers, thread_name_prefix="mcd-compute"
+        )
+        self._admitted = 0
+        self._admitted_lock = threading.Lock()
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self._registry
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def set_registry(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+        self._ready = True
+
+    def set_not_ready(self) -> None:
+        """Stop admitting Predict requests (shutdown): they get UNAVAILABLE."""
+        self._ready = False
+
+    def model_label(self, name: str) -> str:
+        """A bounded metrics label: the name of a loaded model, else ``_unknown``."""
+        return name if self._registry.has_model(name) else metrics.UNKNOWN_MODEL
+
+    def get(self, model: str, version: str | None = None) -> LoadedVersion:
+        if not self._ready:
+            raise ModelNotReady(model, version or "newest")
+        return self._registry.get(model, version)
+
+    async def predict(self, request: PredictInput, timeout_s: float | None = None) -> PredictResult:
+        """Validate, admit and run one request.
+
+        Args:
+            request: the decoded request.
+            timeout_s: time left until the client's deadline; None for no deadline.
+
+        Raises:
+            ServiceError: every failure a client may see (subclasses name the status).
+        """
+        loaded = self.get(request.model, request.version)
+        config = loaded.config
+        num_samples = request.num_samples or config.default_num_samples
+        if not 1 <= num_samples <= config.max_num_samples:
+            raise InvalidInput(
+                f"num_samples must be in 1..{config.max_num_samples} for model "
+                f"{config.name!r}, got {num_samples}"
+            )
+        rows = validate_inputs(config, request.inputs, self._settings.max_batch_rows)
+        if rows * num_samples > self._settings.max_row_samples:
+            raise ResourceExhausted(
+                f"rows x samples = {rows} x {num_samples} = {rows * num_samples} is more than "
+                f"the limit of {self._settings.max_row_samples}"
+            )
+        metrics.REQUEST_ROWS.labels(model=config.name).observe(rows)
+        metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
+        stats = await self._execute(loaded, request.inputs, num_samples, timeout_s)
+        return PredictResult(
+            model=config.name,
+            version=loaded.version,
+            num_samples=num_samples,
+            outputs=tuple(
+                OutputResult(spec=spec, stats=s)
+                for spec, s in zip(config.outputs, stats, strict=True)
+            ),
+            labels=config.labels,
+        )
+
+    def _admit(self) -> None:
+        limit = self._settings.compute_workers + self._settings.max_queue_size
+        with self._admitted_lock:
+            if self._admitted >= limit:
+                raise ResourceExhausted(
+                    f"the server is at its limit of {limit} queued and running requests; "
+                    "retry later"
+                )
+            self._admitted += 1
+            metrics.QUEUE_DEPTH.set(self._admitted)
+
+    def _release(self) -> None:
+        with self._admitted_lock:
+            self._admitted -= 1
+            metrics.QUEUE_DEPTH.set(self._admitted)
+
+    async def _execute(
+        self,
+        loaded: LoadedVersion,
+        inputs: Mapping[str, NDArray[Any]],
+        num_samples: int,
+        timeout_s: float | None,
+    ) -> list[OutputStats]:
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded("the deadline passed before the request was run")
+        self._admit()
+        token = CancelToken()
+        submitted = time.perf_counter()
+        name, version = loaded.config.name, str(loaded.version)
+
+        def job() -> list[OutputStats]:
+            started = time.perf_counter()
+            metrics.QUEUE_SECONDS.labels(model=name).observe(started - submitted)
+            if token.cancelled:  # dropped while queued: do not run it
+                raise Cancelled("request cancelled before it ran")
+            result = loaded.engine.run(inputs, num_samples, token)
+            metrics.COMPUTE_SECONDS.labels(model=name, version=version).observe(
+                time.perf_counter() - started
+            )
+            return result
+
+        try:
+            future = self._executor.submit(job)
+        except RuntimeError:  # executor shut down
+            self._release()
+            raise ModelNotReady(name, version) from None
+        # The admission slot is held until the worker really finishes, even when the caller
+        # gave up earlier: the worker is busy until then.
+        future.add_done_callback(lambda _: self._release())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            token.cancel()
+            raise DeadlineExceeded(
+                f"the deadline passed while running {num_samples} samples"
+            ) from None
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.exception("model %s version %s failed", name, version)
+            raise InternalError("internal error while running the model") from exc
+
+    async def close(self) -> None:
+        """Stop the compute workers after the running jobs finish (off the event loop)."""
+        self._ready = False
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
+        )

@@ -1,0 +1,124 @@
+"""Every Prometheus metric of the service, in one registry, created once at import.
+
+Names use the ``mcd_`` prefix and base units (seconds, counts); labels are few and bounded:
+``model`` is a loaded model's name (requests for unknown models are labelled ``_unknown``),
+``method`` the RPC name, ``code`` the canonical status name.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    start_http_server,
+)
+
+__all__ = [
+    "COMPUTE_SECONDS",
+    "ERRORS",
+    "IN_FLIGHT",
+    "MODEL_INFO",
+    "QUEUE_DEPTH",
+    "REGISTRY",
+    "REQUEST_ROWS",
+    "REQUEST_SAMPLES",
+    "REQUEST_SECONDS",
+    "UNKNOWN_MODEL",
+    "exposition",
+    "serve",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+UNKNOWN_MODEL = "_unknown"
+
+# Latency buckets from 0.5 ms to 60 s: MC dropout answers range from a few ms (small T) to
+# seconds (T = 10,000 on a CPU).
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
+_SAMPLE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+REQUEST_SECONDS = Histogram(
+    "mcd_request_duration_seconds",
+    "Time from receiving an RPC to sending its answer, by model, method and status code.",
+    ("model", "method", "code"),
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+COMPUTE_SECONDS = Histogram(
+    "mcd_compute_duration_seconds",
+    "Time spent running the T stochastic passes of one request (all session runs and the "
+    "statistics), excluding queueing.",
+    ("model", "version"),
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+QUEUE_SECONDS = Histogram(
+    "mcd_queue_duration_seconds",
+    "Time a request waited for a compute worker.",
+    ("model",),
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_SAMPLES = Histogram(
+    "mcd_request_samples",
+    "Number of stochastic passes T per Predict request.",
+    ("model",),
+    buckets=_SAMPLE_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_ROWS = Histogram(
+    "mcd_request_rows",
+    "Number of input rows B per Predict request.",
+    ("model",),
+    buckets=_ROW_BUCKETS,
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "mcd_requests_in_flight",
+    "RPCs received and not yet answered.",
+    ("method",),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "mcd_queue_depth",
+    "Predict requests admitted and waiting for or running on a compute worker.",
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "mcd_request_errors",
+    "RPCs answered with a status other than OK, by model, method and status code.",
+    ("model", "method", "code"),
+    registry=REGISTRY,
+)
+MODEL_INFO = Info(
+    "mcd_model",
+    "One series per loaded model version: execution provider, opset, task.",
+    ("model", "version"),
+    registry=REGISTRY,
+)
+
+
+def exposition() -> bytes:
+    """The current metrics in the Prometheus text format."""
+    return generate_latest(REGISTRY)
+
+
+def serve(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Start the /metrics HTTP server on its own thread.
+
+    Returns:
+        The server (``server.server_port`` is the bound port, useful with port 0) and its
+        thread. Stop it with ``server.shutdown()``.
+    """
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    return server, thread

@@ -1,0 +1,318 @@
+"""Finds model versions in the repository folder and parses their configs into typed objects.
+
+Layout and file formats: docs/model-repository.md. Nothing here touches ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ModelLoadError
+
+__all__ = [
+    "DTYPES",
+    "ModelConfig",
+    "ProvenanceInfo",
+    "Semantics",
+    "Task",
+    "TensorSpec",
+    "VersionSource",
+    "parse_config",
+    "scan_repository",
+]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+#: dtype names accepted in config.json, as numpy names.
+DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name)
+    for name in ("float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool")
+}
+
+
+class Task(StrEnum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class Semantics(StrEnum):
+    LOGITS = "logits"
+    PROBABILITIES = "probabilities"
+    VALUES = "values"
+
+    @property
+    def is_classification(self) -> bool:
+        return self is not Semantics.VALUES
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``shape[0]`` is -1, the batch dimension."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    semantics: Semantics | None = None
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape of one row (without the batch dimension)."""
+        return self.shape[1:]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parsed ``config.json`` of one version."""
+
+    name: str
+    task: Task
+    description: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    labels: tuple[str, ...]
+    default_num_samples: int
+    max_num_samples: int
+    activation_bytes_per_row: int | None
+
+
+@dataclass(frozen=True)
+class DropoutInfo:
+    module: str
+    type: str
+    p: float
+
+
+@dataclass(frozen=True)
+class ProvenanceInfo:
+    """What the server reports from ``metadata.json`` (all optional for hand-made models)."""
+
+    opset: int = 0
+    verified: bool = False
+    weights_sha256: str = ""
+    dropout: tuple[DropoutInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class VersionSource:
+    """A version folder found on disk, with its parsed config."""
+
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+    provenance: ProvenanceInfo
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.onnx"
+
+
+def _require(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ModelLoadError(f"{where}: {message}")
+
+
+def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
+    _require(isinstance(raw, dict), where, f"must be an object, got {raw!r}")
+    name = raw.get("name")
+    _require(isinstance(name, str) and bool(name), where, "needs a non-empty 'name'")
+    dtype = raw.get("dtype")
+    _require(dtype in DTYPES, where, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    shape = raw.get("shape")
+    _require(
+        isinstance(shape, list) and len(shape) >= 1 and all(isinstance(d, int) for d in shape),
+        where,
+        f"shape must be a list of integers, got {shape!r}",
+    )
+    _require(shape[0] == -1, where, f"the first dimension must be -1 (batch), got {shape!r}")
+    _require(
+        all(d >= 1 for d in shape[1:]),
+        where,
+        f"only the batch dimension may be dynamic, got {shape!r}",
+    )
+    semantics: Semantics | None = None
+    if output:
+        raw_semantics = raw.get("semantics", "values")
+        _require(
+            raw_semantics in {s.value for s in Semantics},
+            where,
+            f"semantics must be logits, probabilities or values, got {raw_semantics!r}",
+        )
+        semantics = Semantics(raw_semantics)
+    return TensorSpec(name=name, dtype=DTYPES[dtype], shape=tuple(shape), semantics=semantics)
+
+
+def parse_config(raw: Any, model_name: str, where: str = "config.json") -> ModelConfig:
+    """Validate a parsed ``config.json``.
+
+    Raises:
+        ModelLoadError: the config breaks a rule; the message names the field and value.
+    """
+    _require(isinstance(raw, dict), where, "must be a JSON object")
+    _require(raw.get("format_version", 1) == 1, where, "format_version must be 1")
+    _require(
+        raw.get("name", model_name) == model_name,
+        where,
+        f"name {raw.get('name')!r} differs from the folder name {model_name!r}",
+    )
+    task_raw = raw.get("task")
+    _require(
+        task_raw in {t.value for t in Task},
+        where,
+        f"task must be classification or regression, got {task_raw!r}",
+    )
+    task = Task(task_raw)
+    raw_inputs, raw_outputs = raw.get("inputs"), raw.get("outputs")
+    _require(isinstance(raw_inputs, list) and bool(raw_inputs), where, "needs inputs[]")
+    _require(isinstance(raw_outputs, list) and bool(raw_outputs), where, "needs outputs[]")
+    inputs = tuple(
+        _tensor_spec(r, f"{where} inputs[{i}]", output=False) for i, r in enumerate(raw_inputs)
+    )
+    outputs = tuple(
+        _tensor_spec(r, f"{where} outputs[{i}]", output=True) for i, r in enumerate(raw_outputs)
+    )
+    names = [t.name for t in inputs + outputs]
+    _require(len(set(names)) == len(names), where, f"tensor names must be unique, got {names}")
+    labels = raw.get("labels") or []
+    _require(
+        isinstance(labels, list) and all(isinstance(x, str) for x in labels),
+        where,
+        "labels must be a list of strings",
+    )
+    if task is Task.CLASSIFICATION:
+        _require(len(outputs) == 1, where, "a classification model has exactly one output")
+        out = outputs[0]
+        _require(
+            out.semantics is not None and out.semantics.is_classification,
+            where,
+            "a classification output has semantics logits or probabilities",
+        )
+        _require(len(out.shape) == 2, where, f"a classification output is [-1, C], got {out.shape}")
+        _require(
+            not labels or len(labels) == out.shape[1],
+            where,
+            f"labels has {len(labels)} entries for {out.shape[1]} classes",
+        )
+    else:
+        _require(
+            all(o.semantics is Semantics.VALUES for o in outputs),
+            where,
+            "regression outputs have semantics 'values'",
+        )
+        _require(not labels, where, "labels are for classification models")
+    samples = raw.get("num_samples", {})
+    _require(isinstance(samples, dict), where, "num_samples must be an object")
+    default = samples.get("default", 100)
+    maximum = samples.get("max", 10_000)
+    _require(
+        isinstance(default, int) and isinstance(maximum, int) and 1 <= default <= maximum,
+        where,
+        f"num_samples needs 1 <= default <= max, got default={default!r} max={maximum!r}",
+    )
+    activation = raw.get("activation_bytes_per_row")
+    _require(
+        activation is None or (isinstance(activation, int) and activation > 0),
+        where,
+        f"activation_bytes_per_row must be a positive integer, got {activation!r}",
+    )
+    description = raw.get("description", "")
+    return ModelConfig(
+        name=model_name,
+        task=task,
+        description=description if isinstance(description, str) else "",
+        inputs=inputs,
+        outputs=outputs,
+        labels=tuple(labels),
+        default_num_samples=default,
+        max_num_samples=maximum,
+        activation_bytes_per_row=activation,
+    )
+
+
+def _provenance(path: Path) -> ProvenanceInfo:
+    file = path / "metadata.json"
+    if not file.is_file():
+        return ProvenanceInfo()
+    try:
+        raw = json.loads(file.read_text())
+        dropout = tuple(
+            DropoutInfo(module=str(d["module"]), type=str(d["type"]), p=float(d["p"]))
+            for d in raw.get("dropout", [])
+        )
+        return ProvenanceInfo(
+            opset=int(raw.get("opset", 0)),
+            verified=bool(raw.get("verification", {}).get("passed", False)),
+            weights_sha256=str(raw.get("weights_sha256", "")),
+            dropout=dropout,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s: unreadable metadata.json ignored: %s", file, exc)
+        return ProvenanceInfo()
+
+
+def load_version(model_dir: Path, version: int) -> VersionSource:
+    """Parse one version folder.
+
+    Raises:
+        ModelLoadError: files missing or config invalid.
+    """
+    path = model_dir / str(version)
+    where = f"{model_dir.name}/{version}"
+    _require((path / "model.onnx").is_file(), where, "model.onnx is missing")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{where}: config.json is missing") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{where}: config.json is not valid JSON: {exc}") from None
+    config = parse_config(raw, model_dir.name, f"{where}/config.json")
+    return VersionSource(
+        name=model_dir.name,
+        version=version,
+        path=path,
+        config=config,
+        provenance=_provenance(path),
+    )
+
+
+def scan_repository(root: Path) -> tuple[list[VersionSource], list[tuple[Path, str]]]:
+    """Every loadable version under ``root``, sorted by (name, version).
+
+    Returns:
+        The versions, and (path, reason) for each folder that looked like a version but could
+        not be parsed. Folders that are not model versions at all (hidden, temporary, not an
+        integer) are ignored without a problem entry.
+
+    Raises:
+        ModelLoadError: ``root`` is not a folder.
+    """
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {root} is not a folder")
+    found: list[VersionSource] = []
+    problems: list[tuple[Path, str]] = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if model_dir.name.startswith(".") or not _NAME.match(model_dir.name):
+            continue
+        for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                continue
+            try:
+                found.append(load_version(model_dir, int(version_dir.name)))
+            except ModelLoadError as exc:
+                problems.append((version_dir, str(exc)))
+    found.sort(key=lambda v: (v.name, v.version))
+    return found, problems

@@ -1,0 +1,252 @@
+"""The engine: T stochastic forward passes of a batch, run as tiled ONNX Runtime sessions.
+
+A request of B rows and T samples becomes a [T*B, ...] tile, sample-major (sample t of row b
+is tile row t*B + b): dropout masks are drawn per element, so every copy of a row gets its own
+mask. The tile is cut into chunks of ``t`` samples so one session run stays within a memory
+budget, and each chunk's outputs, reshaped to (t, B, ...), are folded into streaming
+statistics (service.uncertainty), so T = 10,000 needs the memory of one chunk, not of T.
+
+:class:`Engine` is the small interface the rest of the server sees; :class:`TiledEngine` is the
+straightforward implementation. Everything here is synchronous and runs on a worker thread,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from service.errors import Cancelled, ModelLoadError
+from service.onnx_session import SessionConfig, create_session
+from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
+from service.uncertainty import (
+    ClassificationAccumulator,
+    ClassificationStats,
+    RegressionAccumulator,
+    RegressionStats,
+)
+
+__all__ = [
+    "CancelToken",
+    "Engine",
+    "OutputStats",
+    "TiledEngine",
+    "chunk_samples",
+]
+
+log = logging.getLogger(__name__)
+
+OutputStats = RegressionStats | ClassificationStats
+
+# ONNX Runtime type strings -> numpy dtypes, for the load-time check against config.json.
+_ORT_TYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype("float32"),
+    "tensor(double)": np.dtype("float64"),
+    "tensor(float16)": np.dtype("float16"),
+    "tensor(int64)": np.dtype("int64"),
+    "tensor(int32)": np.dtype("int32"),
+    "tensor(int8)": np.dtype("int8"),
+    "tensor(uint8)": np.dtype("uint8"),
+    "tensor(bool)": np.dtype("bool"),
+}
+
+# Without an export-time estimate, assume a row of the tile needs this many times the bytes
+# of its inputs and outputs (intermediate activations are usually a few times larger).
+_FALLBACK_ACTIVATION_FACTOR = 16
+
+
+class CancelToken:
+    """Lets the event loop stop a running request: between chunks, and inside a session run
+    through ONNX Runtime's ``RunOptions.terminate``."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._run_options: ort.RunOptions | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            if self._run_options is not None:
+                self._run_options.terminate = True
+
+    def run_options(self) -> ort.RunOptions:
+        """Fresh RunOptions for the next session run, terminated at once if cancelled."""
+        options = ort.RunOptions()
+        with self._lock:
+            options.terminate = self._event.is_set()
+            self._run_options = options
+        return options
+
+
+class Engine(Protocol):
+    """What the core needs from a model version's runtime."""
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that really runs (CUDAExecutionProvider, CPUExecutionProvider)."""
+        ...
+
+    def run(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        num_samples: int,
+        cancel: CancelToken | None = None,
+    ) -> list[OutputStats]:
+        """Run ``num_samples`` stochastic passes over a validated batch.
+
+        Args:
+            inputs: one array per model input, each (B, ...) with the config's dtype and shape.
+            num_samples: T >= 1.
+            cancel: stops the work early (raises Cancelled) when cancelled.
+
+        Returns:
+            One statistics object per model output, in the config's output order.
+        """
+        ...
+
+
+def chunk_samples(num_samples: int, num_rows: int, budget_rows: int) -> int:
+    """Samples per session run so that a run holds at most ``budget_rows`` tile rows.
+
+    At least one sample per run: a single batch larger than the budget still runs whole
+    (its size is bounded by the max_batch_rows setting).
+    """
+    return max(1, min(num_samples, budget_rows // max(1, num_rows)))
+
+
+def tile(x: NDArray[Any], num_samples: int) -> NDArray[Any]:
+    """(B, ...) -> (T*B, ...), sample-major: row t*B + b is a copy of row b."""
+    return np.broadcast_to(x, (num_samples, *x.shape)).reshape(
+        num_samples * x.shape[0], *x.shape[1:]
+    )
+
+
+class TiledEngine:
+    """Runs the whole graph on the [t*B, ...] tile, chunk after chunk.
+
+    Args:
+        source: the version folder and its parsed config.
+        session_config: how to build the ONNX Runtime session.
+        tile_memory_bytes: memory budget of one session run.
+    """
+
+    def __init__(
+        self, source: VersionSource, session_config: SessionConfig, tile_memory_bytes: int
+    ) -> None:
+        self._config = source.config
+        try:
+            self._session = create_session(source.model_path, session_config)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            raise ModelLoadError(
+                f"{source.name}/{source.version}: cannot load model.onnx: {exc}"
+            ) from exc
+        self._provider: str = self._session.get_providers()[0]
+        _check_graph_io(self._session, self._config, f"{source.name}/{source.version}")
+        self._output_names = [o.name for o in self._config.outputs]
+        per_row = self._config.activation_bytes_per_row or _FALLBACK_ACTIVATION_FACTOR * sum(
+            t.row_bytes for t in self._config.inputs + self._config.outputs
+        )
+        self.budget_rows = max(1, tile_memory_bytes // max(1, per_row))
+
+    @property
+    def provider(self) -> str:
+        return self._provider
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
+
+    def run(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        num_samples: int,
+        cancel: CancelToken | None = None,
+    ) -> list[OutputStats]:
+        num_rows = next(iter(inputs.values())).shape[0]
+        chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
+        accumulators = [_accumulator(spec) for spec in self._config.outputs]
+        # Tile once at the chunk size; the last, shorter chunk uses a prefix of it.
+        tiled = {name: tile(x, chunk) for name, x in inputs.items()}
+        done = 0
+        while done < num_samples:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("request cancelled")
+            t = min(chunk, num_samples - done)
+            feed = {name: x[: t * num_rows] for name, x in tiled.items()}
+            try:
+                outputs = self._session.run(
+                    self._output_names,
+                    feed,
+                    cancel.run_options() if cancel is not None else None,
+                )
+            except Exception:
+                if cancel is not None and cancel.cancelled:
+                    raise Cancelled("request cancelled") from None
+                raise
+            for acc, out in zip(accumulators, outputs, strict=True):
+                acc.update(np.asarray(out).reshape(t, num_rows, *out.shape[1:]))
+            done += t
+        return [acc.result() for acc in accumulators]
+
+    def is_stochastic(self, copies: int = 8) -> bool:
+        """Load-time probe: do copies of one row get different outputs?
+
+        Guards against a session whose Dropout nodes were optimised away (every answer would
+        be identical) or a model without active dropout.
+        """
+        rng = np.random.default_rng()
+        row: dict[str, NDArray[Any]] = {}
+        for spec in self._config.inputs:
+            if spec.dtype.kind == "f":
+                row[spec.name] = rng.standard_normal((1, *spec.row_shape)).astype(spec.dtype)
+            else:
+                row[spec.name] = np.zeros((1, *spec.row_shape), dtype=spec.dtype)
+        feed = {name: tile(x, copies) for name, x in row.items()}
+        outputs = self._session.run(self._output_names, feed)
+        return any(not np.all(out == out[:1]) for out in outputs)
+
+
+def _accumulator(spec: TensorSpec) -> RegressionAccumulator | ClassificationAccumulator:
+    if spec.semantics is not None and spec.semantics.is_classification:
+        return ClassificationAccumulator(from_logits=spec.semantics is Semantics.LOGITS)
+    return RegressionAccumulator()
+
+
+def _check_graph_io(session: ort.InferenceSession, config: ModelConfig, where: str) -> None:
+    """The graph's inputs and outputs must be exactly those of config.json."""
+    for kind, graph_args, specs in (
+        ("inputs", session.get_inputs(), config.inputs),
+        ("outputs", session.get_outputs(), config.outputs),
+    ):
+        graph = {a.name: a for a in graph_args}
+        if set(graph) != {s.name for s in specs}:
+            raise ModelLoadError(
+                f"{where}: config.json {kind} {[s.name for s in specs]} differ from the "
+                f"graph's {list(graph)}"
+            )
+        for spec in specs:
+            arg = graph[spec.name]
+            dtype = _ORT_TYPES.get(arg.type)
+            if dtype != spec.dtype:
+                raise ModelLoadError(
+                    f"{where}: {spec.name} is {arg.type} in the graph, {spec.dtype} in config.json"
+                )
+            dims = list(arg.shape)
+            if len(dims) != len(spec.shape) or any(
+                isinstance(g, int) and g != s for g, s in zip(dims[1:], spec.shape[1:], strict=True)
+            ):
+                raise ModelLoadError(
+                    f"{where}: {spec.name} has shape {dims} in the graph, {list(spec.shape)} in "
+                    "config.json"
+                )

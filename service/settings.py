@@ -1,0 +1,239 @@
+"""One typed settings object, built once at start-up from flags and ``MCD_*`` variables.
+
+Precedence: command-line flag > environment variable ``MCD_<FIELD>`` > default. Nothing reads
+the environment at import time; :func:`load_settings` is called by ``service.__main__`` and the
+result is passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+__all__ = ["ENV_PREFIX", "Device", "Settings", "SettingsError", "load_settings"]
+
+ENV_PREFIX = "MCD_"
+
+Device = Literal["auto", "cpu", "gpu"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+OptLevel = Literal["disable", "basic", "extended", "all"]
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the setting and the value."""
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the server. Each field is also a flag (``--grpc-port``) and a variable
+    (``MCD_GRPC_PORT``)."""
+
+    model_repository: Path = field(
+        default=Path("models"), metadata=_doc("folder holding <model>/<version>/ folders")
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_doc("address the gRPC and metrics servers bind (0.0.0.0 in containers)"),
+    )
+    grpc_port: int = field(default=8001, metadata=_doc("gRPC port; 0 picks a free port"))
+    metrics_port: int = field(
+        default=8002, metadata=_doc("Prometheus /metrics port; 0 picks a free port, -1 disables")
+    )
+    port_file: Path | None = field(
+        default=None,
+        metadata=_doc("write the bound ports as JSON to this file once serving (for port 0)"),
+    )
+    device: Device = field(
+        default="auto",
+        metadata=_doc("auto: CUDA when it really loads, else CPU; cpu; gpu: fail without CUDA"),
+    )
+    gpu_device_id: int = field(default=0, metadata=_doc("CUDA device index"))
+    intra_op_threads: int = field(
+        default=0, metadata=_doc("ONNX Runtime threads per run; 0 = one per core")
+    )
+    inter_op_threads: int = field(default=0, metadata=_doc("ONNX Runtime inter-op threads"))
+    allow_spinning: bool = field(
+        default=False, metadata=_doc("let ONNX Runtime threads spin while idle")
+    )
+    graph_optimization_level: OptLevel = field(
+        default="all", metadata=_doc("ONNX Runtime graph optimizations (EliminateDropout is off)")
+    )
+    compute_workers: int = field(
+        default=1, metadata=_doc("session runs executing at once (threads off the event loop)")
+    )
+    max_queue_size: int = field(
+        default=64,
+        metadata=_doc("requests waiting for a compute worker; more get RESOURCE_EXHAUSTED"),
+    )
+    max_batch_rows: int = field(
+        default=1024, metadata=_doc("rows B of one request; more get RESOURCE_EXHAUSTED")
+    )
+    max_row_samples: int = field(
+        default=2_000_000,
+        metadata=_doc("rows x samples (B*T) of one request; more get RESOURCE_EXHAUSTED"),
+    )
+    tile_memory_bytes: int = field(
+        default=256 * MiB,
+        metadata=_doc("memory budget of one session run; the [T*B] tile is chunked to fit"),
+    )
+    max_message_bytes: int = field(
+        default=64 * MiB, metadata=_doc("largest gRPC message received or sent")
+    )
+    grace_period_s: float = field(
+        default=10.0, metadata=_doc("seconds in-flight requests get to finish on shutdown")
+    )
+    reflection: bool = field(default=True, metadata=_doc("serve gRPC server reflection"))
+    log_level: LogLevel = field(default="INFO", metadata=_doc("logging level"))
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+_NON_NEGATIVE = ("intra_op_threads", "inter_op_threads", "gpu_device_id")
+_POSITIVE = (
+    "compute_workers",
+    "max_queue_size",
+    "max_batch_rows",
+    "max_row_samples",
+    "tile_memory_bytes",
+    "max_message_bytes",
+)
+
+
+def _check(s: Settings) -> None:
+    for name in _POSITIVE:
+        value = getattr(s, name)
+        if value < 1:
+            raise SettingsError(f"{name} must be an integer >= 1, got {value}")
+    for name in _NON_NEGATIVE:
+        value = getattr(s, name)
+        if value < 0:
+            raise SettingsError(f"{name} must be an integer >= 0, got {value}")
+    if not 0 <= s.grpc_port <= 65535:
+        raise SettingsError(f"grpc_port must be in 0..65535, got {s.grpc_port}")
+    if not -1 <= s.metrics_port <= 65535:
+        raise SettingsError(
+            f"metrics_port must be in -1..65535 (-1 disables), got {s.metrics_port}"
+        )
+    if s.grace_period_s < 0:
+        raise SettingsError(f"grace_period_s must be >= 0, got {s.grace_period_s}")
+    if s.max_message_bytes > 2**31 - 1:
+        raise SettingsError(f"max_message_bytes must be < 2 GiB, got {s.max_message_bytes}")
+    for f in fields(s):
+        choices = _choices(f.type)
+        if choices and getattr(s, f.name) not in choices:
+            raise SettingsError(
+                f"{f.name} must be one of {', '.join(choices)}, got {getattr(s, f.name)!r}"
+            )
+
+
+_LITERALS: dict[str, tuple[str, ...]] = {
+    "Device": get_args(Device),
+    "LogLevel": get_args(LogLevel),
+    "OptLevel": get_args(OptLevel),
+}
+
+
+def _choices(annotation: object) -> tuple[str, ...]:
+    return _LITERALS.get(str(annotation), ())
+
+
+def _kind(annotation: object) -> str:
+    """The parser kind of a field from its (string) annotation."""
+    text = str(annotation)
+    if text in _LITERALS:
+        return "choice"
+    return {"int": "int", "float": "float", "bool": "bool", "str": "str"}.get(text, "path")
+
+
+def _parse(name: str, kind: str, raw: str) -> object:
+    try:
+        if kind == "int":
+            return int(raw.replace("_", ""))
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "path":
+            return Path(raw) if raw else None
+        if kind == "choice" and name == "log_level":
+            return raw.upper()
+        return raw
+    except ValueError:
+        raise SettingsError(f"{name} must be a {kind}, got {raw!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: one flag per settings field, defaults left to ``Settings``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve Monte Carlo dropout uncertainty for ONNX models over gRPC.",
+        epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>, "
+        f"for example {ENV_PREFIX}GRPC_PORT=9001.",
+    )
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _kind(f.type)
+        help_text = f"{f.metadata['doc']} (default: {f.default}; env {ENV_PREFIX}{f.name.upper()})"
+        if kind == "bool":
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                metavar=f.name.upper(),
+                choices=_choices(f.type) or None,
+                help=help_text,
+            )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from flags and environment.
+
+    Args:
+        argv: command-line arguments (without the program name); None reads sys.argv.
+        environ: environment; None reads os.environ.
+
+    Raises:
+        SettingsError: a value does not parse or is out of range.
+    """
+    environ = os.environ if environ is None else environ
+    flags = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        kind = _kind(f.type)
+        flag_value = flags.get(f.name)
+        env_value = environ.get(ENV_PREFIX + f.name.upper())
+        if flag_value is not None:
+            values[f.name] = (
+                flag_value if isinstance(flag_value, bool) else _parse(f.name, kind, flag_value)
+            )
+        elif env_value is not None:
+            values[f.name] = _parse(f.name, kind, env_value)
+    return dataclasses.replace(Settings(), **values)

@@ -1,0 +1,362 @@
+"""Monte Carlo dropout statistics: samples (T, B, ...) -> mean, variance, entropy, MI, votes.
+
+Pure numpy (no torch, onnxruntime or grpc), so the maths can be tested on its own. The server
+runs T stochastic passes over a batch of B rows, possibly in chunks of t samples to bound
+memory; each chunk arrives sample-major as an array of shape (t, B, ...) and is folded into an
+accumulator, so T can reach 10,000+ without holding every sample at once.
+
+Conventions:
+    * Everything is accumulated and returned in float64, whatever the model's output dtype.
+    * ``variance`` is the unbiased sample variance across the T samples (ddof=1). It is
+      undefined for T == 1 and reported as NaN (so is ``std``).
+    * Entropies are in nats, with 0 * log 0 = 0, so one-hot probabilities give 0, not NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ClassificationAccumulator",
+    "ClassificationStats",
+    "RegressionAccumulator",
+    "RegressionStats",
+    "classification_stats",
+    "regression_stats",
+    "softmax",
+]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+def _softmax_and_log(logits: FloatArray, axis: int) -> tuple[FloatArray, FloatArray]:
+    """Returns (softmax, log-softmax) of float64 logits along ``axis``, both the input's shape."""
+    # Subtracting the max makes the largest term exp(0) = 1: nothing overflows, and the sum is
+    # >= 1, so its log is finite and log-softmax stays finite even where softmax underflows to 0.
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=axis, keepdims=True)
+    return exp / total, shifted - np.log(total)
+
+
+def softmax(logits: npt.ArrayLike, axis: int = -1) -> FloatArray:
+    """Numerically stable softmax, computed in float64.
+
+    Args:
+        logits: Real array of any shape; ``axis`` is the class axis (C).
+        axis: The axis to normalise over.
+
+    Returns:
+        Probabilities of the same shape as ``logits``, summing to 1 along ``axis``.
+    """
+    return _softmax_and_log(np.asarray(logits, dtype=np.float64), axis)[0]
+
+
+def _entropy(probs: FloatArray, log_probs: FloatArray) -> FloatArray:
+    """Shannon entropy in nats over the last (class) axis: (..., C) -> (...)."""
+    plogp_sum: FloatArray = (probs * log_probs).sum(axis=-1)
+    # 0.0 - x rather than -x, so that a one-hot row gives 0.0 and not -0.0.
+    return 0.0 - plogp_sum
+
+
+def _log_where_positive(probs: FloatArray) -> FloatArray:
+    """log(p) where p > 0 and 0 elsewhere, so that p * log p is 0 (not 0 * -inf = NaN) at p = 0."""
+    log_probs = np.zeros_like(probs)
+    np.log(probs, out=log_probs, where=probs > 0)
+    return log_probs
+
+
+def _as_chunk(values: npt.ArrayLike, name: str) -> FloatArray:
+    """Validates a chunk of shape (t, B, ...) with t >= 1 and returns it as float64."""
+    array = np.asarray(values)
+    if array.ndim < 2 or array.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (t, B, ...) with t >= 1, got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name} must be a real (float or integer) array, got dtype {array.dtype}")
+    chunk = array.astype(np.float64, copy=False)
+    # One NaN or inf would silently poison every later statistic of its row; fail on arrival.
+    num_bad = int(np.count_nonzero(~np.isfinite(chunk)))
+    if num_bad:
+        raise ValueError(f"{name} must be finite, got {num_bad} NaN or infinite values")
+    return chunk
+
+
+class _Moments:
+    """Running count, mean and M2 (sum of squared deviations) of samples (t, *row_shape).
+
+    Chunks are merged with Chan et al.'s parallel update, which is exact in real arithmetic and
+    avoids the catastrophic cancellation of sum(x**2) - n * mean**2. The values are also
+    shifted by the first sample seen: variance is shift-invariant, and subtracting a nearby
+    float is exact (Sterbenz), so values like 1e8 + N(0, 1) keep full relative precision.
+    """
+
+    def __init__(self, first_chunk: FloatArray) -> None:
+        self.row_shape: tuple[int, ...] = first_chunk.shape[1:]
+        self.count = 0
+        self._shift: FloatArray = first_chunk[0].copy()
+        self._mean: FloatArray = np.zeros(self.row_shape)  # mean of the shifted values
+        self._m2: FloatArray = np.zeros(self.row_shape)
+        self.update(first_chunk)
+
+    def check_row_shape(self, chunk: FloatArray, name: str) -> None:
+        """Raises ValueError unless ``chunk`` has shape (t, *row_shape)."""
+        if chunk.shape[1:] != self.row_shape:
+            expected = ", ".join(["t", *map(str, self.row_shape)])
+            raise ValueError(
+                f"{name} must have shape ({expected}) to match earlier updates, "
+                f"got shape {chunk.shape}"
+            )
+
+    def update(self, chunk: FloatArray) -> None:
+        """Merges a chunk of shape (t, *row_shape); the shape must already be checked."""
+        shifted = chunk - self._shift
+        chunk_count = chunk.shape[0]
+        # Two-pass statistics within the chunk, then one Chan merge with the running totals.
+        chunk_mean = shifted.mean(axis=0)
+        chunk_m2 = np.square(shifted - chunk_mean).sum(axis=0)
+        total = self.count + chunk_count
+        delta = chunk_mean - self._mean
+        self._mean = self._mean + delta * (chunk_count / total)
+        self._m2 = self._m2 + chunk_m2 + np.square(delta) * (self.count * chunk_count / total)
+        self.count = total
+
+    def mean(self) -> FloatArray:
+        """Mean over samples, shape row_shape."""
+        return self._shift + self._mean
+
+    def variance(self) -> FloatArray:
+        """Unbiased (ddof=1) variance over samples, shape row_shape; NaN when count == 1."""
+        if self.count < 2:
+            return np.full(self.row_shape, np.nan)
+        return self._m2 / (self.count - 1)
+
+
+# eq=False: the fields are arrays, and a generated __eq__ would raise on their ambiguous truth.
+@dataclass(frozen=True, eq=False)
+class RegressionStats:
+    """Statistics of T regression samples per row.
+
+    Attributes:
+        num_samples: T, the number of stochastic samples.
+        mean: (B, ...) mean over samples.
+        variance: (B, ...) unbiased sample variance over samples (ddof=1); NaN when T == 1,
+            where it is undefined.
+        std: (B, ...) square root of ``variance``.
+    """
+
+    num_samples: int
+    mean: FloatArray
+    variance: FloatArray
+    std: FloatArray
+
+
+@dataclass(frozen=True, eq=False)
+class ClassificationStats:
+    """Statistics of T per-sample class probability vectors per row (entropies in nats).
+
+    Attributes:
+        num_samples: T, the number of stochastic samples.
+        mean: (B, C) mean of the per-sample probabilities (the predictive distribution).
+        variance: (B, C) unbiased per-class variance of the per-sample probabilities (ddof=1);
+            NaN when T == 1.
+        std: (B, C) square root of ``variance``.
+        predicted_class: (B,) argmax of ``mean``, the first index on ties.
+        predictive_entropy: (B,) entropy of ``mean``: total uncertainty.
+        expected_entropy: (B,) mean over samples of each sample's entropy: aleatoric part.
+        mutual_information: (B,) predictive_entropy - expected_entropy (BALD): epistemic part,
+            with negative rounding residue clipped to 0.
+        variation_ratio: (B,) 1 - (votes of the modal class) / T; 0 when all samples agree.
+        vote_counts: (B, C) how many samples voted each class (per-sample argmax, first index
+            on ties); each row sums to T.
+    """
+
+    num_samples: int
+    mean: FloatArray
+    variance: FloatArray
+    std: FloatArray
+    predicted_class: IntArray
+    predictive_entropy: FloatArray
+    expected_entropy: FloatArray
+    mutual_information: FloatArray
+    variation_ratio: FloatArray
+    vote_counts: IntArray
+
+
+class RegressionAccumulator:
+    """Accumulates regression samples chunk by chunk, in float64: ``update()`` per chunk of
+    shape (t, B, ...), then ``result()``."""
+
+    def __init__(self) -> None:
+        self._moments: _Moments | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples accumulated so far (T)."""
+        return 0 if self._moments is None else self._moments.count
+
+    def update(self, samples: npt.ArrayLike) -> None:
+        """Adds a chunk of samples.
+
+        Args:
+            samples: (t, B, ...) real array, sample-major, t >= 1. The first update fixes the row
+                shape (B, ...); later updates must match it.
+
+        Raises:
+            ValueError: If the shape or dtype is wrong or a value is NaN or infinite; the
+                accumulator is then left unchanged.
+        """
+        chunk = _as_chunk(samples, "samples")
+        if self._moments is None:
+            self._moments = _Moments(chunk)
+            return
+        self._moments.check_row_shape(chunk, "samples")
+        self._moments.update(chunk)
+
+    def result(self) -> RegressionStats:
+        """Returns the statistics of every sample so far (fresh arrays; updates may continue).
+
+        Raises:
+            ValueError: If no samples were added.
+        """
+        if self._moments is None:
+            raise ValueError("no samples accumulated: call update() before result()")
+        variance = self._moments.variance()
+        return RegressionStats(
+            num_samples=self._moments.count,
+            mean=self._moments.mean(),
+            variance=variance,
+            std=np.sqrt(variance),
+        )
+
+
+class ClassificationAccumulator:
+    """Accumulates per-sample class outputs chunk by chunk, in float64.
+
+    Args:
+        from_logits: If True, each sample's outputs are logits and are softmaxed over the class
+            axis; if False, they are probabilities and are used as given (not renormalised).
+    """
+
+    def __init__(self, *, from_logits: bool) -> None:
+        self._from_logits = from_logits
+        self._name = "logits" if from_logits else "probabilities"
+        self._moments: _Moments | None = None
+        self._entropy_sum: FloatArray | None = None  # (B,) sum over samples of H[p_t]
+        self._vote_counts: IntArray | None = None  # (B, C)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples accumulated so far (T)."""
+        return 0 if self._moments is None else self._moments.count
+
+    def update(self, outputs: npt.ArrayLike) -> None:
+        """Adds a chunk of per-sample outputs.
+
+        Args:
+            outputs: (t, B, C) real array, sample-major, t >= 1 and C >= 1: logits or
+                probabilities as set by ``from_logits``. The first update fixes (B, C).
+
+        Raises:
+            ValueError: If the shape or dtype is wrong, a value is NaN or infinite, or a
+                probability is negative; the accumulator is then left unchanged.
+        """
+        chunk = _as_chunk(outputs, self._name)
+        if chunk.ndim != 3 or chunk.shape[2] < 1:
+            raise ValueError(
+                f"{self._name} must have shape (t, B, C) with t >= 1 and C >= 1, "
+                f"got shape {chunk.shape}"
+            )
+        if self._moments is not None:
+            self._moments.check_row_shape(chunk, self._name)
+        if self._from_logits:
+            probs, log_probs = _softmax_and_log(chunk, axis=-1)
+        else:
+            if (chunk < 0).any():
+                raise ValueError(f"probabilities must be >= 0, got minimum {chunk.min()}")
+            probs, log_probs = chunk, _log_where_positive(chunk)
+        entropies = _entropy(probs, log_probs).sum(axis=0)  # (B,)
+
+        # Votes are the argmax of the probabilities, not of the logits, so that both input
+        # kinds agree even where softmax rounds two close logits to the same probability.
+        num_rows, num_classes = chunk.shape[1:]
+        winners = probs.argmax(axis=-1) + num_classes * np.arange(num_rows)  # (t, B), flat idx
+        votes = np.bincount(winners.ravel(), minlength=num_rows * num_classes)
+        votes = votes.reshape(num_rows, num_classes).astype(np.int64)
+
+        if self._moments is None or self._entropy_sum is None or self._vote_counts is None:
+            self._moments = _Moments(probs)
+            self._entropy_sum = entropies
+            self._vote_counts = votes
+        else:
+            self._moments.update(probs)
+            self._entropy_sum = self._entropy_sum + entropies
+            self._vote_counts = self._vote_counts + votes
+
+    def result(self) -> ClassificationStats:
+        """Returns the statistics of every sample so far (fresh arrays; updates may continue).
+
+        Raises:
+            ValueError: If no samples were added.
+        """
+        if self._moments is None or self._entropy_sum is None or self._vote_counts is None:
+            raise ValueError("no samples accumulated: call update() before result()")
+        count = self._moments.count
+        mean = self._moments.mean()
+        variance = self._moments.variance()
+        predictive_entropy = _entropy(mean, _log_where_positive(mean))
+        expected_entropy = self._entropy_sum / count
+        # MI >= 0 by Jensen's inequality; a negative value can only be rounding residue.
+        mutual_information = np.maximum(predictive_entropy - expected_entropy, 0.0)
+        vote_counts = self._vote_counts.copy()
+        return ClassificationStats(
+            num_samples=count,
+            mean=mean,
+            variance=variance,
+            std=np.sqrt(variance),
+            predicted_class=mean.argmax(axis=-1).astype(np.int64),
+            predictive_entropy=predictive_entropy,
+            expected_entropy=expected_entropy,
+            mutual_information=mutual_information,
+            variation_ratio=1.0 - vote_counts.max(axis=-1) / count,
+            vote_counts=vote_counts,
+        )
+
+
+def regression_stats(samples: npt.ArrayLike) -> RegressionStats:
+    """Statistics of all samples at once: see ``RegressionAccumulator``.
+
+    Args:
+        samples: (T, B, ...) real array, sample-major, T >= 1.
+
+    Returns:
+        Mean, unbiased variance (NaN when T == 1) and std, each of shape (B, ...).
+
+    Raises:
+        ValueError: If the shape or dtype is wrong or a value is NaN or infinite.
+    """
+    accumulator = RegressionAccumulator()
+    accumulator.update(samples)
+    return accumulator.result()
+
+
+def classification_stats(outputs: npt.ArrayLike, *, from_logits: bool) -> ClassificationStats:
+    """Statistics of all samples at once: see ``ClassificationAccumulator``.
+
+    Args:
+        outputs: (T, B, C) logits (``from_logits=True``) or probabilities, sample-major.
+        from_logits: Whether ``outputs`` are logits to softmax over C.
+
+    Returns:
+        The classification statistics of the T samples of each of the B rows.
+
+    Raises:
+        ValueError: If the shape or dtype is wrong, a value is NaN or infinite, or a
+            probability is negative.
+    """
+    accumulator = ClassificationAccumulator(from_logits=from_logits)
+    accumulator.update(outputs)
+    return accumulator.result()
