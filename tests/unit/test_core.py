@@ -1,0 +1,224 @@
+"""The core with a fake engine: validation, limits, admission, cancellation, deadlines.
+
+Engines are gated with threading.Event, never with sleeps, so the tests do not depend on
+timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from service.core import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ResourceExhausted,
+    VersionNotFound,
+)
+from service.repository import ProvenanceInfo, VersionSource, parse_config
+from service.runtime import CancelToken, OutputStats
+from service.settings import Settings
+from service.uncertainty import regression_stats
+
+CONFIG = {
+    "task": "regression",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1], "semantics": "values"}],
+    "num_samples": {"default": 10, "max": 100},
+}
+
+
+class FakeEngine:
+    """Returns x.sum(axis=1) + noise; can be held at a gate to simulate a slow run."""
+
+    provider = "FakeExecutionProvider"
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.gate = gate
+        self.fail = fail
+        self.started = threading.Event()
+        self.runs = 0
+
+    def run(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        num_samples: int,
+        cancel: CancelToken | None = None,
+    ) -> list[OutputStats]:
+        self.runs += 1
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled("request cancelled")
+        if self.fail:
+            raise RuntimeError("secret internal detail")
+        x = inputs["x"]
+        rng = np.random.default_rng(0)
+        samples = x.sum(axis=1)[None, :, None] + rng.standard_normal((num_samples, len(x), 1))
+        return [regression_stats(samples)]
+
+
+def make_core(engine: FakeEngine, **settings: Any) -> InferenceCore:
+    registry = ModelRegistry()
+    for version in (1, 2):
+        source = VersionSource(
+            name="m",
+            version=version,
+            path=Path(f"/nowhere/m/{version}"),
+            config=parse_config(dict(CONFIG, name="m"), "m"),
+            provenance=ProvenanceInfo(),
+        )
+        registry.add(LoadedVersion(source=source, engine=engine))
+    return InferenceCore(Settings(**settings), registry)
+
+
+def request(x: NDArray[Any] | None = None, **kw: Any) -> PredictInput:
+    x = np.ones((2, 3), np.float32) if x is None else x
+    return PredictInput(**{"model": "m", "version": None, "inputs": {"x": x}, **kw})
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_predict_uses_newest_version_and_default_samples(loop: asyncio.AbstractEventLoop) -> None:
+    result = loop.run_until_complete(make_core(FakeEngine()).predict(request()))
+    assert (result.version, result.num_samples) == (2, 10)
+    assert result.outputs[0].stats.mean.shape == (2, 1)
+    one = loop.run_until_complete(make_core(FakeEngine()).predict(request(version="1")))
+    assert one.version == 1
+
+
+@pytest.mark.parametrize(
+    ("req", "error", "fragment"),
+    [
+        (request(model="zzz"), ModelNotFound, "model 'zzz' not found"),
+        (
+            request(version="7"),
+            VersionNotFound,
+            r"version '7' of model 'm' not found \(available: 2, 1\)",
+        ),
+        (request(version="x"), InvalidInput, "version must be a positive integer"),
+        (request(num_samples=101), InvalidInput, r"num_samples must be in 1..100"),
+        (request(np.ones((2, 3), np.float64)), InvalidInput, "must be float32, got float64"),
+        (request(np.ones((2, 3, 1), np.float32)), InvalidInput, "must have rank 2"),
+        (request(np.ones((2, 4), np.float32)), InvalidInput, r"must have shape \[-1, 3\]"),
+        (request(np.ones((0, 3), np.float32)), InvalidInput, "the batch is empty"),
+        (request(np.array([[1, np.nan, 0]], np.float32)), InvalidInput, "NaN or infinite"),
+        (request(np.array([[1, np.inf, 0]], np.float32)), InvalidInput, "NaN or infinite"),
+        (PredictInput("m", None, {"z": np.ones((1, 3), np.float32)}), InvalidInput, "missing"),
+        (
+            request(np.ones((9, 3), np.float32)),
+            ResourceExhausted,
+            "9 rows is more than the limit of 8",
+        ),
+        (
+            request(np.ones((5, 3), np.float32), num_samples=100),
+            ResourceExhausted,
+            "rows x samples",
+        ),
+    ],
+)
+def test_bad_requests_raise_the_right_error(
+    loop: asyncio.AbstractEventLoop, req: PredictInput, error: type[Exception], fragment: str
+) -> None:
+    engine = FakeEngine()
+    core = make_core(engine, max_batch_rows=8, max_row_samples=400)
+    with pytest.raises(error, match=fragment):
+        loop.run_until_complete(core.predict(req))
+    assert engine.runs == 0
+    loop.run_until_complete(core.predict(request()))  # and the next good request is served
+
+
+def test_not_ready_core_answers_unavailable(loop: asyncio.AbstractEventLoop) -> None:
+    core = InferenceCore(Settings())
+    with pytest.raises(ModelNotReady):
+        loop.run_until_complete(core.predict(request()))
+
+
+def test_engine_failure_becomes_a_generic_internal_error(loop: asyncio.AbstractEventLoop) -> None:
+    with pytest.raises(InternalError) as info:
+        loop.run_until_complete(make_core(FakeEngine(fail=True)).predict(request()))
+    assert "secret" not in info.value.message
+    assert not info.value.public
+
+
+def test_full_queue_answers_resource_exhausted(loop: asyncio.AbstractEventLoop) -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate)
+    core = make_core(engine, compute_workers=1, max_queue_size=1)
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(core.predict(request()))
+        second = asyncio.ensure_future(core.predict(request()))
+        await asyncio.sleep(0)  # let both be admitted (1 running + 1 queued)
+        with pytest.raises(ResourceExhausted, match="limit of 2 queued and running"):
+            await core.predict(request())
+        gate.set()
+        return list(await asyncio.gather(first, second))
+
+    results = loop.run_until_complete(scenario())
+    assert len(results) == 2
+    assert engine.runs == 2
+    loop.run_until_complete(core.predict(request()))  # slots were released
+
+
+def test_deadline_while_running_cancels_the_work(loop: asyncio.AbstractEventLoop) -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate)
+    core = make_core(engine)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(core.predict(request(), timeout_s=0.05))
+        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        with pytest.raises(DeadlineExceeded):
+            await task
+        gate.set()
+
+    loop.run_until_complete(scenario())
+
+
+def test_expired_deadline_is_not_run(loop: asyncio.AbstractEventLoop) -> None:
+    engine = FakeEngine()
+    with pytest.raises(DeadlineExceeded):
+        loop.run_until_complete(make_core(engine).predict(request(), timeout_s=0.0))
+    assert engine.runs == 0
+
+
+def test_cancelled_queued_request_is_dropped_before_it_runs(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate)
+    core = make_core(engine, compute_workers=1)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(core.predict(request()))
+        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        queued = asyncio.ensure_future(core.predict(request()))
+        await asyncio.sleep(0)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        gate.set()
+        await first
+
+    loop.run_until_complete(scenario())
+    loop.run_until_complete(core.close())
+    assert engine.runs == 1  # the cancelled request never reached the engine

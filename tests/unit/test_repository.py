@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.errors import ModelLoadError
+from service.repository import Semantics, Task, parse_config, scan_repository
+
+GOOD: dict[str, Any] = {
+    "format_version": 1,
+    "name": "digits",
+    "task": "classification",
+    "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 1, 8, 8]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10], "semantics": "logits"}],
+    "labels": [str(i) for i in range(10)],
+    "num_samples": {"default": 100, "max": 10000},
+    "activation_bytes_per_row": 4096,
+}
+
+
+def test_parses_a_good_config() -> None:
+    c = parse_config(GOOD, "digits")
+    assert c.task is Task.CLASSIFICATION
+    assert c.inputs[0].dtype == np.float32
+    assert c.inputs[0].row_shape == (1, 8, 8)
+    assert c.inputs[0].row_bytes == 256
+    assert c.outputs[0].semantics is Semantics.LOGITS
+    assert (c.default_num_samples, c.max_num_samples) == (100, 10000)
+    assert c.labels[3] == "3"
+
+
+def _broken(path: str, value: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(GOOD)
+    target: Any = raw
+    keys = path.split(".")
+    for key in keys[:-1]:
+        target = target[int(key)] if key.isdigit() else target[key]
+    last = keys[-1]
+    if value is KeyError:
+        del target[last]
+    else:
+        target[int(last) if last.isdigit() else last] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "fragment"),
+    [
+        ("task", "ranking", "task must be classification or regression"),
+        ("name", "other", "differs from the folder name"),
+        ("inputs.0.dtype", "complex64", "dtype must be one of"),
+        ("inputs.0.shape", [1, 1, 8, 8], "first dimension must be -1"),
+        ("inputs.0.shape", [-1, -1, 8, 8], "only the batch dimension may be dynamic"),
+        ("outputs.0.semantics", "scores", "semantics must be logits, probabilities or values"),
+        ("outputs.0.semantics", "values", "classification output has semantics logits"),
+        ("outputs.0.shape", [-1, 10, 2], "classification output is"),
+        ("labels", ["a", "b"], "labels has 2 entries for 10 classes"),
+        ("num_samples", {"default": 0, "max": 10}, "1 <= default <= max"),
+        ("num_samples", {"default": 20, "max": 10}, "1 <= default <= max"),
+        ("activation_bytes_per_row", -5, "activation_bytes_per_row must be a positive integer"),
+        ("inputs", [], "needs inputs"),
+        ("format_version", 2, "format_version must be 1"),
+    ],
+)
+def test_config_errors_name_the_problem(path: str, value: Any, fragment: str) -> None:
+    with pytest.raises(ModelLoadError, match=fragment):
+        parse_config(_broken(path, value), "digits")
+
+
+def test_regression_outputs_must_be_values() -> None:
+    raw = _broken("task", "regression")
+    raw["labels"] = []
+    with pytest.raises(ModelLoadError, match="regression outputs have semantics 'values'"):
+        parse_config(raw, "digits")
+    raw["outputs"][0]["semantics"] = "values"
+    assert parse_config(raw, "digits").task is Task.REGRESSION
+
+
+def _version(root: Path, name: str, version: str, config: dict[str, Any] | None) -> Path:
+    folder = root / name / version
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"not really onnx")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_scan_finds_versions_and_reports_broken_ones(tmp_path: Path) -> None:
+    _version(tmp_path, "digits", "1", GOOD)
+    _version(tmp_path, "digits", "2", GOOD)
+    _version(tmp_path, "digits", "10", GOOD)
+    _version(tmp_path, "digits", "3", None)  # no config.json
+    _version(tmp_path, "digits", ".tmp-4-abc", GOOD)  # an export in progress: ignored
+    _version(tmp_path, "digits", "latest", GOOD)  # not a version number: ignored
+    found, problems = scan_repository(tmp_path)
+    assert [(v.name, v.version) for v in found] == [("digits", 1), ("digits", 2), ("digits", 10)]
+    assert len(problems) == 1
+    assert problems[0][0].name == "3"
+    assert "config.json is missing" in problems[0][1]
+
+
+def test_scan_of_a_missing_folder_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="is not a folder"):
+        scan_repository(tmp_path / "nowhere")

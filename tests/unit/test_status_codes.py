@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service import errors
+from service.grpc_server import status_of
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (errors.InvalidInput("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.ModelNotFound("m"), grpc.StatusCode.NOT_FOUND),
+        (errors.VersionNotFound("m", "3", ["1"]), grpc.StatusCode.NOT_FOUND),
+        (errors.ResourceExhausted("big"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.ModelNotReady("m", "1"), grpc.StatusCode.UNAVAILABLE),
+        (errors.DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (errors.Cancelled("gone"), grpc.StatusCode.CANCELLED),
+    ],
+)
+def test_each_error_maps_to_its_status_with_its_message(
+    exc: errors.ServiceError, code: grpc.StatusCode
+) -> None:
+    assert status_of(exc) == (code, exc.message)
+
+
+@pytest.mark.parametrize(
+    "exc", [errors.InternalError("db password is hunter2"), KeyError("hunter2"), RuntimeError("x")]
+)
+def test_internal_errors_never_leak_details(exc: Exception) -> None:
+    code, message = status_of(exc)
+    assert code == grpc.StatusCode.INTERNAL
+    assert "hunter2" not in message
+    assert message.startswith("internal error")
+
+
+def test_every_error_class_names_a_real_status_code() -> None:
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, errors.ServiceError):
+            assert grpc.StatusCode[cls.code] is not None
