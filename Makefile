@@ -7,6 +7,8 @@ PY := $(BIN)/python
 MODEL_REPOSITORY ?= models
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# Extra server flags, e.g. RUN_FLAGS="--port-file /tmp/ports.json --device cpu"
+RUN_FLAGS ?=
 # torch==2.13.0 comes from a CPU wheel on this machine's disk; an unpinned torch pulls CUDA builds.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
 
@@ -39,7 +41,7 @@ models: $(VENV)/.installed-run
 	else echo "model repository $(MODEL_REPOSITORY) present: $$(ls -d $(MODEL_REPOSITORY)/*/ | xargs -n1 basename | tr '\n' ' ')"; fi
 
 run: models
-	$(PY) -m service --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m service --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(RUN_FLAGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest tests

@@ -27,3 +27,13 @@ def test_serving_path_never_imports_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, f"serving imported {result.stdout} {result.stderr}"
+
+
+def test_readme_documents_every_setting() -> None:
+    from dataclasses import fields
+
+    from service.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in fields(Settings) if f"`MCD_{f.name.upper()}`" not in readme]
+    assert not missing, f"README.md settings table lacks {missing}"

@@ -1,0 +1,194 @@
+"""Integration fixtures: a model repository exported in the test session, and the real server
+(``python -m service``) started on 127.0.0.1 port 0 in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from export import export_model
+from export.examples import export_example, train_digits, train_housing
+from tests.integration.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_MAX_SAMPLES = 20_000
+
+
+class TinyClassifier(nn.Module):
+    """MLP with BatchNorm (running stats made non-trivial) and dropout in the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.4), nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.3),
+                                  nn.Linear(16, 4))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def tiny_classifier() -> nn.Module:
+    torch.manual_seed(1)
+    model = TinyClassifier()
+    bn = model.body[1]
+    assert isinstance(bn, nn.BatchNorm1d)
+    with torch.no_grad():  # running stats far from (0, 1): BatchNorm in training mode would show
+        bn.running_mean.uniform_(-1.0, 1.0)
+        bn.running_var.uniform_(0.5, 3.0)
+    return model
+
+
+def tiny_regressor(seed: int = 2) -> nn.Module:
+    """Dropout before every weight layer, two outputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Dropout(0.1), nn.Linear(5, 24), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(24, 2))  # fmt: skip
+
+
+def tiny_dropout2d_cnn() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.3),
+                         nn.Flatten(), nn.Linear(6 * 5 * 5, 3))  # fmt: skip
+
+
+@dataclass
+class ExportedModels:
+    repository: Path
+    torch_models: dict[str, nn.Module]
+    #: example input rows of the bundled example models, by model name
+    examples: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="session")
+def test_models(tmp_path_factory: pytest.TempPathFactory) -> ExportedModels:
+    repository = tmp_path_factory.mktemp("repository")
+    models: dict[str, nn.Module] = {}
+    common = {"repository": repository, "max_num_samples": TEST_MAX_SAMPLES, "verify_samples": 2000}
+
+    models["tiny_cls"] = tiny_classifier()
+    export_model(models["tiny_cls"], torch.randn(8, 6), name="tiny_cls", task="classification",
+                 input_names=["x"], output_names=["logits"], labels=["ant", "bee", "cat", "dog"],
+                 default_num_samples=50, **common)  # fmt: skip
+    models["tiny_reg@1"] = tiny_regressor(seed=20)
+    export_model(models["tiny_reg@1"], torch.randn(8, 5), name="tiny_reg", task="regression",
+                 input_names=["features"], output_names=["y"], **common)  # fmt: skip
+    models["tiny_reg"] = tiny_regressor(seed=2)
+    export_model(models["tiny_reg"], torch.randn(8, 5), name="tiny_reg", task="regression",
+                 input_names=["features"], output_names=["y"], **common)  # fmt: skip
+    models["tiny_d2"] = tiny_dropout2d_cnn()
+    export_model(models["tiny_d2"], torch.randn(8, 2, 5, 5), name="tiny_d2", task="regression",
+                 input_names=["image"], output_names=["y"], **common)  # fmt: skip
+    # The bundled example models, trained briefly (the architecture and export path are what
+    # matter here, not the accuracy).
+    examples: dict[str, torch.Tensor] = {}
+    for trained in (train_digits(epochs=2), train_housing(epochs=20)):
+        export_example(trained, repository, verify_samples=2000)
+        models[trained.name] = trained.model
+        examples[trained.name] = trained.example
+    _write_model_without_dropout(repository)
+    return ExportedModels(repository=repository, torch_models=models, examples=examples)
+
+
+def _write_model_without_dropout(repository: Path) -> None:
+    """A hand-made version whose graph has no active dropout: the server must refuse it."""
+    folder = repository / "deterministic" / "1"
+    folder.mkdir(parents=True)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1)).eval()
+    program = torch.onnx.export(model, (torch.randn(2, 3),), dynamo=True, opset_version=18,
+                                input_names=["x"], output_names=["y"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)  # fmt: skip
+    assert program is not None
+    program.save(str(folder / "model.onnx"))
+    config = {
+        "name": "deterministic", "task": "regression",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1], "semantics": "values"}],
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+# Limits chosen so the tests can reach every one of them cheaply.
+SERVER_FLAGS = [
+    "--max-batch-rows", "64",
+    "--max-row-samples", "400000",
+    "--max-message-bytes", str(1024 * 1024),
+    # A small budget forces large-T requests through many chunks of the tile.
+    "--tile-memory-bytes", str(4 * 1024 * 1024),
+    "--compute-workers", "2",
+]  # fmt: skip
+
+
+def start_server(repository: Path, workdir: Path, *extra: str) -> RunningServer:
+    """Start ``python -m service`` on 127.0.0.1 port 0 and wait until it serves."""
+    port_file = workdir / "ports.json"
+    log_path = workdir / "server.log"
+    port_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("MCD_")}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-repository", str(repository),
+             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+             "--port-file", str(port_file), *SERVER_FLAGS, *extra],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    ports = json.loads(port_file.read_text())
+    return RunningServer(process, ports["grpc_port"], ports["metrics_port"], log_path)
+
+
+def stop_server(server: RunningServer, timeout_s: float = 30) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        raise
+
+
+@pytest.fixture(scope="session")
+def server(
+    test_models: ExportedModels, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    running = start_server(test_models.repository, tmp_path_factory.mktemp("server"))
+    yield running
+    code = stop_server(running)
+    assert code == 0, f"server exited with {code} on SIGTERM:\n{running.log()}"
+
+
+@pytest.fixture(scope="session")
+def client(server: RunningServer) -> Iterator[Client]:
+    with Client(server.target) as c:
+        yield c

@@ -1,0 +1,204 @@
+"""Predict through the real server, checked against PyTorch MC dropout of the same models.
+
+Statistical tests: every comparison is a per-element two-sample z-test (mean) and a
+log-variance-ratio z-test (variance, standard error from the kurtosis), with a Bonferroni
+threshold over the K elements compared, each test at false-failure probability ALPHA = 1e-4
+(export/stats.py). The whole file then fails by chance with probability below 2e-3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from numpy.typing import NDArray
+
+from export.mc_mode import mc_dropout_copy
+from export.stats import Moments, mean_z_test, variance_ratio_test
+from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from tests.integration.client import Client
+from tests.integration.conftest import ExportedModels
+
+ALPHA = 1e-4
+N_TORCH = 4000
+
+
+def torch_mc_samples(
+    model: torch.nn.Module, x: NDArray[Any], n: int, softmax: bool
+) -> NDArray[np.float64]:
+    """(n, B, ...) outputs of PyTorch MC dropout (eval, dropout modules in train mode)."""
+    mc = mc_dropout_copy(model)
+    rows = x.shape[0]
+    with torch.no_grad():
+        tiled = torch.from_numpy(x).repeat(n, *([1] * (x.ndim - 1)))
+        out = mc(tiled).double()
+        if softmax:
+            out = torch.softmax(out, dim=-1)
+    return out.reshape(n, rows, *out.shape[1:]).numpy()
+
+
+def server_moments(
+    mean: NDArray[Any], variance: NDArray[Any], t: int, reference: Moments
+) -> Moments:
+    """Moments of the server's answer. The server returns mean and unbiased variance only; the
+    fourth moment (for the variance test's standard error) is taken from the reference's
+    kurtosis, which is the same distribution under the null hypothesis."""
+    m2 = variance.reshape(-1) * (t - 1) / t
+    return Moments(n=t, mean=mean.reshape(-1), m2=m2, m4=reference.kurtosis * m2**2)
+
+
+def assert_matches_torch(answer: dict[str, Any], reference: NDArray[np.float64], t: int) -> None:
+    torch_side = Moments.from_samples(reference.reshape(reference.shape[0], -1))
+    ours = server_moments(answer["mean"], answer["variance"], t, torch_side)
+    mean = mean_z_test(ours, torch_side, ALPHA)
+    assert mean.passed, mean
+    variance = variance_ratio_test(ours, torch_side, ALPHA)
+    assert variance.passed, variance
+
+
+def inputs_for(name: str, rows: int, seed: int = 0) -> dict[str, NDArray[Any]]:
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "tiny_cls": ("x", (6,)),
+        "tiny_reg": ("features", (5,)),
+        "tiny_d2": ("image", (2, 5, 5)),
+    }
+    key, shape = shapes[name]
+    return {key: rng.standard_normal((rows, *shape)).astype(np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("name", "output"), [("tiny_cls", "logits"), ("tiny_reg", "y"), ("tiny_d2", "y")]
+)
+def test_mean_and_variance_match_pytorch_mc_dropout(
+    client: Client, test_models: ExportedModels, name: str, output: str
+) -> None:
+    x = inputs_for(name, rows=5)
+    t = 4000
+    answer = client.predict(name, x, num_samples=t)
+    assert answer["num_samples"] == t
+    reference = torch_mc_samples(test_models.torch_models[name], next(iter(x.values())), N_TORCH,
+                                 softmax=name == "tiny_cls")  # fmt: skip
+    assert_matches_torch(answer[output], reference, t)
+
+
+@pytest.mark.parametrize(
+    ("name", "input_name", "output"),
+    [("digits", "image", "logits"), ("housing", "features", "medv")],
+)
+def test_bundled_examples_match_pytorch_mc_dropout(
+    client: Client, test_models: ExportedModels, name: str, input_name: str, output: str
+) -> None:
+    x = test_models.examples[name].numpy()
+    t = 4000
+    answer = client.predict(name, {input_name: x}, num_samples=t)
+    reference = torch_mc_samples(
+        test_models.torch_models[name], x, N_TORCH, softmax=name == "digits"
+    )
+    assert_matches_torch(answer[output], reference, t)
+
+
+def test_two_identical_requests_differ_but_agree(
+    client: Client, test_models: ExportedModels
+) -> None:
+    x = inputs_for("tiny_reg", rows=4, seed=1)
+    a = client.predict("tiny_reg", x, num_samples=2000)["y"]
+    b = client.predict("tiny_reg", x, num_samples=2000)["y"]
+    assert not np.array_equal(a["mean"], b["mean"]), "two requests drew the same samples"
+    reference = Moments.from_samples(
+        torch_mc_samples(
+            test_models.torch_models["tiny_reg"], x["features"], N_TORCH, False
+        ).reshape(N_TORCH, -1)
+    )
+    first, second = (server_moments(r["mean"], r["variance"], 2000, reference) for r in (a, b))
+    assert mean_z_test(first, second, ALPHA).passed
+    assert variance_ratio_test(first, second, ALPHA).passed
+
+
+def test_classification_answer_is_consistent(client: Client) -> None:
+    answer = client.predict("tiny_cls", inputs_for("tiny_cls", rows=7), num_samples=300)
+    out = answer["logits"]
+    assert out["semantics"] == pb.OUTPUT_SEMANTICS_LOGITS
+    assert out["mean"].shape == (7, 4)
+    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-9)
+    np.testing.assert_array_equal(out["predicted_class"], out["mean"].argmax(axis=1))
+    assert out["predicted_label"] == [
+        ["ant", "bee", "cat", "dog"][c] for c in out["predicted_class"]
+    ]
+    np.testing.assert_allclose(out["std"] ** 2, out["variance"], rtol=1e-9)
+    entropy = -(out["mean"] * np.log(out["mean"])).sum(axis=1)
+    np.testing.assert_allclose(out["predictive_entropy"], entropy, rtol=1e-9)
+    np.testing.assert_allclose(
+        out["mutual_information"], out["predictive_entropy"] - out["expected_entropy"], atol=1e-12
+    )
+    assert np.all(out["mutual_information"] >= 0)
+    assert np.all((out["variation_ratio"] >= 0) & (out["variation_ratio"] <= 0.75))
+
+
+def test_default_samples_and_newest_version(client: Client, test_models: ExportedModels) -> None:
+    answer = client.predict("tiny_cls", inputs_for("tiny_cls", rows=1))
+    assert answer["num_samples"] == 50  # the model's default
+    assert client.predict("tiny_reg", inputs_for("tiny_reg", rows=1), 10)["version"] == "2"
+
+
+def test_an_older_version_is_served_on_request(client: Client, test_models: ExportedModels) -> None:
+    x = inputs_for("tiny_reg", rows=3, seed=4)
+    answer = client.predict("tiny_reg", x, num_samples=3000, version="1")
+    assert answer["version"] == "1"
+    reference = torch_mc_samples(
+        test_models.torch_models["tiny_reg@1"], x["features"], N_TORCH, False
+    )
+    assert_matches_torch(answer["y"], reference, 3000)
+
+
+def test_one_sample(client: Client) -> None:
+    answer = client.predict("tiny_cls", inputs_for("tiny_cls", rows=3), num_samples=1)
+    out = answer["logits"]
+    assert answer["num_samples"] == 1
+    assert np.isnan(out["variance"]).all()  # unbiased variance is undefined at T = 1
+    # H[mean] - mean H over one sample: 0 up to float64 rounding (a few 1e-16).
+    np.testing.assert_allclose(out["mutual_information"], 0.0, atol=1e-12)
+    np.testing.assert_array_equal(out["variation_ratio"], 0.0)
+    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-9)
+
+
+def test_large_number_of_samples_in_many_chunks(
+    client: Client, test_models: ExportedModels
+) -> None:
+    """T = 20,000 with a 4 MiB tile budget: many session runs folded into one answer."""
+    x = inputs_for("tiny_d2", rows=2, seed=5)
+    t = 20_000
+    answer = client.predict("tiny_d2", x, num_samples=t)
+    assert answer["num_samples"] == t
+    reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x["image"], N_TORCH, False)
+    assert_matches_torch(answer["y"], reference, t)
+
+
+def test_model_without_active_dropout_is_refused(client: Client, server: Any) -> None:
+    models = client.stub.ListModels(pb.ListModelsRequest()).models
+    assert {m.name for m in models} == {"tiny_cls", "tiny_reg", "tiny_d2", "digits", "housing"}
+    assert "deterministic/1: copies of one row gave identical outputs" in server.log()
+
+
+def test_metadata_describes_the_model(client: Client) -> None:
+    meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="tiny_cls"))
+    assert (meta.name, meta.version, list(meta.versions)) == ("tiny_cls", "1", ["1"])
+    assert meta.task == pb.TASK_CLASSIFICATION
+    assert [(i.name, i.dtype, list(i.shape)) for i in meta.inputs] == [
+        ("x", pb.DATA_TYPE_FLOAT32, [-1, 6])
+    ]
+    assert meta.outputs[0].semantics == pb.OUTPUT_SEMANTICS_LOGITS
+    assert list(meta.labels) == ["ant", "bee", "cat", "dog"]
+    assert (meta.default_num_samples, meta.max_num_samples) == (50, 20_000)
+    assert meta.provider in {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    assert meta.opset == 18
+    assert meta.verified
+    assert sorted((d.type, round(d.p, 3)) for d in meta.dropout) == [
+        ("Dropout", 0.3),
+        ("Dropout", 0.4),
+    ]
+    assert len(meta.weights_sha256) == 64
+    old = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="tiny_reg", version="1"))
+    assert (old.version, list(old.versions)) == ("1", ["2", "1"])
