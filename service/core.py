@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.onnx_session import SessionConfig
 from service.repository import ModelConfig, TensorSpec, VersionSource, scan_repository
-from service.runtime import CancelToken, Engine, OutputStats, TiledEngine
+from service.runtime import CancelToken, Engine, OutputStats, build_engine
 from service.settings import Settings
 
 __all__ = [
@@ -159,7 +159,9 @@ def load_registry(settings: Settings) -> ModelRegistry:
     registry.failed.extend(problems)
     for source in sources:
         try:
-            engine = TiledEngine(source, session_config, settings.tile_memory_bytes)
+            engine = build_engine(
+                source, session_config, settings.tile_memory_bytes, settings.engine
+            )
             if settings.device == "gpu" and engine.provider != "CUDAExecutionProvider":
                 raise ModelLoadError(
                     f"{source.name}/{source.version}: device=gpu but CUDA did not load "

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.errors import Cancelled, ModelLoadError
+from service.graph_split import NUM_SAMPLES_INPUT, SplitPlan, plan_split, split_models, tiled_model
 from service.onnx_session import SessionConfig, create_session
 from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
+from service.settings import EngineKind
 from service.uncertainty import (
     ClassificationAccumulator,
     ClassificationStats,
@@ -36,13 +41,17 @@ __all__ = [
     "CancelToken",
     "Engine",
     "OutputStats",
+    "SplitGraphEngine",
+    "SplitSessionsEngine",
     "TiledEngine",
+    "build_engine",
     "chunk_samples",
 ]
 
 log = logging.getLogger(__name__)
 
 OutputStats = RegressionStats | ClassificationStats
+_T = TypeVar("_T")
 
 # ONNX Runtime type strings -> numpy dtypes, for the load-time check against config.json.
 _ORT_TYPES: dict[str, np.dtype[Any]] = {
@@ -132,32 +141,26 @@ def tile(x: NDArray[Any], num_samples: int) -> NDArray[Any]:
     )
 
 
-class TiledEngine:
-    """Runs the whole graph on the [t*B, ...] tile, chunk after chunk.
+class _SamplingEngine:
+    """The chunk loop shared by every engine: per request, :meth:`_prepare` once, then
+    :meth:`_sample` per chunk of ``t`` samples, each chunk folded into the statistics.
 
-    Args:
-        source: the version folder and its parsed config.
-        session_config: how to build the ONNX Runtime session.
-        tile_memory_bytes: memory budget of one session run.
+    Subclasses own one or two ONNX Runtime sessions and decide what runs once and what runs
+    on the tile.
     """
 
-    def __init__(
-        self, source: VersionSource, session_config: SessionConfig, tile_memory_bytes: int
-    ) -> None:
+    #: Human-readable name, reported in logs and benchmarks.
+    kind = "base"
+
+    def __init__(self, source: VersionSource, tile_memory_bytes: int) -> None:
         self._config = source.config
-        try:
-            self._session = create_session(source.model_path, session_config)
-        except Exception as exc:  # ONNX Runtime raises its own exception types
-            raise ModelLoadError(
-                f"{source.name}/{source.version}: cannot load model.onnx: {exc}"
-            ) from exc
-        self._provider: str = self._session.get_providers()[0]
-        _check_graph_io(self._session, self._config, f"{source.name}/{source.version}")
+        self._where = f"{source.name}/{source.version}"
         self._output_names = [o.name for o in self._config.outputs]
         per_row = self._config.activation_bytes_per_row or _FALLBACK_ACTIVATION_FACTOR * sum(
             t.row_bytes for t in self._config.inputs + self._config.outputs
         )
         self.budget_rows = max(1, tile_memory_bytes // max(1, per_row))
+        self._provider = "CPUExecutionProvider"
 
     @property
     def provider(self) -> str:
@@ -166,6 +169,17 @@ class TiledEngine:
     @property
     def config(self) -> ModelConfig:
         return self._config
+
+    def _prepare(
+        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
+    ) -> Any:
+        raise NotImplementedError
+
+    def _sample(
+        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
+    ) -> list[NDArray[Any]]:
+        """Outputs of ``t`` samples of every row: one (t*B, ...) array per model output."""
+        raise NotImplementedError
 
     def run(
         self,
@@ -176,31 +190,31 @@ class TiledEngine:
         num_rows = next(iter(inputs.values())).shape[0]
         chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
         accumulators = [_accumulator(spec) for spec in self._config.outputs]
-        # Tile once at the chunk size; the last, shorter chunk uses a prefix of it.
-        tiled = {name: tile(x, chunk) for name, x in inputs.items()}
+        state = self._guarded(partial(self._prepare, inputs, chunk, cancel), cancel)
         done = 0
         while done < num_samples:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled("request cancelled")
             t = min(chunk, num_samples - done)
-            feed = {name: x[: t * num_rows] for name, x in tiled.items()}
-            try:
-                outputs = self._session.run(
-                    self._output_names,
-                    feed,
-                    cancel.run_options() if cancel is not None else None,
-                )
-            except Exception:
-                if cancel is not None and cancel.cancelled:
-                    raise Cancelled("request cancelled") from None
-                raise
+            options = cancel.run_options() if cancel is not None else None
+            outputs = self._guarded(partial(self._sample, state, t, num_rows, options), cancel)
             for acc, out in zip(accumulators, outputs, strict=True):
                 acc.update(np.asarray(out).reshape(t, num_rows, *out.shape[1:]))
             done += t
         return [acc.result() for acc in accumulators]
 
+    @staticmethod
+    def _guarded(call: Callable[[], _T], cancel: CancelToken | None) -> _T:
+        """A session run; a run stopped by RunOptions.terminate becomes Cancelled."""
+        try:
+            return call()
+        except Exception:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("request cancelled") from None
+            raise
+
     def is_stochastic(self, copies: int = 8) -> bool:
-        """Load-time probe: do copies of one row get different outputs?
+        """Load-time probe, through the path requests take: do copies of one row differ?
 
         Guards against a session whose Dropout nodes were optimised away (every answer would
         be identical) or a model without active dropout.
@@ -212,9 +226,153 @@ class TiledEngine:
                 row[spec.name] = rng.standard_normal((1, *spec.row_shape)).astype(spec.dtype)
             else:
                 row[spec.name] = np.zeros((1, *spec.row_shape), dtype=spec.dtype)
-        feed = {name: tile(x, copies) for name, x in row.items()}
-        outputs = self._session.run(self._output_names, feed)
+        outputs = self._sample(self._prepare(row, copies, None), copies, 1, None)
         return any(not np.all(out == out[:1]) for out in outputs)
+
+
+class TiledEngine(_SamplingEngine):
+    """The whole graph on the [t*B, ...] tile: the inputs are tiled, nothing runs once.
+
+    The baseline, and the fallback for graphs that cannot be split.
+    """
+
+    kind = "tiled"
+
+    def __init__(
+        self, source: VersionSource, session_config: SessionConfig, tile_memory_bytes: int
+    ) -> None:
+        super().__init__(source, tile_memory_bytes)
+        self._session = _load_session(source.model_path, session_config, self._where)
+        self._provider = self._session.get_providers()[0]
+        _check_graph_io(self._session, self._config, self._where)
+
+    def _prepare(
+        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
+    ) -> Any:
+        # Tile once at the chunk size; a shorter last chunk uses a prefix of it.
+        return {name: tile(x, chunk) for name, x in inputs.items()}
+
+    def _sample(
+        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
+    ) -> list[NDArray[Any]]:
+        feed = {name: x[: t * num_rows] for name, x in state.items()}
+        outputs: list[NDArray[Any]] = self._session.run(self._output_names, feed, options)
+        return outputs
+
+
+class SplitGraphEngine(_SamplingEngine):
+    """One graph with a Tile at the cut: the prefix runs once per chunk on [B, ...] inside the
+    session, the suffix on the tile (``service.graph_split.tiled_model``)."""
+
+    kind = "split-graph"
+
+    def __init__(
+        self,
+        source: VersionSource,
+        model: onnx.ModelProto,
+        plan: SplitPlan,
+        session_config: SessionConfig,
+        tile_memory_bytes: int,
+    ) -> None:
+        super().__init__(source, tile_memory_bytes)
+        self.plan = plan
+        graph = tiled_model(model, plan).SerializeToString()
+        self._session = _load_session(graph, session_config, self._where)
+        self._provider = self._session.get_providers()[0]
+        _check_graph_io(self._session, self._config, self._where, extra_inputs={NUM_SAMPLES_INPUT})
+
+    def _prepare(
+        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
+    ) -> Any:
+        return dict(inputs)
+
+    def _sample(
+        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
+    ) -> list[NDArray[Any]]:
+        feed = {**state, NUM_SAMPLES_INPUT: np.array([t], dtype=np.int64)}
+        outputs: list[NDArray[Any]] = self._session.run(self._output_names, feed, options)
+        return outputs
+
+
+class SplitSessionsEngine(_SamplingEngine):
+    """Two sessions: the prefix runs once per request on [B, ...], its outputs are tiled in
+    numpy, the suffix session runs on the tile (``service.graph_split.split_models``)."""
+
+    kind = "split-sessions"
+
+    def __init__(
+        self,
+        source: VersionSource,
+        model: onnx.ModelProto,
+        plan: SplitPlan,
+        session_config: SessionConfig,
+        tile_memory_bytes: int,
+    ) -> None:
+        super().__init__(source, tile_memory_bytes)
+        self.plan = plan
+        prefix, suffix = split_models(model, plan)
+        self._prefix = _load_session(prefix.SerializeToString(), session_config, self._where)
+        self._suffix = _load_session(suffix.SerializeToString(), session_config, self._where)
+        self._provider = self._suffix.get_providers()[0]
+        self._prefix_outputs = [o.name for o in self._prefix.get_outputs()]
+        self._input_names = {i.name for i in self._config.inputs}
+
+    def _prepare(
+        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
+    ) -> Any:
+        options = cancel.run_options() if cancel is not None else None
+        computed = self._prefix.run(self._prefix_outputs, dict(inputs), options)
+        cut = dict(zip(self._prefix_outputs, computed, strict=True))
+        cut.update({name: x for name, x in inputs.items() if name in self.plan.cut})
+        return {name: tile(x, chunk) for name, x in cut.items()}
+
+    def _sample(
+        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
+    ) -> list[NDArray[Any]]:
+        feed = {name: x[: t * num_rows] for name, x in state.items()}
+        outputs: list[NDArray[Any]] = self._suffix.run(self._output_names, feed, options)
+        return outputs
+
+
+def _load_session(
+    model: Path | bytes, session_config: SessionConfig, where: str
+) -> ort.InferenceSession:
+    try:
+        return create_session(model, session_config)
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        raise ModelLoadError(f"{where}: cannot load the model: {exc}") from exc
+
+
+def build_engine(
+    source: VersionSource,
+    session_config: SessionConfig,
+    tile_memory_bytes: int,
+    kind: EngineKind = "auto",
+) -> TiledEngine | SplitGraphEngine | SplitSessionsEngine:
+    """The engine for one model version (the one place that decides which engine runs).
+
+    ``auto`` splits the graph at the first stochastic node when that leaves work to run once,
+    with the two-session form (measured faster on CPU: docs/benchmarks.md), and tiles the
+    whole graph otherwise.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded or does not match its config.
+    """
+    if kind == "tiled":
+        return TiledEngine(source, session_config, tile_memory_bytes)
+    try:
+        model = onnx.load(str(source.model_path))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{source.name}/{source.version}: cannot read model.onnx: {exc}"
+        ) from exc
+    plan = plan_split(model)
+    log.info("%s/%s: %s", source.name, source.version, plan.describe())
+    if not plan.is_split:
+        return TiledEngine(source, session_config, tile_memory_bytes)
+    if kind == "split-graph" or plan.tiled_outputs:
+        return SplitGraphEngine(source, model, plan, session_config, tile_memory_bytes)
+    return SplitSessionsEngine(source, model, plan, session_config, tile_memory_bytes)
 
 
 def _accumulator(spec: TensorSpec) -> RegressionAccumulator | ClassificationAccumulator:
@@ -223,10 +381,16 @@ def _accumulator(spec: TensorSpec) -> RegressionAccumulator | ClassificationAccu
     return RegressionAccumulator()
 
 
-def _check_graph_io(session: ort.InferenceSession, config: ModelConfig, where: str) -> None:
+def _check_graph_io(
+    session: ort.InferenceSession,
+    config: ModelConfig,
+    where: str,
+    extra_inputs: frozenset[str] | set[str] = frozenset(),
+) -> None:
     """The graph's inputs and outputs must be exactly those of config.json."""
+    graph_inputs = [a for a in session.get_inputs() if a.name not in extra_inputs]
     for kind, graph_args, specs in (
-        ("inputs", session.get_inputs(), config.inputs),
+        ("inputs", graph_inputs, config.inputs),
         ("outputs", session.get_outputs(), config.outputs),
     ):
         graph = {a.name: a for a in graph_args}

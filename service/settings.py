@@ -15,13 +15,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-__all__ = ["ENV_PREFIX", "Device", "Settings", "SettingsError", "load_settings"]
+__all__ = ["ENV_PREFIX", "Device", "EngineKind", "Settings", "SettingsError", "load_settings"]
 
 ENV_PREFIX = "MCD_"
 
 Device = Literal["auto", "cpu", "gpu"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 OptLevel = Literal["disable", "basic", "extended", "all"]
+EngineKind = Literal["auto", "split-graph", "split-sessions", "tiled"]
 
 MiB = 1024 * 1024
 
@@ -68,6 +69,14 @@ class Settings:
     )
     graph_optimization_level: OptLevel = field(
         default="all", metadata=_doc("ONNX Runtime graph optimizations (EliminateDropout is off)")
+    )
+    engine: EngineKind = field(
+        default="auto",
+        metadata=_doc(
+            "auto: run the deterministic prefix once and tile only the stochastic suffix "
+            "(two sessions), whole-graph tiling when nothing can run once; split-graph: one "
+            "graph with a Tile at the cut; split-sessions; tiled: always tile the whole graph"
+        ),
     )
     compute_workers: int = field(
         default=1, metadata=_doc("session runs executing at once (threads off the event loop)")
@@ -142,6 +151,7 @@ _LITERALS: dict[str, tuple[str, ...]] = {
     "Device": get_args(Device),
     "LogLevel": get_args(LogLevel),
     "OptLevel": get_args(OptLevel),
+    "EngineKind": get_args(EngineKind),
 }
 
 
