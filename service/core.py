@@ -1,17 +1,16 @@
 """The protocol-neutral core: model registry, request validation, admission and execution.
 
 Protocol layers (service.servicer for gRPC) translate wire messages into :class:`PredictInput`
-and call :meth:`InferenceCore.predict`; they never touch numpy maths or ONNX Runtime. Session
-runs execute on a bounded thread pool, so the event loop never blocks; a bounded admission
-count answers RESOURCE_EXHAUSTED instead of letting a queue grow.
+and call :meth:`InferenceCore.predict`; they never touch numpy maths or ONNX Runtime. Validated
+requests go to the cross-request batcher (service.batching), which merges concurrent requests
+for the same version and T into one engine run on a bounded thread pool, so the event loop
+never blocks; its bounded admission answers RESOURCE_EXHAUSTED instead of letting a queue grow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,21 +21,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import metrics
+from service.batching import Batcher, BatchKey, BatchPolicy
 from service.errors import (
-    Cancelled,
     DeadlineExceeded,
-    InternalError,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
     ResourceExhausted,
-    ServiceError,
     VersionNotFound,
 )
 from service.onnx_session import SessionConfig
 from service.repository import ModelConfig, TensorSpec, VersionSource, scan_repository
-from service.runtime import CancelToken, Engine, OutputStats, build_engine
+from service.runtime import Engine, OutputStats, build_engine
 from service.settings import Settings
 
 __all__ = [
@@ -261,8 +258,12 @@ class InferenceCore:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_workers, thread_name_prefix="mcd-compute"
         )
-        self._admitted = 0
-        self._admitted_lock = threading.Lock()
+        self._batcher = Batcher(
+            self._executor,
+            compute_workers=settings.compute_workers,
+            max_queue_size=settings.max_queue_size,
+            max_row_samples=settings.max_row_samples,
+        )
 
     @property
     def registry(self) -> ModelRegistry:
@@ -315,7 +316,7 @@ class InferenceCore:
             )
         metrics.REQUEST_ROWS.labels(model=config.name).observe(rows)
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
-        stats = await self._execute(loaded, request.inputs, num_samples, timeout_s)
+        stats = await self._execute(loaded, request.inputs, rows, num_samples, timeout_s)
         return PredictResult(
             model=config.name,
             version=loaded.version,
@@ -327,74 +328,32 @@ class InferenceCore:
             labels=config.labels,
         )
 
-    def _admit(self) -> None:
-        limit = self._settings.compute_workers + self._settings.max_queue_size
-        with self._admitted_lock:
-            if self._admitted >= limit:
-                raise ResourceExhausted(
-                    f"the server is at its limit of {limit} queued and running requests; "
-                    "retry later"
-                )
-            self._admitted += 1
-            metrics.QUEUE_DEPTH.set(self._admitted)
-
-    def _release(self) -> None:
-        with self._admitted_lock:
-            self._admitted -= 1
-            metrics.QUEUE_DEPTH.set(self._admitted)
-
     async def _execute(
         self,
         loaded: LoadedVersion,
         inputs: Mapping[str, NDArray[Any]],
+        rows: int,
         num_samples: int,
         timeout_s: float | None,
     ) -> list[OutputStats]:
+        """Run a validated request through the batcher (which admits it or refuses it)."""
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("the deadline passed before the request was run")
-        self._admit()
-        token = CancelToken()
-        submitted = time.perf_counter()
-        name, version = loaded.config.name, str(loaded.version)
-
-        def job() -> list[OutputStats]:
-            started = time.perf_counter()
-            metrics.QUEUE_SECONDS.labels(model=name).observe(started - submitted)
-            if token.cancelled:  # dropped while queued: do not run it
-                raise Cancelled("request cancelled before it ran")
-            result = loaded.engine.run(inputs, num_samples, token)
-            metrics.COMPUTE_SECONDS.labels(model=name, version=version).observe(
-                time.perf_counter() - started
-            )
-            return result
-
-        try:
-            future = self._executor.submit(job)
-        except RuntimeError:  # executor shut down
-            self._release()
-            raise ModelNotReady(name, version) from None
-        # The admission slot is held until the worker really finishes, even when the caller
-        # gave up earlier: the worker is busy until then.
-        future.add_done_callback(lambda _: self._release())
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except TimeoutError:
-            token.cancel()
-            raise DeadlineExceeded(
-                f"the deadline passed while running {num_samples} samples"
-            ) from None
-        except asyncio.CancelledError:
-            token.cancel()
-            raise
-        except ServiceError:
-            raise
-        except Exception as exc:
-            log.exception("model %s version %s failed", name, version)
-            raise InternalError("internal error while running the model") from exc
+        config = loaded.config
+        return await self._batcher.submit(
+            BatchKey(model=config.name, version=loaded.version, num_samples=num_samples),
+            loaded.engine,
+            BatchPolicy.from_config(config.dynamic_batching, self._settings.max_batch_rows),
+            inputs,
+            rows,
+            timeout_s=timeout_s,
+        )
 
     async def close(self) -> None:
-        """Stop the compute workers after the running jobs finish (off the event loop)."""
+        """Answer waiting requests UNAVAILABLE, let running batches finish, then stop the
+        compute workers (off the event loop)."""
         self._ready = False
+        await self._batcher.close()
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
         )

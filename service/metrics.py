@@ -21,11 +21,14 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "BATCH_REQUESTS",
+    "BATCH_ROWS",
     "COMPUTE_SECONDS",
     "ERRORS",
     "IN_FLIGHT",
     "MODEL_INFO",
     "QUEUE_DEPTH",
+    "QUEUE_SECONDS",
     "REGISTRY",
     "REQUEST_ROWS",
     "REQUEST_SAMPLES",
@@ -46,6 +49,7 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 _SAMPLE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_REQUEST_COUNT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 
 REQUEST_SECONDS = Histogram(
     "mcd_request_duration_seconds",
@@ -56,15 +60,16 @@ REQUEST_SECONDS = Histogram(
 )
 COMPUTE_SECONDS = Histogram(
     "mcd_compute_duration_seconds",
-    "Time spent running the T stochastic passes of one request (all session runs and the "
-    "statistics), excluding queueing.",
+    "Time spent in one engine run: the T stochastic passes of every row of a batch (all "
+    "session runs and the statistics), excluding queueing.",
     ("model", "version"),
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 QUEUE_SECONDS = Histogram(
     "mcd_queue_duration_seconds",
-    "Time a request waited for a compute worker.",
+    "Time from a request's admission to the start of the engine run that serves it (the "
+    "batching delay plus the wait for a compute worker).",
     ("model",),
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
@@ -83,6 +88,20 @@ REQUEST_ROWS = Histogram(
     buckets=_ROW_BUCKETS,
     registry=REGISTRY,
 )
+BATCH_ROWS = Histogram(
+    "mcd_batch_rows",
+    "Rows per engine run: the rows of every request merged into the run.",
+    ("model",),
+    buckets=_ROW_BUCKETS,
+    registry=REGISTRY,
+)
+BATCH_REQUESTS = Histogram(
+    "mcd_batch_requests",
+    "Requests merged into one engine run (1 when batching is off or nothing else was waiting).",
+    ("model",),
+    buckets=_REQUEST_COUNT_BUCKETS,
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
     "mcd_requests_in_flight",
     "RPCs received and not yet answered.",
@@ -91,7 +110,7 @@ IN_FLIGHT = Gauge(
 )
 QUEUE_DEPTH = Gauge(
     "mcd_queue_depth",
-    "Predict requests admitted and waiting for or running on a compute worker.",
+    "Predict requests admitted and not finished: waiting in a batch queue or running.",
     registry=REGISTRY,
 )
 ERRORS = Counter(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,9 @@ import numpy as np
 from service.errors import ModelLoadError
 
 __all__ = [
+    "DEFAULT_MAX_QUEUE_DELAY_US",
     "DTYPES",
+    "DynamicBatchingConfig",
     "ModelConfig",
     "ProvenanceInfo",
     "Semantics",
@@ -74,6 +76,30 @@ class TensorSpec:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
 
+#: Batching delay when config.json does not set one: long enough to merge requests that
+#: arrive together, short against the milliseconds of even a small MC dropout run.
+DEFAULT_MAX_QUEUE_DELAY_US = 500
+#: Upper bound of ``max_queue_delay_us`` (10 s): a larger value is almost surely a unit slip.
+_MAX_QUEUE_DELAY_LIMIT_US = 10_000_000
+
+
+@dataclass(frozen=True)
+class DynamicBatchingConfig:
+    """The optional ``dynamic_batching`` section of ``config.json``.
+
+    Attributes:
+        enabled: merge concurrent requests with the same version and T into one run.
+        max_batch_rows: most rows of one merged run; None for the server's
+            ``--max-batch-rows``.
+        max_queue_delay_us: longest time, in microseconds, the oldest waiting request is held
+            back for more requests to join its run.
+    """
+
+    enabled: bool = True
+    max_batch_rows: int | None = None
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The parsed ``config.json`` of one version."""
@@ -87,6 +113,7 @@ class ModelConfig:
     default_num_samples: int
     max_num_samples: int
     activation_bytes_per_row: int | None
+    dynamic_batching: DynamicBatchingConfig = DynamicBatchingConfig()
 
 
 @dataclass(frozen=True)
@@ -154,6 +181,47 @@ def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
         )
         semantics = Semantics(raw_semantics)
     return TensorSpec(name=name, dtype=DTYPES[dtype], shape=tuple(shape), semantics=semantics)
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (``true`` is an int to Python, but not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dynamic_batching(raw: Any, where: str) -> DynamicBatchingConfig:
+    """Parse the optional ``dynamic_batching`` section; absent means enabled with defaults."""
+    if raw is None:
+        return DynamicBatchingConfig()
+    _require(isinstance(raw, dict), where, f"dynamic_batching must be an object, got {raw!r}")
+    allowed = {f.name for f in fields(DynamicBatchingConfig)}
+    unknown = sorted(set(raw) - allowed)
+    # A misspelt key would otherwise be ignored silently (Triton's name is
+    # max_queue_delay_microseconds, an easy slip).
+    _require(
+        not unknown,
+        where,
+        f"dynamic_batching has unknown keys {unknown}; allowed: {sorted(allowed)}",
+    )
+    enabled = raw.get("enabled", True)
+    _require(
+        isinstance(enabled, bool),
+        where,
+        f"dynamic_batching.enabled must be true or false, got {enabled!r}",
+    )
+    rows = raw.get("max_batch_rows")
+    _require(
+        rows is None or (_is_int(rows) and rows >= 1),
+        where,
+        f"dynamic_batching.max_batch_rows must be an integer >= 1, got {rows!r}",
+    )
+    delay = raw.get("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US)
+    _require(
+        _is_int(delay) and 0 <= delay <= _MAX_QUEUE_DELAY_LIMIT_US,
+        where,
+        "dynamic_batching.max_queue_delay_us must be an integer in "
+        f"0..{_MAX_QUEUE_DELAY_LIMIT_US}, got {delay!r}",
+    )
+    return DynamicBatchingConfig(enabled=enabled, max_batch_rows=rows, max_queue_delay_us=delay)
 
 
 def parse_config(raw: Any, model_name: str, where: str = "config.json") -> ModelConfig:
@@ -240,6 +308,7 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         default_num_samples=default,
         max_num_samples=maximum,
         activation_bytes_per_row=activation,
+        dynamic_batching=_dynamic_batching(raw.get("dynamic_batching"), where),
     )
 
 

@@ -166,7 +166,8 @@ def test_full_queue_answers_resource_exhausted(loop: asyncio.AbstractEventLoop) 
 
     async def scenario() -> list[object]:
         first = asyncio.ensure_future(core.predict(request()))
-        second = asyncio.ensure_future(core.predict(request()))
+        # Another T, so the batcher cannot merge the two into one run.
+        second = asyncio.ensure_future(core.predict(request(num_samples=11)))
         await asyncio.sleep(0)  # let both be admitted (1 running + 1 queued)
         with pytest.raises(ResourceExhausted, match="limit of 2 queued and running"):
             await core.predict(request())
@@ -190,6 +191,7 @@ def test_deadline_while_running_cancels_the_work(loop: asyncio.AbstractEventLoop
         with pytest.raises(DeadlineExceeded):
             await task
         gate.set()
+        await core.close()  # the cancelled run ends before the loop closes
 
     loop.run_until_complete(scenario())
 

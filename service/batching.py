@@ -1,0 +1,479 @@
+"""Cross-request dynamic batching: concurrent requests for one model version and one T share
+one engine run.
+
+::
+
+    submit() --admit--> _Queue per (model, version, T) --dispatcher--> _Batch --executor--> run
+       ^                 waiting requests, arrival order     when rows >= cap, or the oldest
+       |                                                     waited max_queue_delay, and a
+       +---------- rows [start:stop) of every output <------ compute worker is free
+
+Merging cannot change an answer's distribution: the engine tiles the merged rows to
+[T*B_total, ...] and draws dropout masks per element, so every row gets T independent masks
+whoever shares its run, and every statistic is computed per row.
+
+Rules:
+    * Admission is bounded: at most ``compute_workers + max_queue_size`` requests are admitted
+      and unfinished; one more gets ResourceExhausted instead of growing a queue.
+    * A batch takes waiting requests in arrival order while their rows fit the cap
+      (``max_batch_rows``, and never more rows x T than ``max_row_samples``, the limit of one
+      request); the first one that does not fit waits for the next batch. A single request
+      above the cap runs alone.
+    * A batch is cut only when a compute worker is free, so under load it grows up to the cap
+      instead of queueing small runs behind each other; at most ``compute_workers`` runs
+      execute at once, on the executor, never on the event loop.
+    * Requests whose caller is gone (cancelled, deadline passed) are dropped before the run;
+      their rows never reach the engine.
+    * Every admitted request's future gets a result or an exception, whatever happens to the
+      run; a caller that gives up never stops the run for the others, but when every caller
+      of a running batch is gone its CancelToken is cancelled.
+
+All the queue state lives on the event loop thread (only the engine run happens on a worker
+thread), so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service import metrics
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    ModelNotReady,
+    ResourceExhausted,
+    ServiceError,
+)
+from service.repository import DynamicBatchingConfig
+from service.runtime import CancelToken, Engine, OutputStats
+
+__all__ = ["BatchKey", "BatchPolicy", "Batcher", "slice_rows"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model version batches (its config.json section, resolved against the settings).
+
+    Attributes:
+        enabled: False runs every request on its own, at once.
+        max_batch_rows: most rows in one merged run.
+        max_queue_delay_s: longest time the oldest waiting request is held back for others.
+    """
+
+    enabled: bool
+    max_batch_rows: int
+    max_queue_delay_s: float
+
+    @classmethod
+    def from_config(cls, config: DynamicBatchingConfig, default_max_batch_rows: int) -> BatchPolicy:
+        """The policy of a model's ``dynamic_batching`` section.
+
+        Args:
+            config: the parsed section.
+            default_max_batch_rows: the cap when the section sets none (``--max-batch-rows``).
+        """
+        return cls(
+            enabled=config.enabled,
+            max_batch_rows=config.max_batch_rows or default_max_batch_rows,
+            max_queue_delay_s=config.max_queue_delay_us / 1e6,
+        )
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests can share a run only with the same model version and the same T."""
+
+    model: str
+    version: int
+    num_samples: int
+
+
+def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
+    """Rows [start:stop) of every (B, ...) array of a statistics object; num_samples unchanged.
+
+    The arrays are views of the batch's arrays (no copy).
+    """
+    rows: dict[str, Any] = {
+        f.name: value[start:stop]
+        for f in dataclasses.fields(stats)
+        if isinstance(value := getattr(stats, f.name), np.ndarray)
+    }
+    return dataclasses.replace(stats, **rows)
+
+
+class _State(enum.Enum):
+    WAITING = "waiting"  # in its queue's pending deque
+    RUNNING = "running"  # in a batch handed to the executor
+    DONE = "done"  # admission slot released
+
+
+@dataclass(eq=False)
+class _Request:
+    """One admitted request. ``future`` gets exactly one outcome."""
+
+    inputs: Mapping[str, NDArray[Any]]
+    rows: int
+    future: asyncio.Future[list[OutputStats]]
+    arrived_s: float  # time.perf_counter(), for the queue-time metric (read on a worker thread)
+    arrived_at: float  # loop.time(), for the delay timer
+    expires_at: float | None  # loop.time() of the caller's deadline
+    state: _State = _State.WAITING
+    batch: _Batch | None = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Requests merged into one engine run, in arrival order."""
+
+    requests: list[_Request]
+    token: CancelToken = field(default_factory=CancelToken)
+    finished: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.requests)
+
+
+class _Queue:
+    """The waiting requests of one :class:`BatchKey`, with the task that cuts their batches."""
+
+    def __init__(self, key: BatchKey, engine: Engine, policy: BatchPolicy, cap_rows: int) -> None:
+        self.key = key
+        self.engine = engine
+        self.policy = policy
+        self.cap_rows = cap_rows
+        self.pending: deque[_Request] = deque()
+        self.pending_rows = 0
+        self.arrived = asyncio.Event()  # wakes the dispatcher to recheck the row count
+        self.dispatcher: asyncio.Task[None] | None = None
+
+    def add(self, request: _Request) -> None:
+        self.pending.append(request)
+        self.pending_rows += request.rows
+        self.arrived.set()
+
+    def remove(self, request: _Request) -> None:
+        self.pending.remove(request)
+        self.pending_rows -= request.rows
+
+    def ready(self) -> bool:
+        """Whether a batch should be cut now, without waiting out the delay."""
+        return not self.policy.enabled or self.pending_rows >= self.cap_rows
+
+    def fits(self, taken: list[_Request], rows: int, request: _Request) -> bool:
+        """Whether ``request`` may join a batch that already holds ``taken`` (``rows`` rows)."""
+        if not taken:
+            return True  # the first request always runs, even above the cap: alone
+        return self.policy.enabled and rows + request.rows <= self.cap_rows
+
+
+class Batcher:
+    """Merges concurrent requests into engine runs; owned by the core, protocol-neutral.
+
+    Args:
+        executor: runs the engine (its thread count should be ``compute_workers``).
+        compute_workers: engine runs executing at once.
+        max_queue_size: requests admitted beyond those running; one more is refused.
+        max_row_samples: most rows x T of one run (the limit of one request), so that merging
+            never makes a run longer than the largest single request could.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        compute_workers: int,
+        max_queue_size: int,
+        max_row_samples: int,
+    ) -> None:
+        self._executor = executor
+        self._limit = compute_workers + max_queue_size
+        self._max_row_samples = max_row_samples
+        self._workers = asyncio.Semaphore(compute_workers)
+        self._admitted = 0
+        self._queues: dict[BatchKey, _Queue] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def submit(
+        self,
+        key: BatchKey,
+        engine: Engine,
+        policy: BatchPolicy,
+        inputs: Mapping[str, NDArray[Any]],
+        rows: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[OutputStats]:
+        """Admit one validated request, wait for its batch to run, return its rows.
+
+        Args:
+            key: the model version and T; only requests with equal keys are merged.
+            engine: the version's engine.
+            policy: the version's batching policy.
+            inputs: one (B, ...) array per model input.
+            rows: B.
+            timeout_s: time left until the caller's deadline; None for none.
+
+        Returns:
+            One statistics object per model output, each with this request's B rows.
+
+        Raises:
+            ResourceExhausted: the queue is full.
+            DeadlineExceeded: the deadline passed before the answer was ready.
+            ModelNotReady: the batcher is closed.
+            ServiceError: the run failed (InternalError, with the details in the log).
+        """
+        if self._closed:
+            raise ModelNotReady(key.model, str(key.version))
+        self._admit()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        request = _Request(
+            inputs=inputs,
+            rows=rows,
+            future=loop.create_future(),
+            arrived_s=time.perf_counter(),
+            arrived_at=now,
+            expires_at=None if timeout_s is None else now + timeout_s,
+        )
+        queue = self._queue(key, engine, policy)
+        request.future.add_done_callback(lambda _: self._on_caller_done(queue, request))
+        queue.add(request)
+        if queue.dispatcher is None:
+            queue.dispatcher = asyncio.create_task(self._dispatch(queue))
+        try:
+            # Cancelling the caller (or its deadline) cancels only this future: the batch
+            # runs in its own task and goes on for the others.
+            return await asyncio.wait_for(request.future, timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the deadline passed before the answer was ready ({key.num_samples} samples)"
+            ) from None
+
+    async def close(self) -> None:
+        """Refuse new requests, answer waiting ones UNAVAILABLE, let running batches finish."""
+        self._closed = True
+        dispatchers = [q.dispatcher for q in self._queues.values() if q.dispatcher is not None]
+        for dispatcher in dispatchers:
+            dispatcher.cancel()
+        for queue in list(self._queues.values()):
+            while queue.pending:
+                request = queue.pending[0]
+                self._drop(queue, request)
+                if not request.future.done():
+                    request.future.set_exception(
+                        ModelNotReady(queue.key.model, str(queue.key.version))
+                    )
+        self._queues.clear()
+        await asyncio.gather(*dispatchers, *self._running, return_exceptions=True)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self._admitted >= self._limit:
+            raise ResourceExhausted(
+                f"the server is at its limit of {self._limit} queued and running requests; "
+                "retry later"
+            )
+        self._admitted += 1
+        metrics.QUEUE_DEPTH.set(self._admitted)
+
+    def _finish(self, request: _Request) -> None:
+        """Release the request's admission slot, once."""
+        if request.state is _State.DONE:
+            return
+        request.state = _State.DONE
+        self._admitted -= 1
+        metrics.QUEUE_DEPTH.set(self._admitted)
+
+    def _drop(self, queue: _Queue, request: _Request) -> None:
+        """Take a waiting request out of its queue without running it."""
+        queue.remove(request)
+        self._finish(request)
+
+    def _on_caller_done(self, queue: _Queue, request: _Request) -> None:
+        """The request's future completed: maybe its caller gave up; free what it held."""
+        if request.state is _State.WAITING:
+            self._drop(queue, request)  # gave up while waiting: never runs, frees its slot now
+        elif request.state is _State.RUNNING and request.batch is not None:
+            batch = request.batch
+            if not batch.finished and all(r.future.done() for r in batch.requests):
+                batch.token.cancel()  # nobody waits for this run any more
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def _queue(self, key: BatchKey, engine: Engine, policy: BatchPolicy) -> _Queue:
+        queue = self._queues.get(key)
+        if queue is None:
+            cap_rows = min(policy.max_batch_rows, max(1, self._max_row_samples // key.num_samples))
+            queue = self._queues[key] = _Queue(key, engine, policy, cap_rows)
+        return queue
+
+    async def _dispatch(self, queue: _Queue) -> None:
+        """Cut and start the queue's batches until it is empty, then forget the queue."""
+        try:
+            while queue.pending:
+                await self._wait_for_more(queue)
+                await self._workers.acquire()
+                batch = self._take(queue)
+                if batch is None:
+                    self._workers.release()
+                    continue
+                self._start(queue, batch)
+        finally:
+            # No await between the empty check and here: a new request cannot slip in unseen.
+            queue.dispatcher = None
+            if not queue.pending and self._queues.get(queue.key) is queue:
+                del self._queues[queue.key]
+
+    async def _wait_for_more(self, queue: _Queue) -> None:
+        """Wait until the rows reach the cap or the oldest request waited the maximum delay."""
+        loop = asyncio.get_running_loop()
+        while queue.pending and not queue.ready():
+            wait_s = queue.pending[0].arrived_at + queue.policy.max_queue_delay_s - loop.time()
+            if wait_s <= 0:
+                return
+            queue.arrived.clear()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await queue.arrived.wait()
+            except TimeoutError:
+                return
+
+    def _take(self, queue: _Queue) -> _Batch | None:
+        """The next batch in arrival order, dropping requests whose caller is gone."""
+        now = asyncio.get_running_loop().time()
+        taken: list[_Request] = []
+        rows = 0
+        while queue.pending:
+            request = queue.pending[0]
+            if request.future.done():  # cancelled; its done callback has not run yet
+                self._drop(queue, request)
+                continue
+            if request.expires_at is not None and now >= request.expires_at:
+                self._drop(queue, request)
+                request.future.set_exception(
+                    DeadlineExceeded("the deadline passed before the request was run")
+                )
+                continue
+            if not queue.fits(taken, rows, request):
+                break
+            queue.remove(request)
+            request.state = _State.RUNNING
+            taken.append(request)
+            rows += request.rows
+        return _Batch(taken) if taken else None
+
+    def _start(self, queue: _Queue, batch: _Batch) -> None:
+        for request in batch.requests:
+            request.batch = batch
+        metrics.BATCH_ROWS.labels(model=queue.key.model).observe(batch.rows)
+        metrics.BATCH_REQUESTS.labels(model=queue.key.model).observe(len(batch.requests))
+        task = asyncio.create_task(self._run(queue, batch))
+        self._running.add(task)  # a strong reference until it ends
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, queue: _Queue, batch: _Batch) -> None:
+        """Run one batch and give every request its outcome; owns one worker slot."""
+        try:
+            try:
+                future = self._executor.submit(_run_engine, queue.engine, queue.key, batch)
+            except RuntimeError:  # the executor is shut down
+                raise ModelNotReady(queue.key.model, str(queue.key.version)) from None
+            stats = await asyncio.wrap_future(future)
+        except BaseException as exc:
+            _fail(queue.key, batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            _deliver(batch, stats)
+        finally:
+            self._workers.release()
+            for request in batch.requests:
+                self._finish(request)
+
+
+def _concatenate(parts: Sequence[Mapping[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
+    """One (B_total, ...) array per input, the requests' rows in arrival order."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _check_rows(stats: Sequence[OutputStats], rows: int) -> None:
+    """Every array of the engine's answer must have one entry per row of the batch."""
+    for s in stats:
+        for f in dataclasses.fields(s):
+            value = getattr(s, f.name)
+            if isinstance(value, np.ndarray) and (value.ndim == 0 or value.shape[0] != rows):
+                raise RuntimeError(
+                    f"the engine answered {f.name} with shape {value.shape} for {rows} rows"
+                )
+
+
+def _run_engine(engine: Engine, key: BatchKey, batch: _Batch) -> list[OutputStats]:
+    """One engine run over the merged rows. Runs on a worker thread."""
+    started = time.perf_counter()
+    queue_seconds = metrics.QUEUE_SECONDS.labels(model=key.model)
+    for request in batch.requests:
+        queue_seconds.observe(started - request.arrived_s)
+    if batch.token.cancelled:  # every caller left while the run was handed over
+        raise Cancelled("every caller of the batch gave up before it ran")
+    inputs = _concatenate([r.inputs for r in batch.requests])
+    stats = engine.run(inputs, key.num_samples, batch.token)
+    _check_rows(stats, batch.rows)
+    metrics.COMPUTE_SECONDS.labels(model=key.model, version=str(key.version)).observe(
+        time.perf_counter() - started
+    )
+    return stats
+
+
+def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
+    """Give each live request its own rows of every output."""
+    batch.finished = True
+    start = 0
+    for request in batch.requests:
+        stop = start + request.rows
+        if not request.future.done():
+            request.future.set_result([slice_rows(s, start, stop) for s in stats])
+        start = stop
+
+
+def _fail(key: BatchKey, batch: _Batch, exc: BaseException) -> None:
+    """Give every live request of a failed batch an error, so none hangs."""
+    batch.finished = True
+    live = [r for r in batch.requests if not r.future.done()]
+    if not live:
+        return  # e.g. Cancelled after every caller left: nobody to tell
+    if not isinstance(exc, ServiceError):
+        log.error(
+            "model %s version %d failed (batch of %d requests, %d rows, T = %d)",
+            key.model, key.version, len(batch.requests), batch.rows, key.num_samples,
+            exc_info=exc,
+        )  # fmt: skip
+    for request in live:
+        error = exc if isinstance(exc, ServiceError) else _internal_error(exc)
+        request.future.set_exception(error)
+
+
+def _internal_error(cause: BaseException) -> InternalError:
+    """A fresh generic error per caller (the details stay in the log)."""
+    error = InternalError("internal error while running the model")
+    error.__cause__ = cause
+    return error
