@@ -101,6 +101,8 @@ class BatchKey:
     model: str
     version: int
     num_samples: int
+    #: requests that want their raw samples run apart: keeping samples costs memory.
+    return_samples: bool = False
 
 
 def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
@@ -436,7 +438,7 @@ def _run_engine(engine: Engine, key: BatchKey, batch: _Batch) -> list[OutputStat
     if batch.token.cancelled:  # every caller left while the run was handed over
         raise Cancelled("every caller of the batch gave up before it ran")
     inputs = _concatenate([r.inputs for r in batch.requests])
-    stats = engine.run(inputs, key.num_samples, batch.token)
+    stats = engine.run(inputs, key.num_samples, batch.token, keep_samples=key.return_samples)
     _check_rows(stats, batch.rows)
     metrics.COMPUTE_SECONDS.labels(model=key.model, version=str(key.version)).observe(
         time.perf_counter() - started

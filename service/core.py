@@ -74,12 +74,14 @@ class PredictInput:
         version: version number as sent ("" or None for the newest).
         inputs: one (B, ...) array per model input.
         num_samples: T; None or 0 for the model's default.
+        return_samples: also answer every sample, (B, T, ...) per output.
     """
 
     model: str
     version: str | None
     inputs: Mapping[str, NDArray[Any]]
     num_samples: int | None = None
+    return_samples: bool = False
 
 
 @dataclass(frozen=True)
@@ -314,9 +316,23 @@ class InferenceCore:
                 f"rows x samples = {rows} x {num_samples} = {rows * num_samples} is more than "
                 f"the limit of {self._settings.max_row_samples}"
             )
+        if request.return_samples:
+            values = rows * num_samples * sum(o.row_size for o in config.outputs)
+            if values > self._settings.max_returned_samples:
+                raise ResourceExhausted(
+                    f"returning the samples means {values} values (rows x samples x output "
+                    f"size), more than the limit of {self._settings.max_returned_samples}"
+                )
         metrics.REQUEST_ROWS.labels(model=config.name).observe(rows)
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
-        stats = await self._execute(loaded, request.inputs, rows, num_samples, timeout_s)
+        stats = await self._execute(
+            loaded,
+            request.inputs,
+            rows,
+            num_samples,
+            timeout_s,
+            return_samples=request.return_samples,
+        )
         return PredictResult(
             model=config.name,
             version=loaded.version,
@@ -335,13 +351,20 @@ class InferenceCore:
         rows: int,
         num_samples: int,
         timeout_s: float | None,
+        *,
+        return_samples: bool = False,
     ) -> list[OutputStats]:
         """Run a validated request through the batcher (which admits it or refuses it)."""
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("the deadline passed before the request was run")
         config = loaded.config
         return await self._batcher.submit(
-            BatchKey(model=config.name, version=loaded.version, num_samples=num_samples),
+            BatchKey(
+                model=config.name,
+                version=loaded.version,
+                num_samples=num_samples,
+                return_samples=return_samples,
+            ),
             loaded.engine,
             BatchPolicy.from_config(config.dynamic_batching, self._settings.max_batch_rows),
             inputs,

@@ -72,6 +72,11 @@ class TensorSpec:
         return self.shape[1:]
 
     @property
+    def row_size(self) -> int:
+        """Elements in one row."""
+        return int(np.prod(self.row_shape, dtype=np.int64))
+
+    @property
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 

@@ -111,6 +111,7 @@ class Engine(Protocol):
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        keep_samples: bool = False,
     ) -> list[OutputStats]:
         """Run ``num_samples`` stochastic passes over a validated batch.
 
@@ -118,6 +119,7 @@ class Engine(Protocol):
             inputs: one array per model input, each (B, ...) with the config's dtype and shape.
             num_samples: T >= 1.
             cancel: stops the work early (raises Cancelled) when cancelled.
+            keep_samples: also return every sample (``stats.samples``, (B, T, ...)).
 
         Returns:
             One statistics object per model output, in the config's output order.
@@ -186,10 +188,11 @@ class _SamplingEngine:
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        keep_samples: bool = False,
     ) -> list[OutputStats]:
         num_rows = next(iter(inputs.values())).shape[0]
         chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
-        accumulators = [_accumulator(spec) for spec in self._config.outputs]
+        accumulators = [_accumulator(spec, keep_samples) for spec in self._config.outputs]
         state = self._guarded(partial(self._prepare, inputs, chunk, cancel), cancel)
         done = 0
         while done < num_samples:
@@ -375,10 +378,14 @@ def build_engine(
     return SplitSessionsEngine(source, model, plan, session_config, tile_memory_bytes)
 
 
-def _accumulator(spec: TensorSpec) -> RegressionAccumulator | ClassificationAccumulator:
+def _accumulator(
+    spec: TensorSpec, keep_samples: bool
+) -> RegressionAccumulator | ClassificationAccumulator:
     if spec.semantics is not None and spec.semantics.is_classification:
-        return ClassificationAccumulator(from_logits=spec.semantics is Semantics.LOGITS)
-    return RegressionAccumulator()
+        return ClassificationAccumulator(
+            from_logits=spec.semantics is Semantics.LOGITS, keep_samples=keep_samples
+        )
+    return RegressionAccumulator(keep_samples=keep_samples)
 
 
 def _check_graph_io(

@@ -44,6 +44,8 @@ def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputSt
         variance=_f64(stats.variance),
         std=_f64(stats.std),
     )
+    if stats.samples is not None:
+        message.samples.CopyFrom(_f64(stats.samples))
     if isinstance(stats, ClassificationStats):
         message.predicted_class.CopyFrom(encode_tensor(stats.predicted_class.astype(np.int64)))
         if labels:
@@ -96,6 +98,7 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
                 version=request.version or None,
                 inputs=inputs,
                 num_samples=request.num_samples or None,
+                return_samples=request.return_samples,
             ),
             timeout_s=context.time_remaining(),
         )

@@ -92,6 +92,13 @@ class Settings:
         default=2_000_000,
         metadata=_doc("rows x samples (B*T) of one request; more get RESOURCE_EXHAUSTED"),
     )
+    max_returned_samples: int = field(
+        default=4_000_000,
+        metadata=_doc(
+            "values (rows x samples x output size) a request may ask back as raw samples; "
+            "more get RESOURCE_EXHAUSTED"
+        ),
+    )
     tile_memory_bytes: int = field(
         default=256 * MiB,
         metadata=_doc("memory budget of one session run; the [T*B] tile is chunked to fit"),
@@ -115,6 +122,7 @@ _POSITIVE = (
     "max_queue_size",
     "max_batch_rows",
     "max_row_samples",
+    "max_returned_samples",
     "tile_memory_bytes",
     "max_message_bytes",
 )

@@ -146,12 +146,15 @@ class RegressionStats:
         variance: (B, ...) unbiased sample variance over samples (ddof=1); NaN when T == 1,
             where it is undefined.
         std: (B, ...) square root of ``variance``.
+        samples: (B, T, ...) every sample, row-first, when the accumulator kept them; else
+            None.
     """
 
     num_samples: int
     mean: FloatArray
     variance: FloatArray
     std: FloatArray
+    samples: FloatArray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,14 +187,38 @@ class ClassificationStats:
     mutual_information: FloatArray
     variation_ratio: FloatArray
     vote_counts: IntArray
+    samples: FloatArray | None = None
+
+
+class _SampleKeeper:
+    """Keeps every chunk of per-sample values when asked (bounded by the caller: the server
+    checks its max_returned_samples limit before running)."""
+
+    def __init__(self, keep: bool) -> None:
+        self._chunks: list[FloatArray] | None = [] if keep else None
+
+    def add(self, chunk: FloatArray) -> None:
+        if self._chunks is not None:
+            self._chunks.append(np.array(chunk, dtype=np.float64))
+
+    def rows_first(self) -> FloatArray | None:
+        """(B, T, ...): the chunks (t, B, ...) joined along T, then rows first."""
+        if not self._chunks:
+            return None
+        return np.ascontiguousarray(np.moveaxis(np.concatenate(self._chunks, axis=0), 0, 1))
 
 
 class RegressionAccumulator:
     """Accumulates regression samples chunk by chunk, in float64: ``update()`` per chunk of
-    shape (t, B, ...), then ``result()``."""
+    shape (t, B, ...), then ``result()``.
 
-    def __init__(self) -> None:
+    Args:
+        keep_samples: also keep every sample, returned as ``samples`` (B, T, ...).
+    """
+
+    def __init__(self, *, keep_samples: bool = False) -> None:
         self._moments: _Moments | None = None
+        self._kept = _SampleKeeper(keep_samples)
 
     @property
     def num_samples(self) -> int:
@@ -212,9 +239,10 @@ class RegressionAccumulator:
         chunk = _as_chunk(samples, "samples")
         if self._moments is None:
             self._moments = _Moments(chunk)
-            return
-        self._moments.check_row_shape(chunk, "samples")
-        self._moments.update(chunk)
+        else:
+            self._moments.check_row_shape(chunk, "samples")
+            self._moments.update(chunk)
+        self._kept.add(chunk)
 
     def result(self) -> RegressionStats:
         """Returns the statistics of every sample so far (fresh arrays; updates may continue).
@@ -230,6 +258,7 @@ class RegressionAccumulator:
             mean=self._moments.mean(),
             variance=variance,
             std=np.sqrt(variance),
+            samples=self._kept.rows_first(),
         )
 
 
@@ -239,9 +268,12 @@ class ClassificationAccumulator:
     Args:
         from_logits: If True, each sample's outputs are logits and are softmaxed over the class
             axis; if False, they are probabilities and are used as given (not renormalised).
+        keep_samples: also keep every sample's probabilities, returned as ``samples``
+            (B, T, C).
     """
 
-    def __init__(self, *, from_logits: bool) -> None:
+    def __init__(self, *, from_logits: bool, keep_samples: bool = False) -> None:
+        self._kept = _SampleKeeper(keep_samples)
         self._from_logits = from_logits
         self._name = "logits" if from_logits else "probabilities"
         self._moments: _Moments | None = None
@@ -295,6 +327,7 @@ class ClassificationAccumulator:
             self._moments.update(probs)
             self._entropy_sum = self._entropy_sum + entropies
             self._vote_counts = self._vote_counts + votes
+        self._kept.add(probs)
 
     def result(self) -> ClassificationStats:
         """Returns the statistics of every sample so far (fresh arrays; updates may continue).
@@ -323,6 +356,7 @@ class ClassificationAccumulator:
             mutual_information=mutual_information,
             variation_ratio=1.0 - vote_counts.max(axis=-1) / count,
             vote_counts=vote_counts,
+            samples=self._kept.rows_first(),
         )
 
 

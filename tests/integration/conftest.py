@@ -138,6 +138,7 @@ class RunningServer:
 SERVER_FLAGS = [
     "--max-batch-rows", "64",
     "--max-row-samples", "400000",
+    "--max-returned-samples", "1000000",
     "--max-message-bytes", str(1024 * 1024),
     # A small budget forces large-T requests through many chunks of the tile.
     "--tile-memory-bytes", str(4 * 1024 * 1024),

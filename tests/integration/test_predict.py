@@ -171,3 +171,35 @@ def test_metadata_describes_the_model(client: Client) -> None:
     assert len(meta.weights_sha256) == 64
     old = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="tiny_reg", version="1"))
     assert (old.version, list(old.versions)) == ("1", ["2", "1"])
+
+
+def test_raw_samples_on_request(client: Client) -> None:
+    x = inputs_for("tiny_reg", rows=3, seed=9)
+    out = client.predict_raw(client.request("tiny_reg", x, num_samples=40))
+    assert not out.outputs[0].HasField("samples")  # not asked: not sent
+    request = client.request("tiny_reg", x, num_samples=40)
+    request.return_samples = True
+    response = client.predict_raw(request)
+    from service.codec import decode_tensor
+
+    y = response.outputs[0]
+    samples = decode_tensor(y.samples, "samples")
+    assert samples.shape == (3, 40, 2)  # (B, T, outputs), rows first
+    np.testing.assert_allclose(decode_tensor(y.mean, "m"), samples.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        decode_tensor(y.variance, "v"), samples.var(axis=1, ddof=1), rtol=1e-10
+    )
+    assert len({tuple(s) for s in samples[0]}) > 1  # the samples differ
+
+
+def test_raw_samples_are_bounded(client: Client) -> None:
+    import grpc
+
+    request = client.request("tiny_cls", {"x": np.zeros((64, 6), np.float32)}, num_samples=6000)
+    request.return_samples = (
+        True  # 64 x 6000 x 4 = 1,536,000 values > 1,000,000 (the test server's limit)
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        client.predict_raw(request)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "returning the samples" in (info.value.details() or "")

@@ -80,6 +80,7 @@ class RowEngine:
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        keep_samples: bool = False,
     ) -> list[OutputStats]:
         x = inputs["x"]
         self.runs.append((x.copy(), num_samples))

@@ -56,6 +56,7 @@ class FakeEngine:
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        keep_samples: bool = False,
     ) -> list[OutputStats]:
         self.runs += 1
         self.started.set()

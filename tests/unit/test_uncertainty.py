@@ -310,3 +310,34 @@ def test_classification_rejects_a_class_count_change_and_keeps_its_state() -> No
         accumulator.update(np.zeros((1, 2, 4)))
     assert accumulator.num_samples == 4
     np.testing.assert_array_equal(accumulator.result().vote_counts, [[4, 0, 0], [4, 0, 0]])
+
+
+def test_kept_samples_are_the_samples_rows_first() -> None:
+    rng = np.random.default_rng(3)
+    chunks = [rng.standard_normal((t, 2, 3)) for t in (4, 1, 5)]
+    acc = RegressionAccumulator(keep_samples=True)
+    for chunk in chunks:
+        acc.update(chunk)
+    stats = acc.result()
+    everything = np.concatenate(chunks)  # (T, B, 3)
+    assert stats.samples is not None
+    assert stats.samples.shape == (2, 10, 3)
+    np.testing.assert_array_equal(stats.samples[1, 7], everything[7, 1])
+    np.testing.assert_allclose(stats.mean, stats.samples.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(stats.variance, stats.samples.var(axis=1, ddof=1), rtol=1e-12)
+    plain = RegressionAccumulator()
+    plain.update(chunks[0])
+    assert plain.result().samples is None
+
+
+def test_kept_classification_samples_are_probabilities() -> None:
+    logits = np.random.default_rng(4).standard_normal((6, 3, 4))
+    acc = ClassificationAccumulator(from_logits=True, keep_samples=True)
+    acc.update(logits[:2])
+    acc.update(logits[2:])
+    stats = acc.result()
+    assert stats.samples is not None
+    assert stats.samples.shape == (3, 6, 4)
+    np.testing.assert_allclose(stats.samples.sum(axis=-1), 1.0, rtol=1e-12)
+    expected = np.exp(logits[5, 2]) / np.exp(logits[5, 2]).sum()
+    np.testing.assert_allclose(stats.samples[2, 5], expected, rtol=1e-12)

@@ -67,19 +67,21 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "num_samples")
+    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     num_samples: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    return_samples: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ...) -> None: ...
 
 class OutputStatistics(_message.Message):
-    __slots__ = ("name", "semantics", "mean", "variance", "std", "predicted_class", "predicted_label", "predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio")
+    __slots__ = ("name", "semantics", "mean", "variance", "std", "predicted_class", "predicted_label", "predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "samples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SEMANTICS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +93,7 @@ class OutputStatistics(_message.Message):
     EXPECTED_ENTROPY_FIELD_NUMBER: _ClassVar[int]
     MUTUAL_INFORMATION_FIELD_NUMBER: _ClassVar[int]
     VARIATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     semantics: OutputSemantics
     mean: Tensor
@@ -102,7 +105,8 @@ class OutputStatistics(_message.Message):
     expected_entropy: Tensor
     mutual_information: Tensor
     variation_ratio: Tensor
-    def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    samples: Tensor
+    def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "num_samples", "outputs")
