@@ -1,10 +1,15 @@
-"""The gRPC server: services, health, reflection, and the one place where errors become
-status codes (:class:`StatusInterceptor`), which also records the request metrics."""
+"""The gRPC server: both protocols on one port, health, reflection, and the one place where
+errors of unary RPCs become status codes (:class:`StatusInterceptor`, using
+``service.status``), which also records the request metrics.
+
+Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
+``inference.GRPCInferenceService`` (the Open Inference Protocol), both thin layers over one
+:class:`InferenceCore`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,27 +20,31 @@ from grpc_reflection.v1alpha import reflection
 
 from service import metrics
 from service.core import InferenceCore
-from service.errors import ServiceError
+from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
 from service.servicer import MCDropoutServicer
 from service.settings import Settings
+from service.status import observe_failure, record_request, status_of
 
-__all__ = ["SERVICE_NAME", "GrpcServer", "StatusInterceptor", "status_of"]
-
-log = logging.getLogger(__name__)
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "GrpcServer", "StatusInterceptor", "status_of"]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["MCDropoutService"].full_name
-_INSTRUMENTED_PREFIXES = (f"/{SERVICE_NAME}/",)
-_GENERIC_INTERNAL = "internal error (see the server log)"
+_INSTRUMENTED_PREFIXES = (f"/{SERVICE_NAME}/", f"/{OIP_SERVICE_NAME}/")
+#: The request field naming the model, for the metrics label: mcdropout.v1 requests say
+#: ``model``, the Open Inference Protocol says ``model_name`` (ModelInfer) or ``name``
+#: (ModelReady, ModelMetadata).
+_MODEL_FIELDS = ("model", "model_name", "name")
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-safe message of an exception raised by a handler."""
-    if isinstance(exc, ServiceError):
-        code = grpc.StatusCode[exc.code]
-        return code, exc.message if exc.public else _GENERIC_INTERNAL
-    return grpc.StatusCode.INTERNAL, _GENERIC_INTERNAL
+def _requested_model(request: Any) -> str | None:
+    fields = request.DESCRIPTOR.fields_by_name
+    for field in _MODEL_FIELDS:
+        if field in fields:
+            value: str = getattr(request, field)
+            return value
+    return None
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -44,8 +53,9 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps the error tree to status codes and records latency, errors and in-flight counts.
 
-    Every unary RPC of the project's services goes through here, so a handler only raises
-    ``ServiceError`` subclasses and never calls ``context.abort`` itself.
+    Every unary RPC of both services goes through here, so a handler only raises
+    ``ServiceError`` subclasses and never calls ``context.abort`` itself. Streams pass through
+    untouched: ModelStreamInfer maps and records each message itself (``service.status``).
     """
 
     def __init__(self, model_label: Callable[[str], str]) -> None:
@@ -74,7 +84,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap(self, behavior: Behavior, method: str) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            model = self._model_label(request.model) if hasattr(request, "model") else ""
+            requested = _requested_model(request)
+            model = "" if requested is None else self._model_label(requested)
             code = "OK"
             in_flight = metrics.IN_FLIGHT.labels(method=method)
             in_flight.inc()
@@ -87,19 +98,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 )
                 raise
             except Exception as exc:
-                status, message = status_of(exc)
+                status, message = observe_failure(method, exc)
                 code = status.name
-                if not isinstance(exc, ServiceError) or not exc.public:
-                    log.error("%s failed", method, exc_info=exc)
                 await context.abort(status, message)
                 raise  # unreachable: abort raises
             finally:
                 in_flight.dec()
-                metrics.REQUEST_SECONDS.labels(model=model, method=method, code=code).observe(
-                    time.perf_counter() - started
-                )
-                if code != "OK":
-                    metrics.ERRORS.labels(model=model, method=method, code=code).inc()
+                record_request(model, method, code, time.perf_counter() - started)
 
         return wrapped
 
@@ -121,12 +126,16 @@ class GrpcServer:
         pb_grpc.add_MCDropoutServiceServicer_to_server(  # type: ignore[no-untyped-call]
             MCDropoutServicer(core), self._server
         )
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            OpenInferenceServicer(core), self._server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
                 (
                     SERVICE_NAME,
+                    OIP_SERVICE_NAME,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME,
                 ),
@@ -144,14 +153,15 @@ class GrpcServer:
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {address}")
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         return self.port
 
     async def set_serving(self) -> None:
-        """Health SERVING overall, for the service, and per loaded model (service = model name)."""
-        for service in ("", SERVICE_NAME, *self._core.registry.names()):
+        """Health SERVING overall, for both services, and per loaded model (service = model
+        name)."""
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._core.registry.names()):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace_s: float) -> None:

@@ -1,0 +1,196 @@
+"""``inference.GRPCInferenceService``: the Open Inference Protocol (KServe v2) over the core.
+
+A second protocol layer next to ``service.servicer``, as thin as the first: it translates
+Open Inference Protocol messages to :class:`PredictInput` and the :class:`PredictResult` back
+(``service.oip_codec``), and calls the same :class:`InferenceCore`, so batching, limits,
+admission and the statistics are shared, not duplicated. Unary errors travel up as
+``ServiceError`` to ``service.grpc_server.StatusInterceptor``; ModelStreamInfer answers each
+message on its own, so it maps its errors per message with the same ``service.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service import __version__, metrics
+from service.core import InferenceCore, PredictInput
+from service.errors import NotFound
+from service.gen.inference import grpc_service_pb2 as oip
+from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from service.oip_codec import (
+    MC_SAMPLES,
+    decode_inputs,
+    encode_outputs,
+    mc_samples_of,
+    output_metadata,
+    requested_outputs,
+    tensor_metadata,
+)
+from service.status import observe_failure, record_request
+
+__all__ = ["EXTENSIONS", "OIP_SERVICE_NAME", "PLATFORM", "SERVER_NAME", "OpenInferenceServicer"]
+
+OIP_SERVICE_NAME: str = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "mcdropout"
+PLATFORM = "onnxruntime_mcdropout"
+#: Only what the server really does: "parameters" (Triton's extension: custom request
+#: parameters, here mc_samples, and response parameters) and "mc_dropout" (custom: statistic
+#: outputs per model output). No model_repository, statistics, classification, sequence,
+#: shared memory or binary_tensor_data (an HTTP feature).
+EXTENSIONS = ("parameters", "mc_dropout")
+#: Requests of one ModelStreamInfer stream running at once. Answers still leave in request order;
+#: running a few together lets the batcher merge them like concurrent unary calls.
+STREAM_WINDOW = 8
+
+_STREAM_METHOD = "ModelStreamInfer"
+
+
+class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol, backed by :class:`InferenceCore`."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self._core = core
+
+    async def ServerLive(  # noqa: N802 (gRPC method name)
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(  # noqa: N802
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._core.ready)
+
+    async def ModelReady(  # noqa: N802
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        # Like Triton: an unknown model or version is "not ready", not an error (tritonclient's
+        # is_model_ready returns the bool). A malformed version is still INVALID_ARGUMENT.
+        try:
+            self._core.registry.get(request.name, request.version or None)
+        except NotFound:
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=self._core.ready)
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS)
+        )
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        loaded = self._core.registry.get(request.name, request.version or None)
+        config = loaded.config
+        return oip.ModelMetadataResponse(
+            name=config.name,
+            versions=[str(v) for v in self._core.registry.versions(config.name)],
+            platform=PLATFORM,
+            inputs=[tensor_metadata(spec) for spec in config.inputs],
+            outputs=output_metadata(config),
+        )
+
+    async def ModelInfer(  # noqa: N802
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[oip.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        """Answer every request of the stream, in order; a failed request gets its error in
+        ``error_message`` and the stream goes on.
+
+        Up to :data:`STREAM_WINDOW` requests run at once: a reader task starts them as they
+        arrive and this generator yields their answers in arrival order.
+        """
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        started: asyncio.Queue[asyncio.Task[oip.ModelStreamInferResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    started.put_nowait(asyncio.create_task(self._stream_one(request, context)))
+            finally:
+                started.put_nowait(None)  # end of stream (or the reader failed)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await started.get()) is not None:
+                try:
+                    answer = await task
+                finally:
+                    window.release()
+                yield answer
+            await reader  # raises if reading the stream failed
+        finally:
+            # The client went away or the stream failed: drop the requests still running.
+            reader.cancel()
+            while not started.empty():
+                pending = started.get_nowait()
+                if pending is not None:
+                    pending.cancel()
+
+    async def _stream_one(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelStreamInferResponse:
+        """One message of a stream, with the metrics and log the interceptor gives unary calls."""
+        started = time.perf_counter()
+        model = self._core.model_label(request.model_name)
+        code = "OK"
+        in_flight = metrics.IN_FLIGHT.labels(method=_STREAM_METHOD)
+        in_flight.inc()
+        try:
+            response = await self._infer(request, context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            status, message = observe_failure(_STREAM_METHOD, exc)
+            code = status.name
+            return oip.ModelStreamInferResponse(
+                error_message=f"{code}: {message}",
+                infer_response=oip.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                ),
+            )
+        finally:
+            in_flight.dec()
+            record_request(model, _STREAM_METHOD, code, time.perf_counter() - started)
+        return oip.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        version = request.model_version or None
+        # Resolve the version first: unknown model or output names fail before any decoding.
+        config = self._core.get(request.model_name, version).config
+        names = requested_outputs(config, request.outputs)
+        result = await self._core.predict(
+            PredictInput(
+                model=request.model_name,
+                version=version,
+                inputs=decode_inputs(request),
+                num_samples=mc_samples_of(request.parameters),
+            ),
+            timeout_s=context.time_remaining(),
+        )
+        response = oip.ModelInferResponse(
+            model_name=result.model, model_version=str(result.version), id=request.id
+        )
+        response.parameters[MC_SAMPLES].int64_param = result.num_samples
+        for tensor in encode_outputs(result, config, names):
+            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+            response.raw_output_contents.append(tensor.raw)
+        return response
