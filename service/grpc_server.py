@@ -86,25 +86,29 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             requested = _requested_model(request)
             model = "" if requested is None else self._model_label(requested)
-            code = "OK"
             in_flight = metrics.IN_FLIGHT.labels(method=method)
             in_flight.inc()
+
+            def record(code: str) -> None:
+                # Called before the answer leaves (abort sends the status at once), so a client
+                # that scrapes right after its answer always sees its request counted.
+                in_flight.dec()
+                record_request(model, method, code, time.perf_counter() - started)
+
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                code = (
-                    "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-                )
+                expired = remaining is not None and remaining <= 0
+                record("DEADLINE_EXCEEDED" if expired else "CANCELLED")
                 raise
             except Exception as exc:
                 status, message = observe_failure(method, exc)
-                code = status.name
+                record(status.name)
                 await context.abort(status, message)
                 raise  # unreachable: abort raises
-            finally:
-                in_flight.dec()
-                record_request(model, method, code, time.perf_counter() - started)
+            record("OK")
+            return response
 
         return wrapped
 
