@@ -59,7 +59,7 @@ __all__ = ["ExportReport", "Semantics", "Task", "export_model"]
 log = logging.getLogger(__name__)
 
 Task = Literal["classification", "regression"]
-Semantics = Literal["logits", "probabilities", "values"]
+Semantics = Literal["logits", "probabilities", "values", "variance", "log_variance"]
 
 _TASKS = ("classification", "regression")
 _CLASSIFICATION_SEMANTICS = ("logits", "probabilities")
@@ -158,11 +158,33 @@ def _resolve_semantics(task: str, output_semantics: Sequence[str] | None, count:
     semantics = list(output_semantics) if output_semantics is not None else [default] * count
     if len(semantics) != count:
         raise ExportArgumentError(f"{count} outputs, but {len(semantics)} output semantics")
-    allowed = _CLASSIFICATION_SEMANTICS if task == "classification" else ("values",)
+    allowed = (
+        _CLASSIFICATION_SEMANTICS
+        if task == "classification"
+        else ("values", "variance", "log_variance")
+    )
     wrong = [s for s in semantics if s not in allowed]
     if wrong:
         raise ExportArgumentError(f"{task} outputs must have semantics {allowed}, got {wrong}")
     return semantics
+
+
+def _check_variance_of(
+    names: Sequence[str], semantics: Sequence[str], variance_of: Mapping[str, str]
+) -> None:
+    """Every variance output names a values output; nothing else is in ``variance_of``."""
+    kinds = dict(zip(names, semantics, strict=True))
+    variances = {n for n, s in kinds.items() if s in ("variance", "log_variance")}
+    if set(variance_of) != variances:
+        raise ExportArgumentError(
+            f"variance_of must map exactly the variance outputs {sorted(variances)}, got "
+            f"{sorted(variance_of)}"
+        )
+    for name, target in variance_of.items():
+        if kinds.get(target) != "values":
+            raise ExportArgumentError(
+                f"{name!r} is the variance of {target!r}, not a values output"
+            )
 
 
 def _check_arguments(
@@ -240,6 +262,7 @@ def export_model(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     output_semantics: Sequence[Semantics] | None = None,
+    variance_of: Mapping[str, str] | None = None,
     labels: Sequence[str] | None = None,
     default_num_samples: int = 100,
     max_num_samples: int = 10000,
@@ -265,7 +288,10 @@ def export_model(
         version: the version to publish; None takes one more than the newest existing.
         input_names: graph input names; default "input" (or "input_0", "input_1", ...).
         output_names: graph output names; default "output" (or "output_0", ...).
-        output_semantics: per output "logits", "probabilities" or "values"; default logits
+        variance_of: heteroscedastic regression: {variance output name: the values output it
+            describes}, for the outputs whose semantics is "variance" or "log_variance".
+        output_semantics: per output "logits", "probabilities" or "values" (or "variance" /
+            "log_variance" with ``variance_of``); default logits
             for classification, values for regression.
         labels: classification only: one name per class.
         default_num_samples: T when a request does not set it.
@@ -318,6 +344,7 @@ def export_model(
         "output", output_names or _default_names("output", len(outputs)), len(outputs)
     )
     semantics = _resolve_semantics(task, output_semantics, len(outputs))
+    _check_variance_of(output_names, semantics, variance_of or {})
     _check_outputs(task, [tuple(o.shape) for o in outputs], labels)
 
     log.info("exporting %s (%d active dropout modules) at opset %d", name, len(active), opset)
@@ -372,6 +399,7 @@ def export_model(
         inputs=graph_inputs,
         outputs=graph_outputs,
         semantics=semantics,
+        variance_of=variance_of or {},
         labels=labels,
         default_num_samples=default_num_samples,
         max_num_samples=max_num_samples,

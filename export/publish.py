@@ -290,6 +290,7 @@ def config_document(
     outputs: Sequence[TensorSpec],
     semantics: Sequence[str],
     labels: Sequence[str] | None,
+    variance_of: Mapping[str, str],
     default_num_samples: int,
     max_num_samples: int,
     activation_bytes: int,
@@ -301,7 +302,10 @@ def config_document(
         "task": task,
         "description": description,
         "inputs": [spec.to_dict() for spec in inputs],
-        "outputs": [spec.to_dict(s) for spec, s in zip(outputs, semantics, strict=True)],
+        "outputs": [
+            spec.to_dict(s) | ({"of": variance_of[spec.name]} if spec.name in variance_of else {})
+            for spec, s in zip(outputs, semantics, strict=True)
+        ],
     }
     if labels is not None:
         document["labels"] = list(labels)

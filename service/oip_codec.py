@@ -12,6 +12,9 @@ name                            datatype  shape             what
 ``<out>_mean``                  FP64      the output's      mean over the T samples
 ``<out>_variance``              FP64      the output's      unbiased variance (ddof = 1)
 ``<out>_std``                   FP64      the output's      its square root
+``<out>_aleatoric_variance``    FP64      the output's      mean predicted variance (models
+                                                            with a variance output for <out>)
+``<out>_total_variance``        FP64      the output's      variance + aleatoric_variance
 ``<out>_predicted_class``       INT64     [B]               argmax of the mean (classifiers)
 ``<out>_predicted_label``       BYTES     [B]               its label (classifiers with labels)
 ``<out>_entropy``               FP64      [B]               predictive entropy, nats
@@ -247,12 +250,16 @@ class _Statistic:
     #: shape [B] rather than the model output's shape
     per_row: bool = False
     classification_only: bool = False
+    #: only for values outputs with a declared variance output (heteroscedastic models)
+    heteroscedastic_only: bool = False
 
 
 _STATISTICS: tuple[_Statistic, ...] = (
     _Statistic("mean", "FP64", "mean"),
     _Statistic("variance", "FP64", "variance"),
     _Statistic("std", "FP64", "std"),
+    _Statistic("aleatoric_variance", "FP64", "aleatoric_variance", heteroscedastic_only=True),
+    _Statistic("total_variance", "FP64", "total_variance", heteroscedastic_only=True),
     _Statistic("predicted_class", "INT64", "predicted_class", True, True),
     # Read from predicted_class and the model's labels.
     _Statistic("predicted_label", "BYTES", "predicted_class", True, True),
@@ -279,6 +286,7 @@ def _statistics_of(config: ModelConfig) -> list[tuple[str, TensorSpec, _Statisti
         for stat in _STATISTICS
         if (classifier or not stat.classification_only)
         and (stat.suffix != "predicted_label" or config.labels)
+        and (not stat.heteroscedastic_only or config.variance_output(spec.name) is not None)
     ]
 
 

@@ -51,10 +51,18 @@ class Semantics(StrEnum):
     LOGITS = "logits"
     PROBABILITIES = "probabilities"
     VALUES = "values"
+    #: a heteroscedastic model's predicted variance of another ("of") values output
+    VARIANCE = "variance"
+    #: the same as a natural log (exp is applied per sample)
+    LOG_VARIANCE = "log_variance"
 
     @property
     def is_classification(self) -> bool:
-        return self is not Semantics.VALUES
+        return self in (Semantics.LOGITS, Semantics.PROBABILITIES)
+
+    @property
+    def is_variance(self) -> bool:
+        return self in (Semantics.VARIANCE, Semantics.LOG_VARIANCE)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class TensorSpec:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     semantics: Semantics | None = None
+    #: variance / log_variance outputs: the values output whose aleatoric variance this is
+    variance_of: str | None = None
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -119,6 +129,11 @@ class ModelConfig:
     max_num_samples: int
     activation_bytes_per_row: int | None
     dynamic_batching: DynamicBatchingConfig = DynamicBatchingConfig()
+
+    def variance_output(self, name: str) -> TensorSpec | None:
+        """The variance (or log-variance) output describing values output ``name``, if any:
+        the model is heteroscedastic for that output."""
+        return next((o for o in self.outputs if o.variance_of == name), None)
 
 
 @dataclass(frozen=True)
@@ -177,15 +192,32 @@ def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
         f"only the batch dimension may be dynamic, got {shape!r}",
     )
     semantics: Semantics | None = None
+    variance_of: str | None = None
     if output:
         raw_semantics = raw.get("semantics", "values")
         _require(
             raw_semantics in {s.value for s in Semantics},
             where,
-            f"semantics must be logits, probabilities or values, got {raw_semantics!r}",
+            "semantics must be logits, probabilities, values, variance or log_variance, got "
+            f"{raw_semantics!r}",
         )
         semantics = Semantics(raw_semantics)
-    return TensorSpec(name=name, dtype=DTYPES[dtype], shape=tuple(shape), semantics=semantics)
+        if semantics.is_variance:
+            variance_of = raw.get("of")
+            _require(
+                isinstance(variance_of, str) and bool(variance_of),
+                where,
+                f"a {semantics.value} output names the values output it describes in 'of'",
+            )
+        else:
+            _require("of" not in raw, where, "'of' is only for variance and log_variance outputs")
+    return TensorSpec(
+        name=name,
+        dtype=DTYPES[dtype],
+        shape=tuple(shape),
+        semantics=semantics,
+        variance_of=variance_of,
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -282,10 +314,15 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         )
     else:
         _require(
-            all(o.semantics is Semantics.VALUES for o in outputs),
+            all(
+                o.semantics is Semantics.VALUES or o.semantics.is_variance
+                for o in outputs
+                if o.semantics
+            ),
             where,
-            "regression outputs have semantics 'values'",
+            "regression outputs have semantics 'values', 'variance' or 'log_variance'",
         )
+        _check_variance_outputs(outputs, where)
         _require(not labels, where, "labels are for classification models")
     samples = raw.get("num_samples", {})
     _require(isinstance(samples, dict), where, "num_samples must be an object")
@@ -315,6 +352,29 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         activation_bytes_per_row=activation,
         dynamic_batching=_dynamic_batching(raw.get("dynamic_batching"), where),
     )
+
+
+def _check_variance_outputs(outputs: tuple[TensorSpec, ...], where: str) -> None:
+    """Each variance output describes a distinct values output of the same shape."""
+    by_name = {o.name: o for o in outputs}
+    described: set[str] = set()
+    for out in outputs:
+        if out.variance_of is None:
+            continue
+        target = by_name.get(out.variance_of)
+        _require(
+            target is not None and target.semantics is Semantics.VALUES,
+            where,
+            f"{out.name!r} is the variance of {out.variance_of!r}, which is not a values output",
+        )
+        assert target is not None
+        _require(
+            target.shape == out.shape,
+            where,
+            f"{out.name!r} has shape {list(out.shape)}, its values output {list(target.shape)}",
+        )
+        _require(out.variance_of not in described, where, f"{out.variance_of!r} has two variances")
+        described.add(out.variance_of)
 
 
 def _provenance(path: Path) -> ProvenanceInfo:

@@ -13,6 +13,7 @@ never on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from numpy.typing import NDArray
 from service.errors import Cancelled, ModelLoadError
 from service.graph_split import NUM_SAMPLES_INPUT, SplitPlan, plan_split, split_models, tiled_model
 from service.onnx_session import SessionConfig, create_session
+from service.predictive import AleatoricAccumulator
 from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
 from service.settings import EngineKind
 from service.uncertainty import (
@@ -192,7 +194,14 @@ class _SamplingEngine:
     ) -> list[OutputStats]:
         num_rows = next(iter(inputs.values())).shape[0]
         chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
-        accumulators = [_accumulator(spec, keep_samples) for spec in self._config.outputs]
+        specs = self._config.outputs
+        accumulators = [_accumulator(spec, keep_samples) for spec in specs]
+        # Heteroscedastic outputs: the mean predicted variance is the aleatoric variance.
+        aleatoric = {
+            i: AleatoricAccumulator()
+            for i, spec in enumerate(specs)
+            if spec.semantics is not None and spec.semantics.is_variance
+        }
         state = self._guarded(partial(self._prepare, inputs, chunk, cancel), cancel)
         done = 0
         while done < num_samples:
@@ -201,10 +210,23 @@ class _SamplingEngine:
             t = min(chunk, num_samples - done)
             options = cancel.run_options() if cancel is not None else None
             outputs = self._guarded(partial(self._sample, state, t, num_rows, options), cancel)
-            for acc, out in zip(accumulators, outputs, strict=True):
-                acc.update(np.asarray(out).reshape(t, num_rows, *out.shape[1:]))
+            for i, (acc, out) in enumerate(zip(accumulators, outputs, strict=True)):
+                values = np.asarray(out).reshape(t, num_rows, *out.shape[1:])
+                acc.update(values)
+                if i in aleatoric:
+                    log = specs[i].semantics is Semantics.LOG_VARIANCE
+                    aleatoric[i].update(np.exp(values.astype(np.float64)) if log else values)
             done += t
-        return [acc.result() for acc in accumulators]
+        results = [acc.result() for acc in accumulators]
+        for i, noise_acc in aleatoric.items():
+            target = next(j for j, s in enumerate(specs) if s.name == specs[i].variance_of)
+            stats = results[target]
+            assert isinstance(stats, RegressionStats)  # config: variances describe values
+            noise = noise_acc.result()
+            results[target] = dataclasses.replace(
+                stats, aleatoric_variance=noise, total_variance=stats.variance + noise
+            )
+        return results
 
     @staticmethod
     def _guarded(call: Callable[[], _T], cancel: CancelToken | None) -> _T:

@@ -18,7 +18,7 @@ from service.errors import InvalidInput
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.repository import Semantics, Task, TensorSpec
-from service.uncertainty import ClassificationStats
+from service.uncertainty import ClassificationStats, RegressionStats
 
 __all__ = ["MCDropoutServicer", "encode_result"]
 
@@ -27,6 +27,8 @@ _SEMANTICS = {
     Semantics.LOGITS: pb.OUTPUT_SEMANTICS_LOGITS,
     Semantics.PROBABILITIES: pb.OUTPUT_SEMANTICS_PROBABILITIES,
     Semantics.VALUES: pb.OUTPUT_SEMANTICS_VALUES,
+    Semantics.VARIANCE: pb.OUTPUT_SEMANTICS_VARIANCE,
+    Semantics.LOG_VARIANCE: pb.OUTPUT_SEMANTICS_LOG_VARIANCE,
 }
 
 
@@ -46,6 +48,10 @@ def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputSt
     )
     if stats.samples is not None:
         message.samples.CopyFrom(_f64(stats.samples))
+    if isinstance(stats, RegressionStats) and stats.aleatoric_variance is not None:
+        message.aleatoric_variance.CopyFrom(_f64(stats.aleatoric_variance))
+        if stats.total_variance is not None:
+            message.total_variance.CopyFrom(_f64(stats.total_variance))
     if isinstance(stats, ClassificationStats):
         message.predicted_class.CopyFrom(encode_tensor(stats.predicted_class.astype(np.int64)))
         if labels:

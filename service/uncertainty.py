@@ -148,6 +148,9 @@ class RegressionStats:
         std: (B, ...) square root of ``variance``.
         samples: (B, T, ...) every sample, row-first, when the accumulator kept them; else
             None.
+        aleatoric_variance: (B, ...) heteroscedastic models only: the mean over samples of
+            the model's predicted variance (``variance`` is then the epistemic part).
+        total_variance: (B, ...) ``variance + aleatoric_variance``, the predictive variance.
     """
 
     num_samples: int
@@ -155,6 +158,8 @@ class RegressionStats:
     variance: FloatArray
     std: FloatArray
     samples: FloatArray | None = None
+    aleatoric_variance: FloatArray | None = None
+    total_variance: FloatArray | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -626,3 +626,13 @@ def test_cli_reports_export_failures(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli_main(["--model", "tests.unit.test_export:VERIFY_SAMPLES", *common]) == 2
     assert "not callable" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_variance_outputs_must_name_their_values_output() -> None:
+    from export.api import _check_variance_of
+
+    _check_variance_of(["mu", "lv"], ["values", "log_variance"], {"lv": "mu"})
+    with pytest.raises(ExportArgumentError, match="must map exactly the variance outputs"):
+        _check_variance_of(["mu", "lv"], ["values", "log_variance"], {})
+    with pytest.raises(ExportArgumentError, match="is the variance of 'lv', not a values output"):
+        _check_variance_of(["mu", "lv"], ["values", "log_variance"], {"lv": "lv"})

@@ -56,7 +56,11 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         ("inputs.0.dtype", "complex64", "dtype must be one of"),
         ("inputs.0.shape", [1, 1, 8, 8], "first dimension must be -1"),
         ("inputs.0.shape", [-1, -1, 8, 8], "only the batch dimension may be dynamic"),
-        ("outputs.0.semantics", "scores", "semantics must be logits, probabilities or values"),
+        (
+            "outputs.0.semantics",
+            "scores",
+            "semantics must be logits, probabilities, values, variance",
+        ),
         ("outputs.0.semantics", "values", "classification output has semantics logits"),
         ("outputs.0.shape", [-1, 10, 2], "classification output is"),
         ("labels", ["a", "b"], "labels has 2 entries for 10 classes"),
@@ -107,3 +111,56 @@ def test_scan_finds_versions_and_reports_broken_ones(tmp_path: Path) -> None:
 def test_scan_of_a_missing_folder_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="is not a folder"):
         scan_repository(tmp_path / "nowhere")
+
+
+HETEROSCEDASTIC: dict[str, Any] = {
+    "task": "regression",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+    "outputs": [
+        {"name": "mu", "dtype": "float32", "shape": [-1, 2], "semantics": "values"},
+        {
+            "name": "log_var",
+            "dtype": "float32",
+            "shape": [-1, 2],
+            "semantics": "log_variance",
+            "of": "mu",
+        },
+    ],
+}
+
+
+def test_heteroscedastic_config_links_the_variance_to_its_values_output() -> None:
+    c = parse_config(HETEROSCEDASTIC, "het")
+    assert c.outputs[1].semantics is Semantics.LOG_VARIANCE
+    assert c.outputs[1].variance_of == "mu"
+    assert c.variance_output("mu") is c.outputs[1]
+    assert c.variance_output("log_var") is None
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"of": None}, "names the values output it describes in 'of'"),
+        ({"of": "nope"}, "'log_var' is the variance of 'nope', which is not a values output"),
+        ({"of": "log_var"}, "which is not a values output"),
+        ({"shape": [-1, 3]}, "has shape [-1, 3], its values output [-1, 2]"),
+    ],
+)
+def test_heteroscedastic_config_errors(change: dict[str, Any], fragment: str) -> None:
+    raw = copy.deepcopy(HETEROSCEDASTIC)
+    raw["outputs"][1].update(change)
+    if change.get("of", "") is None:
+        del raw["outputs"][1]["of"]
+    with pytest.raises(ModelLoadError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(raw, "het")
+
+
+def test_two_variances_for_one_output_and_of_on_values_are_refused() -> None:
+    raw = copy.deepcopy(HETEROSCEDASTIC)
+    raw["outputs"].append({**raw["outputs"][1], "name": "var2", "semantics": "variance"})
+    with pytest.raises(ModelLoadError, match="'mu' has two variances"):
+        parse_config(raw, "het")
+    raw = copy.deepcopy(HETEROSCEDASTIC)
+    raw["outputs"][0]["of"] = "log_var"
+    with pytest.raises(ModelLoadError, match="'of' is only for variance"):
+        parse_config(raw, "het")

@@ -31,6 +31,8 @@ class OutputSemantics(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_SEMANTICS_LOGITS: _ClassVar[OutputSemantics]
     OUTPUT_SEMANTICS_PROBABILITIES: _ClassVar[OutputSemantics]
     OUTPUT_SEMANTICS_VALUES: _ClassVar[OutputSemantics]
+    OUTPUT_SEMANTICS_VARIANCE: _ClassVar[OutputSemantics]
+    OUTPUT_SEMANTICS_LOG_VARIANCE: _ClassVar[OutputSemantics]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT64: DataType
@@ -47,6 +49,8 @@ OUTPUT_SEMANTICS_UNSPECIFIED: OutputSemantics
 OUTPUT_SEMANTICS_LOGITS: OutputSemantics
 OUTPUT_SEMANTICS_PROBABILITIES: OutputSemantics
 OUTPUT_SEMANTICS_VALUES: OutputSemantics
+OUTPUT_SEMANTICS_VARIANCE: OutputSemantics
+OUTPUT_SEMANTICS_LOG_VARIANCE: OutputSemantics
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -81,7 +85,7 @@ class PredictRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ...) -> None: ...
 
 class OutputStatistics(_message.Message):
-    __slots__ = ("name", "semantics", "mean", "variance", "std", "predicted_class", "predicted_label", "predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "samples")
+    __slots__ = ("name", "semantics", "mean", "variance", "std", "predicted_class", "predicted_label", "predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "samples", "aleatoric_variance", "total_variance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SEMANTICS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +98,8 @@ class OutputStatistics(_message.Message):
     MUTUAL_INFORMATION_FIELD_NUMBER: _ClassVar[int]
     VARIATION_RATIO_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ALEATORIC_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     semantics: OutputSemantics
     mean: Tensor
@@ -106,7 +112,9 @@ class OutputStatistics(_message.Message):
     mutual_information: Tensor
     variation_ratio: Tensor
     samples: Tensor
-    def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    aleatoric_variance: Tensor
+    total_variance: Tensor
+    def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., aleatoric_variance: _Optional[_Union[Tensor, _Mapping]] = ..., total_variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "num_samples", "outputs")
