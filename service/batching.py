@@ -59,6 +59,7 @@ from service.errors import (
 )
 from service.repository import DynamicBatchingConfig
 from service.runtime import CancelToken, Engine, OutputStats
+from service.uncertainty import RegressionStats
 
 __all__ = ["BatchKey", "BatchPolicy", "Batcher", "slice_rows"]
 
@@ -103,6 +104,8 @@ class BatchKey:
     num_samples: int
     #: requests that want their raw samples run apart: keeping samples costs memory.
     return_samples: bool = False
+    #: prediction interval levels (they need every sample too)
+    interval_levels: tuple[float, ...] = ()
 
 
 def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
@@ -115,6 +118,11 @@ def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
         for f in dataclasses.fields(stats)
         if isinstance(value := getattr(stats, f.name), np.ndarray)
     }
+    if isinstance(stats, RegressionStats) and stats.intervals:
+        rows["intervals"] = tuple(
+            dataclasses.replace(i, lower=i.lower[start:stop], upper=i.upper[start:stop])
+            for i in stats.intervals
+        )
     return dataclasses.replace(stats, **rows)
 
 
@@ -438,7 +446,13 @@ def _run_engine(engine: Engine, key: BatchKey, batch: _Batch) -> list[OutputStat
     if batch.token.cancelled:  # every caller left while the run was handed over
         raise Cancelled("every caller of the batch gave up before it ran")
     inputs = _concatenate([r.inputs for r in batch.requests])
-    stats = engine.run(inputs, key.num_samples, batch.token, keep_samples=key.return_samples)
+    stats = engine.run(
+        inputs,
+        key.num_samples,
+        batch.token,
+        keep_samples=key.return_samples,
+        interval_levels=key.interval_levels,
+    )
     _check_rows(stats, batch.rows)
     metrics.COMPUTE_SECONDS.labels(model=key.model, version=str(key.version)).observe(
         time.perf_counter() - started

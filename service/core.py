@@ -32,7 +32,7 @@ from service.errors import (
     VersionNotFound,
 )
 from service.onnx_session import SessionConfig
-from service.repository import ModelConfig, TensorSpec, VersionSource, scan_repository
+from service.repository import ModelConfig, Task, TensorSpec, VersionSource, scan_repository
 from service.runtime import Engine, OutputStats, build_engine
 from service.settings import Settings
 
@@ -75,6 +75,7 @@ class PredictInput:
         inputs: one (B, ...) array per model input.
         num_samples: T; None or 0 for the model's default.
         return_samples: also answer every sample, (B, T, ...) per output.
+        interval_levels: prediction interval levels for regression outputs, each in (0, 1).
     """
 
     model: str
@@ -82,6 +83,7 @@ class PredictInput:
     inputs: Mapping[str, NDArray[Any]]
     num_samples: int | None = None
     return_samples: bool = False
+    interval_levels: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,28 @@ def validate_inputs(
     return rows
 
 
+MAX_INTERVAL_LEVELS = 8
+
+
+def _check_interval_levels(
+    config: ModelConfig, levels: tuple[float, ...], num_samples: int
+) -> None:
+    """Intervals are for regression models, at 1..8 levels in (0, 1), with T >= 2."""
+    if not levels:
+        return
+    if config.task is not Task.REGRESSION:
+        raise InvalidInput(
+            f"prediction intervals are for regression models; {config.name!r} classifies"
+        )
+    if len(levels) > MAX_INTERVAL_LEVELS:
+        raise InvalidInput(f"at most {MAX_INTERVAL_LEVELS} interval levels, got {len(levels)}")
+    bad = [level for level in levels if not 0.0 < level < 1.0]
+    if bad:
+        raise InvalidInput(f"interval levels must be in (0, 1), got {bad}")
+    if num_samples < 2:
+        raise InvalidInput("prediction intervals need num_samples >= 2")
+
+
 class InferenceCore:
     """Serves Predict, model listing and metadata for every protocol layer.
 
@@ -316,7 +340,9 @@ class InferenceCore:
                 f"rows x samples = {rows} x {num_samples} = {rows * num_samples} is more than "
                 f"the limit of {self._settings.max_row_samples}"
             )
-        if request.return_samples:
+        _check_interval_levels(config, request.interval_levels, num_samples)
+        if request.return_samples or request.interval_levels:
+            # Intervals are computed from every sample, which are then held like raw samples.
             values = rows * num_samples * sum(o.row_size for o in config.outputs)
             if values > self._settings.max_returned_samples:
                 raise ResourceExhausted(
@@ -332,6 +358,7 @@ class InferenceCore:
             num_samples,
             timeout_s,
             return_samples=request.return_samples,
+            interval_levels=request.interval_levels,
         )
         return PredictResult(
             model=config.name,
@@ -353,6 +380,7 @@ class InferenceCore:
         timeout_s: float | None,
         *,
         return_samples: bool = False,
+        interval_levels: tuple[float, ...] = (),
     ) -> list[OutputStats]:
         """Run a validated request through the batcher (which admits it or refuses it)."""
         if timeout_s is not None and timeout_s <= 0:
@@ -364,6 +392,7 @@ class InferenceCore:
                 version=loaded.version,
                 num_samples=num_samples,
                 return_samples=return_samples,
+                interval_levels=interval_levels,
             ),
             loaded.engine,
             BatchPolicy.from_config(config.dynamic_batching, self._settings.max_batch_rows),

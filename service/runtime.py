@@ -29,7 +29,13 @@ from numpy.typing import NDArray
 from service.errors import Cancelled, ModelLoadError
 from service.graph_split import NUM_SAMPLES_INPUT, SplitPlan, plan_split, split_models, tiled_model
 from service.onnx_session import SessionConfig, create_session
-from service.predictive import AleatoricAccumulator
+from service.predictive import (
+    AleatoricAccumulator,
+    Interval,
+    empirical_interval,
+    gaussian_interval,
+    mixture_interval,
+)
 from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
 from service.settings import EngineKind
 from service.uncertainty import (
@@ -114,6 +120,7 @@ class Engine(Protocol):
         num_samples: int,
         cancel: CancelToken | None = None,
         keep_samples: bool = False,
+        interval_levels: tuple[float, ...] = (),
     ) -> list[OutputStats]:
         """Run ``num_samples`` stochastic passes over a validated batch.
 
@@ -122,6 +129,8 @@ class Engine(Protocol):
             num_samples: T >= 1.
             cancel: stops the work early (raises Cancelled) when cancelled.
             keep_samples: also return every sample (``stats.samples``, (B, T, ...)).
+            interval_levels: prediction intervals for the regression outputs (computed from
+                every sample, which are kept for it).
 
         Returns:
             One statistics object per model output, in the config's output order.
@@ -191,11 +200,13 @@ class _SamplingEngine:
         num_samples: int,
         cancel: CancelToken | None = None,
         keep_samples: bool = False,
+        interval_levels: tuple[float, ...] = (),
     ) -> list[OutputStats]:
         num_rows = next(iter(inputs.values())).shape[0]
         chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
         specs = self._config.outputs
-        accumulators = [_accumulator(spec, keep_samples) for spec in specs]
+        keep = keep_samples or bool(interval_levels)
+        accumulators = [_accumulator(spec, keep) for spec in specs]
         # Heteroscedastic outputs: the mean predicted variance is the aleatoric variance.
         aleatoric = {
             i: AleatoricAccumulator()
@@ -226,6 +237,10 @@ class _SamplingEngine:
             results[target] = dataclasses.replace(
                 stats, aleatoric_variance=noise, total_variance=stats.variance + noise
             )
+        if interval_levels:
+            results = _add_intervals(self._config, results, interval_levels)
+        if not keep_samples:
+            results = [dataclasses.replace(r, samples=None) for r in results]
         return results
 
     @staticmethod
@@ -398,6 +413,38 @@ def build_engine(
     if kind == "split-graph" or plan.tiled_outputs:
         return SplitGraphEngine(source, model, plan, session_config, tile_memory_bytes)
     return SplitSessionsEngine(source, model, plan, session_config, tile_memory_bytes)
+
+
+def _add_intervals(
+    config: ModelConfig, results: list[OutputStats], levels: tuple[float, ...]
+) -> list[OutputStats]:
+    """Per level, a gaussian and an empirical interval for every values output."""
+    index = {spec.name: i for i, spec in enumerate(config.outputs)}
+    out = list(results)
+    for i, spec in enumerate(config.outputs):
+        stats = results[i]
+        if spec.semantics is not Semantics.VALUES or not isinstance(stats, RegressionStats):
+            continue
+        assert stats.samples is not None  # kept for the intervals
+        total = stats.total_variance if stats.total_variance is not None else stats.variance
+        noise_spec = config.variance_output(spec.name)
+        noise = None if noise_spec is None else results[index[noise_spec.name]].samples
+        if (
+            noise is not None
+            and noise_spec is not None
+            and noise_spec.semantics is Semantics.LOG_VARIANCE
+        ):
+            noise = np.exp(noise)
+        intervals: list[Interval] = []
+        for level in levels:
+            intervals.append(gaussian_interval(stats.mean, total, level))
+            intervals.append(
+                empirical_interval(stats.samples, level)
+                if noise is None
+                else mixture_interval(stats.samples, noise, level)
+            )
+        out[i] = dataclasses.replace(stats, intervals=tuple(intervals))
+    return out
 
 
 def _accumulator(

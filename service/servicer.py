@@ -48,6 +48,11 @@ def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputSt
     )
     if stats.samples is not None:
         message.samples.CopyFrom(_f64(stats.samples))
+    if isinstance(stats, RegressionStats):
+        message.intervals.extend(
+            pb.Interval(level=i.level, method=i.method, lower=_f64(i.lower), upper=_f64(i.upper))
+            for i in stats.intervals
+        )
     if isinstance(stats, RegressionStats) and stats.aleatoric_variance is not None:
         message.aleatoric_variance.CopyFrom(_f64(stats.aleatoric_variance))
         if stats.total_variance is not None:
@@ -105,6 +110,7 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
                 inputs=inputs,
                 num_samples=request.num_samples or None,
                 return_samples=request.return_samples,
+                interval_levels=tuple(request.interval_levels),
             ),
             timeout_s=context.time_remaining(),
         )

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from service.predictive import Interval
+
 __all__ = [
     "ClassificationAccumulator",
     "ClassificationStats",
@@ -151,6 +153,7 @@ class RegressionStats:
         aleatoric_variance: (B, ...) heteroscedastic models only: the mean over samples of
             the model's predicted variance (``variance`` is then the epistemic part).
         total_variance: (B, ...) ``variance + aleatoric_variance``, the predictive variance.
+        intervals: prediction intervals, when asked for (``service.predictive.Interval``).
     """
 
     num_samples: int
@@ -160,6 +163,7 @@ class RegressionStats:
     samples: FloatArray | None = None
     aleatoric_variance: FloatArray | None = None
     total_variance: FloatArray | None = None
+    intervals: tuple[Interval, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

@@ -128,3 +128,41 @@ def test_open_inference_protocol_lists_the_decomposition(
     assert "mu_aleatoric_variance" in names
     assert "mu_total_variance" in names
     assert "log_var_aleatoric_variance" not in names
+
+
+def test_empirical_interval_of_the_normal_mixture(
+    het_server: tuple[RunningServer, nn.Module],
+) -> None:
+    """The empirical interval of a heteroscedastic output holds exactly the requested mass of
+    the mixture of the T predicted normals (checked with math.erf on the returned samples)."""
+    import math
+
+    from service.codec import decode_tensor
+
+    server, _ = het_server
+    x = np.random.default_rng(6).standard_normal((2, 3)).astype(np.float32)
+    with Client(server.target) as client:
+        request = client.request("het", {"x": x}, num_samples=300)
+        request.interval_levels.append(0.8)
+        request.return_samples = True
+        answer = client.predict_raw(request)
+    mu = next(o for o in answer.outputs if o.name == "mu")
+    means = decode_tensor(mu.samples, "s")  # (B, T, 2)
+    variances = np.exp(
+        decode_tensor(next(o for o in answer.outputs if o.name == "log_var").samples, "lv")
+    )
+    empirical = next(i for i in mu.intervals if i.method == "empirical")
+    lower, upper = decode_tensor(empirical.lower, "l"), decode_tensor(empirical.upper, "u")
+    for b in range(2):
+        for d in range(2):
+
+            def cdf(value: float, b: int = b, d: int = d) -> float:
+                return float(np.mean([0.5 * (1 + math.erf((value - m) / math.sqrt(2 * v)))
+                                      for m, v in zip(means[b, :, d], variances[b, :, d], strict=True)]))  # fmt: skip
+
+            assert cdf(lower[b, d]) == pytest.approx(0.1, abs=1e-6)
+            assert cdf(upper[b, d]) == pytest.approx(0.9, abs=1e-6)
+    gaussian = next(i for i in mu.intervals if i.method == "gaussian")
+    total = decode_tensor(mu.total_variance, "t")
+    np.testing.assert_allclose(decode_tensor(gaussian.upper, "u") - decode_tensor(mu.mean, "m"),
+                               1.2815515655446004 * np.sqrt(total), rtol=1e-9)  # fmt: skip

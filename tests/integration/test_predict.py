@@ -203,3 +203,57 @@ def test_raw_samples_are_bounded(client: Client) -> None:
         client.predict_raw(request)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "returning the samples" in (info.value.details() or "")
+
+
+def test_prediction_intervals(client: Client) -> None:
+    from statistics import NormalDist
+
+    from service.codec import decode_tensor
+
+    x = inputs_for("tiny_reg", rows=3, seed=10)
+    request = client.request("tiny_reg", x, num_samples=500)
+    request.interval_levels.extend([0.9, 0.5])
+    request.return_samples = True
+    y = client.predict_raw(request).outputs[0]
+    mean, variance = decode_tensor(y.mean, "m"), decode_tensor(y.variance, "v")
+    samples = decode_tensor(y.samples, "s")  # (B, T, 2)
+    assert [(i.level, i.method) for i in y.intervals] == [
+        (0.9, "gaussian"),
+        (0.9, "empirical"),
+        (0.5, "gaussian"),
+        (0.5, "empirical"),
+    ]
+    for interval in y.intervals:
+        lower, upper = decode_tensor(interval.lower, "l"), decode_tensor(interval.upper, "u")
+        assert lower.shape == upper.shape == (3, 2)
+        if interval.method == "gaussian":
+            z = NormalDist().inv_cdf((1 + interval.level) / 2)
+            np.testing.assert_allclose(upper, mean + z * np.sqrt(variance), rtol=1e-12)
+            np.testing.assert_allclose(lower, mean - z * np.sqrt(variance), rtol=1e-12)
+        else:  # quantiles of the very samples answered
+            q = np.quantile(samples, [(1 - interval.level) / 2, (1 + interval.level) / 2], axis=1)
+            np.testing.assert_allclose(lower, q[0], rtol=1e-12)
+            np.testing.assert_allclose(upper, q[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("model", "levels", "samples", "fragment"),
+    [
+        ("tiny_cls", [0.9], 10, "prediction intervals are for regression models"),
+        ("tiny_reg", [1.5], 10, "interval levels must be in (0, 1)"),
+        ("tiny_reg", [0.9], 1, "need num_samples >= 2"),
+        ("tiny_reg", [0.1] * 9, 10, "at most 8 interval levels"),
+    ],
+)
+def test_bad_interval_requests(
+    client: Client, model: str, levels: list[float], samples: int, fragment: str
+) -> None:
+    import grpc
+
+    x = inputs_for(model, rows=1)
+    request = client.request(model, x, num_samples=samples)
+    request.interval_levels.extend(levels)
+    with pytest.raises(grpc.RpcError) as info:
+        client.predict_raw(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in (info.value.details() or "")

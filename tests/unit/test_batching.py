@@ -11,6 +11,7 @@ request's own deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -81,6 +82,7 @@ class RowEngine:
         num_samples: int,
         cancel: CancelToken | None = None,
         keep_samples: bool = False,
+        interval_levels: tuple[float, ...] = (),
     ) -> list[OutputStats]:
         x = inputs["x"]
         self.runs.append((x.copy(), num_samples))
@@ -548,3 +550,17 @@ def test_config_section_defaults_and_values() -> None:
 def test_config_section_errors_name_the_bad_value(section: Any, fragment: str) -> None:
     with pytest.raises(ModelLoadError, match=fragment):
         parse_config(dict(CONFIG, dynamic_batching=section), "m")
+
+
+def test_slice_rows_slices_the_intervals_too() -> None:
+    from service.predictive import gaussian_interval
+    from service.uncertainty import regression_stats
+
+    stats = regression_stats(np.arange(12.0).reshape(3, 4, 1))  # T=3, B=4
+    interval = gaussian_interval(stats.mean, stats.variance, 0.9)
+    with_intervals = dataclasses.replace(stats, intervals=(interval,))
+    part = slice_rows(with_intervals, 1, 3)
+    assert isinstance(part, RegressionStats)
+    np.testing.assert_array_equal(part.intervals[0].lower, interval.lower[1:3])
+    np.testing.assert_array_equal(part.intervals[0].upper, interval.upper[1:3])
+    assert part.intervals[0].level == 0.9

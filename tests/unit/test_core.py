@@ -57,6 +57,7 @@ class FakeEngine:
         num_samples: int,
         cancel: CancelToken | None = None,
         keep_samples: bool = False,
+        interval_levels: tuple[float, ...] = (),
     ) -> list[OutputStats]:
         self.runs += 1
         self.started.set()

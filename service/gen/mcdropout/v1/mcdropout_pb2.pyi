@@ -71,21 +71,35 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples")
+    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples", "interval_levels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     RETURN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_LEVELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     num_samples: int
     return_samples: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ...) -> None: ...
+    interval_levels: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ..., interval_levels: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Interval(_message.Message):
+    __slots__ = ("level", "method", "lower", "upper")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    level: float
+    method: str
+    lower: Tensor
+    upper: Tensor
+    def __init__(self, level: _Optional[float] = ..., method: _Optional[str] = ..., lower: _Optional[_Union[Tensor, _Mapping]] = ..., upper: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OutputStatistics(_message.Message):
-    __slots__ = ("name", "semantics", "mean", "variance", "std", "predicted_class", "predicted_label", "predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "samples", "aleatoric_variance", "total_variance")
+    __slots__ = ("name", "semantics", "mean", "variance", "std", "predicted_class", "predicted_label", "predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "samples", "aleatoric_variance", "total_variance", "intervals")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SEMANTICS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +114,7 @@ class OutputStatistics(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ALEATORIC_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    INTERVALS_FIELD_NUMBER: _ClassVar[int]
     name: str
     semantics: OutputSemantics
     mean: Tensor
@@ -114,7 +129,8 @@ class OutputStatistics(_message.Message):
     samples: Tensor
     aleatoric_variance: Tensor
     total_variance: Tensor
-    def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., aleatoric_variance: _Optional[_Union[Tensor, _Mapping]] = ..., total_variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    intervals: _containers.RepeatedCompositeFieldContainer[Interval]
+    def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., aleatoric_variance: _Optional[_Union[Tensor, _Mapping]] = ..., total_variance: _Optional[_Union[Tensor, _Mapping]] = ..., intervals: _Optional[_Iterable[_Union[Interval, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "num_samples", "outputs")
