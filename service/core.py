@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import metrics
+from service.adaptive import RowMerger, next_round
 from service.batching import Batcher, BatchKey, BatchPolicy
 from service.errors import (
     DeadlineExceeded,
@@ -76,6 +77,9 @@ class PredictInput:
         num_samples: T; None or 0 for the model's default.
         return_samples: also answer every sample, (B, T, ...) per output.
         interval_levels: prediction interval levels for regression outputs, each in (0, 1).
+        target_standard_error: adaptive sampling: sample until every row's largest Monte
+            Carlo standard error of the mean is at most this; ``num_samples`` (default: the
+            model's maximum) is then the cap on T.
     """
 
     model: str
@@ -84,6 +88,7 @@ class PredictInput:
     num_samples: int | None = None
     return_samples: bool = False
     interval_levels: tuple[float, ...] = ()
+    target_standard_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class PredictResult:
     num_samples: int
     outputs: tuple[OutputResult, ...]
     labels: tuple[str, ...]
+    #: adaptive sampling only: the T each row used (B,); ``num_samples`` is the largest
+    num_samples_per_row: NDArray[np.int64] | None = None
 
 
 class ModelRegistry:
@@ -249,6 +256,18 @@ def validate_inputs(
 MAX_INTERVAL_LEVELS = 8
 
 
+def _check_adaptive(request: PredictInput) -> None:
+    target = request.target_standard_error
+    assert target is not None
+    if not (np.isfinite(target) and target > 0):
+        raise InvalidInput(f"target_standard_error must be a positive number, got {target}")
+    if request.return_samples or request.interval_levels:
+        raise InvalidInput(
+            "adaptive sampling (target_standard_error) cannot be combined with return_samples "
+            "or interval_levels"
+        )
+
+
 def _check_interval_levels(
     config: ModelConfig, levels: tuple[float, ...], num_samples: int
 ) -> None:
@@ -328,7 +347,11 @@ class InferenceCore:
         """
         loaded = self.get(request.model, request.version)
         config = loaded.config
-        num_samples = request.num_samples or config.default_num_samples
+        adaptive = request.target_standard_error is not None
+        if adaptive:
+            _check_adaptive(request)
+        default = config.max_num_samples if adaptive else config.default_num_samples
+        num_samples = request.num_samples or default
         if not 1 <= num_samples <= config.max_num_samples:
             raise InvalidInput(
                 f"num_samples must be in 1..{config.max_num_samples} for model "
@@ -350,19 +373,32 @@ class InferenceCore:
                     f"size), more than the limit of {self._settings.max_returned_samples}"
                 )
         metrics.REQUEST_ROWS.labels(model=config.name).observe(rows)
+        per_row: NDArray[np.int64] | None = None
+        if request.target_standard_error is not None:
+            stats, per_row = await self._adaptive(
+                loaded,
+                request.inputs,
+                rows,
+                num_samples,
+                target=request.target_standard_error,
+                timeout_s=timeout_s,
+            )
+            num_samples = int(per_row.max())
+        else:
+            stats = await self._execute(
+                loaded,
+                request.inputs,
+                rows,
+                num_samples,
+                timeout_s,
+                return_samples=request.return_samples,
+                interval_levels=request.interval_levels,
+            )
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
-        stats = await self._execute(
-            loaded,
-            request.inputs,
-            rows,
-            num_samples,
-            timeout_s,
-            return_samples=request.return_samples,
-            interval_levels=request.interval_levels,
-        )
         return PredictResult(
             model=config.name,
             version=loaded.version,
+            num_samples_per_row=per_row,
             num_samples=num_samples,
             outputs=tuple(
                 OutputResult(spec=spec, stats=s)
@@ -370,6 +406,40 @@ class InferenceCore:
             ),
             labels=config.labels,
         )
+
+    async def _adaptive(
+        self,
+        loaded: LoadedVersion,
+        inputs: Mapping[str, NDArray[Any]],
+        rows: int,
+        max_samples: int,
+        *,
+        target: float,
+        timeout_s: float | None,
+    ) -> tuple[list[OutputStats], NDArray[np.int64]]:
+        """Rounds of the rows still above the target (service.adaptive), each an ordinary
+        batched engine run; returns the merged statistics and the T of each row."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        mergers = [RowMerger(rows) for _ in loaded.config.outputs]
+        pending = np.arange(rows)
+        last: list[OutputStats] = []
+        while pending.size:
+            # Pending rows ran every round so far, so they all have the same T.
+            samples = next_round(int(mergers[0].counts[pending[0]]), max_samples)
+            if samples == 0:
+                break
+            remaining = None if deadline is None else deadline - loop.time()
+            subset = {name: x[pending] for name, x in inputs.items()}
+            last = await self._execute(loaded, subset, int(pending.size), samples, remaining)
+            for merger, stats in zip(mergers, last, strict=True):
+                merger.add(pending, stats)
+            error = np.max([m.standard_error() for m in mergers], axis=0)
+            pending = pending[
+                (error[pending] > target) & (mergers[0].counts[pending] < max_samples)
+            ]
+        results = [m.result(t) for m, t in zip(mergers, last, strict=True)]
+        return results, mergers[0].counts.copy()
 
     async def _execute(
         self,

@@ -70,12 +70,15 @@ def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputSt
 
 def encode_result(result: PredictResult) -> pb.PredictResponse:
     """The wire answer of a Predict call."""
-    return pb.PredictResponse(
+    response = pb.PredictResponse(
         model=result.model,
         version=str(result.version),
         num_samples=result.num_samples,
         outputs=[_encode_output(o, result.labels) for o in result.outputs],
     )
+    if result.num_samples_per_row is not None:
+        response.num_samples_per_row.CopyFrom(encode_tensor(result.num_samples_per_row))
+    return response
 
 
 def _spec(spec: TensorSpec) -> pb.TensorSpec:
@@ -111,6 +114,7 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
                 num_samples=request.num_samples or None,
                 return_samples=request.return_samples,
                 interval_levels=tuple(request.interval_levels),
+                target_standard_error=request.target_standard_error or None,
             ),
             timeout_s=context.time_remaining(),
         )

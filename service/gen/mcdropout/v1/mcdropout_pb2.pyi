@@ -71,20 +71,22 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples", "interval_levels")
+    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples", "interval_levels", "target_standard_error")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     RETURN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_STANDARD_ERROR_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     num_samples: int
     return_samples: bool
     interval_levels: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ..., interval_levels: _Optional[_Iterable[float]] = ...) -> None: ...
+    target_standard_error: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ..., interval_levels: _Optional[_Iterable[float]] = ..., target_standard_error: _Optional[float] = ...) -> None: ...
 
 class Interval(_message.Message):
     __slots__ = ("level", "method", "lower", "upper")
@@ -133,16 +135,18 @@ class OutputStatistics(_message.Message):
     def __init__(self, name: _Optional[str] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., std: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_class: _Optional[_Union[Tensor, _Mapping]] = ..., predicted_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., variation_ratio: _Optional[_Union[Tensor, _Mapping]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., aleatoric_variance: _Optional[_Union[Tensor, _Mapping]] = ..., total_variance: _Optional[_Union[Tensor, _Mapping]] = ..., intervals: _Optional[_Iterable[_Union[Interval, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "version", "num_samples", "outputs")
+    __slots__ = ("model", "version", "num_samples", "outputs", "num_samples_per_row")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_PER_ROW_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     num_samples: int
     outputs: _containers.RepeatedCompositeFieldContainer[OutputStatistics]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., num_samples: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[OutputStatistics, _Mapping]]] = ...) -> None: ...
+    num_samples_per_row: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., num_samples: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[OutputStatistics, _Mapping]]] = ..., num_samples_per_row: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
