@@ -40,15 +40,24 @@ from numpy.typing import NDArray
 from service.core import OutputResult, PredictResult
 from service.errors import InvalidInput
 from service.gen.inference import grpc_service_pb2 as oip
-from service.repository import ModelConfig, Task, TensorSpec
+from service.repository import ModelConfig, Semantics, Task, TensorSpec
+from service.uncertainty import RegressionStats
 
 __all__ = [
     "DTYPE_OF",
+    "MC_INTERVAL_LEVELS",
+    "MC_RETURN_SAMPLES",
     "MC_SAMPLES",
+    "MC_TARGET_STANDARD_ERROR",
     "OIP_DATATYPE_OF",
+    "SAMPLES_PER_ROW",
+    "McOptions",
     "OutputTensor",
     "decode_inputs",
+    "encode_extra_outputs",
     "encode_outputs",
+    "extra_output_names",
+    "mc_options_of",
     "mc_samples_of",
     "output_metadata",
     "requested_outputs",
@@ -307,15 +316,119 @@ def output_metadata(config: ModelConfig) -> list[oip.ModelMetadataResponse.Tenso
     ]
 
 
+MC_RETURN_SAMPLES = "mc_return_samples"
+MC_INTERVAL_LEVELS = "mc_interval_levels"
+MC_TARGET_STANDARD_ERROR = "mc_target_standard_error"
+SAMPLES_PER_ROW = "mc_samples_per_row"
+
+
+@dataclass(frozen=True)
+class McOptions:
+    """The optional request parameters beyond ``mc_samples`` (see the Predict fields of the
+    same names)."""
+
+    return_samples: bool = False
+    interval_levels: tuple[float, ...] = ()
+    target_standard_error: float | None = None
+
+
+def _parameter(
+    parameters: Mapping[str, oip.InferParameter], name: str, kinds: tuple[str, ...]
+) -> Any:
+    if name not in parameters:
+        return None
+    choice = parameters[name].WhichOneof("parameter_choice")
+    if choice not in kinds:
+        raise InvalidInput(
+            f"parameter {name!r} must be one of {', '.join(kinds)}, got {choice or 'unset'}"
+        )
+    return getattr(parameters[name], choice)
+
+
+def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> McOptions:
+    """``mc_return_samples`` (bool), ``mc_interval_levels`` (string, e.g. "0.9,0.95") and
+    ``mc_target_standard_error`` (double or int).
+
+    Raises:
+        InvalidInput: a parameter of the wrong type or an unparsable level list (the values
+            themselves are checked by the core).
+    """
+    levels_text = _parameter(parameters, MC_INTERVAL_LEVELS, ("string_param",))
+    try:
+        levels = tuple(float(x) for x in levels_text.split(",")) if levels_text else ()
+    except ValueError:
+        raise InvalidInput(
+            f"parameter {MC_INTERVAL_LEVELS!r} must be comma-separated numbers, got {levels_text!r}"
+        ) from None
+    target = _parameter(
+        parameters, MC_TARGET_STANDARD_ERROR, ("double_param", "int64_param", "uint64_param")
+    )
+    return McOptions(
+        return_samples=bool(_parameter(parameters, MC_RETURN_SAMPLES, ("bool_param",))),
+        interval_levels=levels,
+        target_standard_error=None if target is None else float(target),
+    )
+
+
+def _interval_name(output: str, method: str, level: float, bound: str) -> str:
+    return f"{output}_interval_{method}_{level:g}_{bound}"
+
+
+def extra_output_names(config: ModelConfig, options: McOptions) -> list[str]:
+    """The outputs that exist only when the request asks for them, in answer order: raw
+    samples, interval bounds, and the per-row T of adaptive sampling."""
+    names: list[str] = []
+    for spec in config.outputs:
+        if options.return_samples:
+            names.append(f"{spec.name}_samples")
+        if spec.semantics is Semantics.VALUES:
+            for level in options.interval_levels:
+                for method in ("gaussian", "empirical"):
+                    names += [
+                        _interval_name(spec.name, method, level, b) for b in ("lower", "upper")
+                    ]
+    if options.target_standard_error is not None:
+        names.append(SAMPLES_PER_ROW)
+    return names
+
+
+def encode_extra_outputs(result: PredictResult, names: Sequence[str]) -> list[OutputTensor]:
+    """The outputs ``names`` among :func:`extra_output_names` of a Predict result."""
+    arrays: dict[str, NDArray[Any]] = {}
+    for out in result.outputs:
+        if out.stats.samples is not None:
+            arrays[f"{out.spec.name}_samples"] = out.stats.samples
+        if isinstance(out.stats, RegressionStats):
+            for interval in out.stats.intervals:
+                arrays[_interval_name(out.spec.name, interval.method, interval.level, "lower")] = (
+                    interval.lower
+                )
+                arrays[_interval_name(out.spec.name, interval.method, interval.level, "upper")] = (
+                    interval.upper
+                )
+    if result.num_samples_per_row is not None:
+        arrays[SAMPLES_PER_ROW] = result.num_samples_per_row
+    encoded = []
+    for name in names:
+        array = arrays[name]
+        datatype = "INT64" if name == SAMPLES_PER_ROW else "FP64"
+        encoded.append(
+            OutputTensor(name, datatype, tuple(array.shape), _raw_bytes(array, datatype))
+        )
+    return encoded
+
+
 def requested_outputs(
-    config: ModelConfig, requested: Sequence[oip.ModelInferRequest.InferRequestedOutputTensor]
+    config: ModelConfig,
+    requested: Sequence[oip.ModelInferRequest.InferRequestedOutputTensor],
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The statistic outputs to answer, in answer order: all of them when none is requested.
 
     Raises:
         InvalidInput: an unknown or repeated name, or an unsupported output parameter.
     """
-    available = [name for name, _, _ in _statistics_of(config)]
+    available = [name for name, _, _ in _statistics_of(config)] + list(extra)
     if not requested:
         return available
     names: list[str] = []
@@ -353,11 +466,15 @@ def _raw_bytes(array: NDArray[Any], datatype: str) -> bytes:
 def encode_outputs(
     result: PredictResult, config: ModelConfig, names: Sequence[str]
 ) -> list[OutputTensor]:
-    """The statistic outputs ``names`` (from :func:`requested_outputs`) of a Predict result."""
+    """The outputs ``names`` (from :func:`requested_outputs`) of a Predict result."""
     by_output = {r.spec.name: r for r in result.outputs}
     table = {name: (spec, stat) for name, spec, stat in _statistics_of(config)}
+    extras = {t.name: t for t in encode_extra_outputs(result, [n for n in names if n not in table])}
     encoded = []
     for name in names:
+        if name in extras:
+            encoded.append(extras[name])
+            continue
         spec, stat = table[name]
         array = _read(stat, by_output[spec.name], result.labels)
         encoded.append(

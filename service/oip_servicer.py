@@ -25,6 +25,8 @@ from service.oip_codec import (
     MC_SAMPLES,
     decode_inputs,
     encode_outputs,
+    extra_output_names,
+    mc_options_of,
     mc_samples_of,
     output_metadata,
     requested_outputs,
@@ -176,13 +178,17 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         version = request.model_version or None
         # Resolve the version first: unknown model or output names fail before any decoding.
         config = self._core.get(request.model_name, version).config
-        names = requested_outputs(config, request.outputs)
+        options = mc_options_of(request.parameters)
+        names = requested_outputs(config, request.outputs, extra_output_names(config, options))
         result = await self._core.predict(
             PredictInput(
                 model=request.model_name,
                 version=version,
                 inputs=decode_inputs(request),
                 num_samples=mc_samples_of(request.parameters),
+                return_samples=options.return_samples,
+                interval_levels=options.interval_levels,
+                target_standard_error=options.target_standard_error,
             ),
             timeout_s=context.time_remaining(),
         )
