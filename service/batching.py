@@ -106,6 +106,8 @@ class BatchKey:
     return_samples: bool = False
     #: prediction interval levels (they need every sample too)
     interval_levels: tuple[float, ...] = ()
+    #: seeded requests share runs only with the same seed (each row's noise depends on it)
+    seed: int | None = None
 
 
 def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
@@ -452,6 +454,7 @@ def _run_engine(engine: Engine, key: BatchKey, batch: _Batch) -> list[OutputStat
         batch.token,
         keep_samples=key.return_samples,
         interval_levels=key.interval_levels,
+        seed=key.seed,
     )
     _check_rows(stats, batch.rows)
     metrics.COMPUTE_SECONDS.labels(model=key.model, version=str(key.version)).observe(

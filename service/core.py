@@ -80,6 +80,7 @@ class PredictInput:
         target_standard_error: adaptive sampling: sample until every row's largest Monte
             Carlo standard error of the mean is at most this; ``num_samples`` (default: the
             model's maximum) is then the cap on T.
+        seed: reproducible sampling (see the engine's ``run``); None for the fast path.
     """
 
     model: str
@@ -89,6 +90,7 @@ class PredictInput:
     return_samples: bool = False
     interval_levels: tuple[float, ...] = ()
     target_standard_error: float | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -261,10 +263,10 @@ def _check_adaptive(request: PredictInput) -> None:
     assert target is not None
     if not (np.isfinite(target) and target > 0):
         raise InvalidInput(f"target_standard_error must be a positive number, got {target}")
-    if request.return_samples or request.interval_levels:
+    if request.return_samples or request.interval_levels or request.seed is not None:
         raise InvalidInput(
-            "adaptive sampling (target_standard_error) cannot be combined with return_samples "
-            "or interval_levels"
+            "adaptive sampling (target_standard_error) cannot be combined with return_samples, "
+            "interval_levels or seed"
         )
 
 
@@ -393,6 +395,7 @@ class InferenceCore:
                 timeout_s,
                 return_samples=request.return_samples,
                 interval_levels=request.interval_levels,
+                seed=request.seed,
             )
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
         return PredictResult(
@@ -451,6 +454,7 @@ class InferenceCore:
         *,
         return_samples: bool = False,
         interval_levels: tuple[float, ...] = (),
+        seed: int | None = None,
     ) -> list[OutputStats]:
         """Run a validated request through the batcher (which admits it or refuses it)."""
         if timeout_s is not None and timeout_s <= 0:
@@ -463,6 +467,7 @@ class InferenceCore:
                 num_samples=num_samples,
                 return_samples=return_samples,
                 interval_levels=interval_levels,
+                seed=seed,
             ),
             loaded.engine,
             BatchPolicy.from_config(config.dynamic_batching, self._settings.max_batch_rows),

@@ -328,3 +328,106 @@ def _rename_outputs(node: onnx.NodeProto, tiled_outputs: tuple[str, ...]) -> onn
         name + "__mcd_once" if name in tiled_outputs else name for name in node.output
     )
     return copy
+
+
+@dataclass(frozen=True)
+class NoiseInput:
+    """A graph input that replaced a random node: uniform [0, 1) noise of shape
+    [rows, *row_shape], float32, one value per element of the node's tensor."""
+
+    name: str
+    row_shape: tuple[int, ...]
+
+
+class NoiseRewriteError(ValueError):
+    """The graph has a random node whose noise cannot be fed from outside."""
+
+
+def noise_fed_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[NoiseInput, ...]]:
+    """Rewrite every stochastic node to take its randomness from a graph input.
+
+    Dropout(x, ratio, training_mode=true) becomes x * Cast(u >= ratio) / (1 - ratio), and
+    RandomUniformLike(t) becomes u * (high - low) + low, u a new float32 input of x's (t's) shape.
+    The caller draws u, so a seeded generator per row makes the samples reproducible whatever
+    else is in the batch (notes: "Feeding the uniform noise as graph inputs").
+
+    Raises:
+        NoiseRewriteError: a random node other than these, or a tensor whose shape beyond the
+            batch dimension is not known statically.
+    """
+    graph = model.graph
+    shapes = _shapes(model)
+    dtypes = _elem_types(model)
+    nodes: list[onnx.NodeProto] = []
+    noise: list[NoiseInput] = []
+    consts = {i.name for i in graph.initializer}
+    initializers = list(graph.initializer)
+
+    def const(name: str, value: float) -> str:
+        if name not in consts:
+            initializers.append(numpy_helper.from_array(np.array(value, np.float32), name))
+            consts.add(name)
+        return name
+
+    for node in graph.node:
+        if not _is_stochastic(node):
+            nodes.append(node)
+            continue
+        if node.op_type not in ("Dropout", "RandomUniformLike"):
+            raise NoiseRewriteError(f"{node.op_type} node {node.name!r} cannot be fed noise")
+        source = node.input[0]
+        dims = shapes.get(source)
+        if not dims or any(not isinstance(d, int) or d < 1 for d in dims[1:]):
+            raise NoiseRewriteError(f"the shape of {source!r} ({dims}) is not known statically")
+        k = len(noise)
+        u = f"mcd_noise_{k}"
+        noise.append(NoiseInput(u, tuple(int(d) for d in dims[1:])))
+        p = f"mcd_{k}_"
+        if node.op_type == "Dropout":
+            elem = dtypes.get(source, TensorProto.FLOAT)
+            ratio = (
+                node.input[1] if len(node.input) > 1 and node.input[1] else const("mcd_half", 0.5)
+            )
+            nodes += [
+                helper.make_node("Cast", [ratio], [p + "ratio32"], to=TensorProto.FLOAT),
+                helper.make_node("GreaterOrEqual", [u, p + "ratio32"], [p + "keep"]),
+                helper.make_node("Cast", [p + "keep"], [p + "keep_x"], to=elem),
+                helper.make_node("Sub", [const("mcd_one", 1.0), p + "ratio32"], [p + "kept_frac"]),
+                helper.make_node("Reciprocal", [p + "kept_frac"], [p + "scale32"]),
+                helper.make_node("Cast", [p + "scale32"], [p + "scale"], to=elem),
+                helper.make_node("Mul", [source, p + "keep_x"], [p + "masked"]),
+                helper.make_node("Mul", [p + "masked", p + "scale"], [node.output[0]]),
+            ]
+            if len(node.output) > 1 and node.output[1]:
+                nodes.append(helper.make_node("Identity", [p + "keep"], [node.output[1]]))
+        else:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            low, high = float(attrs.get("low", 0.0)), float(attrs.get("high", 1.0))
+            elem = int(attrs.get("dtype", dtypes.get(source, TensorProto.FLOAT)))
+            nodes += [
+                helper.make_node("Mul", [u, const(p + "width", high - low)], [p + "scaled"]),
+                helper.make_node("Add", [p + "scaled", const(p + "low", low)], [p + "shifted"]),
+                helper.make_node("Cast", [p + "shifted"], [node.output[0]], to=elem),
+            ]
+    batch = next((d for d in shapes.get(graph.input[0].name, [""])[:1]), "rows")
+    noise_inputs = [
+        helper.make_tensor_value_info(n.name, TensorProto.FLOAT, [batch or "rows", *n.row_shape])
+        for n in noise
+    ]
+    new_graph = helper.make_graph(nodes, graph.name + "_noise_fed", [*graph.input, *noise_inputs],
+                                  list(graph.output), initializer=initializers)  # fmt: skip
+    return _make_model(model, new_graph), tuple(noise)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, from shape inference."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    return {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*g.value_info, *g.input, *g.output]
+        if v.type.HasField("tensor_type")
+    }

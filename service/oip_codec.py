@@ -48,6 +48,7 @@ __all__ = [
     "MC_INTERVAL_LEVELS",
     "MC_RETURN_SAMPLES",
     "MC_SAMPLES",
+    "MC_SEED",
     "MC_TARGET_STANDARD_ERROR",
     "OIP_DATATYPE_OF",
     "SAMPLES_PER_ROW",
@@ -319,6 +320,7 @@ def output_metadata(config: ModelConfig) -> list[oip.ModelMetadataResponse.Tenso
 MC_RETURN_SAMPLES = "mc_return_samples"
 MC_INTERVAL_LEVELS = "mc_interval_levels"
 MC_TARGET_STANDARD_ERROR = "mc_target_standard_error"
+MC_SEED = "mc_seed"
 SAMPLES_PER_ROW = "mc_samples_per_row"
 
 
@@ -330,6 +332,7 @@ class McOptions:
     return_samples: bool = False
     interval_levels: tuple[float, ...] = ()
     target_standard_error: float | None = None
+    seed: int | None = None
 
 
 def _parameter(
@@ -363,7 +366,11 @@ def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> McOptions:
     target = _parameter(
         parameters, MC_TARGET_STANDARD_ERROR, ("double_param", "int64_param", "uint64_param")
     )
+    seed = _parameter(parameters, MC_SEED, ("int64_param", "uint64_param"))
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InvalidInput(f"parameter {MC_SEED!r} must be in 0..2^64-1, got {seed}")
     return McOptions(
+        seed=seed,
         return_samples=bool(_parameter(parameters, MC_RETURN_SAMPLES, ("bool_param",))),
         interval_levels=levels,
         target_standard_error=None if target is None else float(target),

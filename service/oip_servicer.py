@@ -189,6 +189,7 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 return_samples=options.return_samples,
                 interval_levels=options.interval_levels,
                 target_standard_error=options.target_standard_error,
+                seed=options.seed,
             ),
             timeout_s=context.time_remaining(),
         )

@@ -14,9 +14,10 @@ never on the event loop.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -26,8 +27,16 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.errors import Cancelled, ModelLoadError
-from service.graph_split import NUM_SAMPLES_INPUT, SplitPlan, plan_split, split_models, tiled_model
+from service.errors import Cancelled, InvalidInput, ModelLoadError
+from service.graph_split import (
+    NUM_SAMPLES_INPUT,
+    NoiseRewriteError,
+    SplitPlan,
+    noise_fed_model,
+    plan_split,
+    split_models,
+    tiled_model,
+)
 from service.onnx_session import SessionConfig, create_session
 from service.predictive import (
     AleatoricAccumulator,
@@ -119,8 +128,10 @@ class Engine(Protocol):
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        *,
         keep_samples: bool = False,
         interval_levels: tuple[float, ...] = (),
+        seed: int | None = None,
     ) -> list[OutputStats]:
         """Run ``num_samples`` stochastic passes over a validated batch.
 
@@ -131,6 +142,8 @@ class Engine(Protocol):
             keep_samples: also return every sample (``stats.samples``, (B, T, ...)).
             interval_levels: prediction intervals for the regression outputs (computed from
                 every sample, which are kept for it).
+            seed: reproducible sampling: the same seed and row give bit-identical statistics
+                whatever else is in the batch (InvalidInput if the model cannot).
 
         Returns:
             One statistics object per model output, in the config's output order.
@@ -199,11 +212,44 @@ class _SamplingEngine:
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        *,
         keep_samples: bool = False,
         interval_levels: tuple[float, ...] = (),
+        seed: int | None = None,
     ) -> list[OutputStats]:
+        if seed is not None:
+            return self._run_seeded(
+                inputs,
+                num_samples,
+                cancel,
+                keep_samples=keep_samples,
+                interval_levels=interval_levels,
+                seed=seed,
+            )
         num_rows = next(iter(inputs.values())).shape[0]
         chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
+        state = self._guarded(partial(self._prepare, inputs, chunk, cancel), cancel)
+
+        def chunks() -> Iterator[tuple[int, list[NDArray[Any]]]]:
+            done = 0
+            while done < num_samples:
+                if cancel is not None and cancel.cancelled:
+                    raise Cancelled("request cancelled")
+                t = min(chunk, num_samples - done)
+                options = cancel.run_options() if cancel is not None else None
+                yield t, self._guarded(partial(self._sample, state, t, num_rows, options), cancel)
+                done += t
+
+        return self._fold(chunks(), num_rows, keep_samples, interval_levels)
+
+    def _fold(
+        self,
+        chunks: Iterator[tuple[int, list[NDArray[Any]]]],
+        num_rows: int,
+        keep_samples: bool,
+        interval_levels: tuple[float, ...],
+    ) -> list[OutputStats]:
+        """Fold chunks of (t, one (t*B, ...) array per output) into the statistics."""
         specs = self._config.outputs
         keep = keep_samples or bool(interval_levels)
         accumulators = [_accumulator(spec, keep) for spec in specs]
@@ -213,21 +259,13 @@ class _SamplingEngine:
             for i, spec in enumerate(specs)
             if spec.semantics is not None and spec.semantics.is_variance
         }
-        state = self._guarded(partial(self._prepare, inputs, chunk, cancel), cancel)
-        done = 0
-        while done < num_samples:
-            if cancel is not None and cancel.cancelled:
-                raise Cancelled("request cancelled")
-            t = min(chunk, num_samples - done)
-            options = cancel.run_options() if cancel is not None else None
-            outputs = self._guarded(partial(self._sample, state, t, num_rows, options), cancel)
+        for t, outputs in chunks:
             for i, (acc, out) in enumerate(zip(accumulators, outputs, strict=True)):
                 values = np.asarray(out).reshape(t, num_rows, *out.shape[1:])
                 acc.update(values)
                 if i in aleatoric:
                     log = specs[i].semantics is Semantics.LOG_VARIANCE
                     aleatoric[i].update(np.exp(values.astype(np.float64)) if log else values)
-            done += t
         results = [acc.result() for acc in accumulators]
         for i, noise_acc in aleatoric.items():
             target = next(j for j, s in enumerate(specs) if s.name == specs[i].variance_of)
@@ -242,6 +280,80 @@ class _SamplingEngine:
         if not keep_samples:
             results = [dataclasses.replace(r, samples=None) for r in results]
         return results
+
+    # -- seeded sampling -------------------------------------------------------------------
+
+    _seeded: SeededPath | None = None
+    _seeded_reason = "seeded sampling is not set up for this engine"
+
+    def _set_up_seeded(
+        self,
+        model: onnx.ModelProto,
+        session_config: SessionConfig,
+        prefix: ort.InferenceSession | None = None,
+    ) -> None:
+        """Build the noise-fed session of the seeded path (``model`` is the part that runs on
+        the tile; ``prefix`` the session that runs once, if any)."""
+        try:
+            self._seeded = SeededPath(model, session_config, prefix, self._where)
+        except NoiseRewriteError as exc:
+            self._seeded_reason = str(exc)
+            log.info("%s: no seeded sampling: %s", self._where, exc)
+
+    def _run_seeded(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        num_samples: int,
+        cancel: CancelToken | None,
+        *,
+        keep_samples: bool,
+        interval_levels: tuple[float, ...],
+        seed: int,
+    ) -> list[OutputStats]:
+        """Reproducible sampling: every row draws its dropout noise from its own generators,
+        seeded by (seed, the row's bytes), and runs alone in chunks of a fixed number of
+        samples. No number then depends on the batch size or the row's position: not the
+        noise, not the kernels' shapes, not the chunk boundaries where the statistics are
+        merged."""
+        if self._seeded is None:
+            raise InvalidInput(
+                f"model {self._config.name!r} cannot sample with a seed: {self._seeded_reason}"
+            )
+        path = self._seeded
+        num_rows = next(iter(inputs.values())).shape[0]
+        names = [spec.name for spec in self._config.inputs]
+        generators = [path.generators(seed, [inputs[n][b] for n in names]) for b in range(num_rows)]
+        chunk = min(num_samples, SEEDED_CHUNK_SAMPLES)
+        # One row per session run: kernels may round differently for different numbers of
+        # rows (measured: the housing MLP's small GEMMs), so a run's shape must depend on T
+        # only, never on B or the row's position. Slower than the batched path; unseeded
+        # requests keep that one.
+        parts: list[list[OutputStats]] = []
+        for start in range(num_rows):
+            rows = slice(start, start + 1)
+            base = path.prepare({n: x[rows] for n, x in inputs.items()})
+            gens = generators[rows]
+
+            def chunks(
+                base: dict[str, NDArray[Any]] = base, gens: list[list[np.random.Generator]] = gens
+            ) -> Iterator[tuple[int, list[NDArray[Any]]]]:
+                done = 0
+                while done < num_samples:
+                    if cancel is not None and cancel.cancelled:
+                        raise Cancelled("request cancelled")
+                    t = min(chunk, num_samples - done)
+                    options = cancel.run_options() if cancel is not None else None
+                    feed = path.feed(base, gens, t)
+                    yield (
+                        t,
+                        self._guarded(partial(path.run, self._output_names, feed, options), cancel),
+                    )
+                    done += t
+
+            parts.append(
+                self._fold(chunks(), rows.stop - rows.start, keep_samples, interval_levels)
+            )
+        return [concat_rows([part[i] for part in parts]) for i in range(len(self._config.outputs))]
 
     @staticmethod
     def _guarded(call: Callable[[], _T], cancel: CancelToken | None) -> _T:
@@ -285,6 +397,7 @@ class TiledEngine(_SamplingEngine):
         self._session = _load_session(source.model_path, session_config, self._where)
         self._provider = self._session.get_providers()[0]
         _check_graph_io(self._session, self._config, self._where)
+        self._set_up_seeded(onnx.load(str(source.model_path)), session_config)
 
     def _prepare(
         self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
@@ -320,6 +433,7 @@ class SplitGraphEngine(_SamplingEngine):
         self._session = _load_session(graph, session_config, self._where)
         self._provider = self._session.get_providers()[0]
         _check_graph_io(self._session, self._config, self._where, extra_inputs={NUM_SAMPLES_INPUT})
+        self._set_up_seeded(model, session_config)
 
     def _prepare(
         self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
@@ -356,6 +470,7 @@ class SplitSessionsEngine(_SamplingEngine):
         self._provider = self._suffix.get_providers()[0]
         self._prefix_outputs = [o.name for o in self._prefix.get_outputs()]
         self._input_names = {i.name for i in self._config.inputs}
+        self._set_up_seeded(suffix, session_config, prefix=self._prefix)
 
     def _prepare(
         self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
@@ -372,6 +487,111 @@ class SplitSessionsEngine(_SamplingEngine):
         feed = {name: x[: t * num_rows] for name, x in state.items()}
         outputs: list[NDArray[Any]] = self._suffix.run(self._output_names, feed, options)
         return outputs
+
+
+#: Samples per session run on the seeded path: fixed, so that the chunk boundaries where the
+#: statistics are merged (and so their rounding) never depend on the batch size.
+SEEDED_CHUNK_SAMPLES = 64
+
+
+class SeededPath:
+    """The noise-fed session of reproducible sampling (``graph_split.noise_fed_model``).
+
+    Args:
+        model: the part of the graph that runs on the tile (the suffix, or the whole graph).
+        session_config: how to build the session.
+        prefix: the session that runs once per request on [B, ...], if the graph is split.
+        where: "<model>/<version>", for messages.
+
+    Raises:
+        NoiseRewriteError: the graph's randomness cannot be fed from outside.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        session_config: SessionConfig,
+        prefix: ort.InferenceSession | None,
+        where: str,
+    ) -> None:
+        noise_model, self.noise = noise_fed_model(model)
+        if not self.noise:
+            raise NoiseRewriteError("the graph has no stochastic node")
+        self._session = _load_session(noise_model.SerializeToString(), session_config, where)
+        self._prefix = prefix
+        self._prefix_outputs = [o.name for o in prefix.get_outputs()] if prefix is not None else []
+        noise_names = {n.name for n in self.noise}
+        self._inputs = [i.name for i in self._session.get_inputs() if i.name not in noise_names]
+
+    def generators(self, seed: int, row: list[NDArray[Any]]) -> list[np.random.Generator]:
+        """One generator per noise input for one row, from (seed, the row's bytes): the same
+        seed and row give the same streams wherever the row sits."""
+        digest = hashlib.sha256(seed.to_bytes(8, "little"))
+        for part in row:
+            digest.update(np.ascontiguousarray(part).tobytes())
+        words = np.frombuffer(digest.digest(), dtype=np.uint32).tolist()
+        return [
+            np.random.default_rng(np.random.SeedSequence([*words, k]))
+            for k in range(len(self.noise))
+        ]
+
+    def prepare(self, inputs: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
+        """The tensors the noise-fed session takes: the prefix's outputs (run once) or the
+        inputs themselves."""
+        values = dict(inputs)
+        if self._prefix is not None:
+            computed = self._prefix.run(self._prefix_outputs, dict(inputs))
+            values.update(zip(self._prefix_outputs, computed, strict=True))
+        return {name: values[name] for name in self._inputs}
+
+    def feed(
+        self, base: Mapping[str, NDArray[Any]], generators: list[list[np.random.Generator]], t: int
+    ) -> dict[str, NDArray[Any]]:
+        """One run's feed: the tensors tiled t times (sample-major) and each row's next t
+        draws of every noise input."""
+        rows = len(generators)
+        feed = {name: tile(x, t) for name, x in base.items()}
+        for k, noise in enumerate(self.noise):
+            draws = np.stack(
+                [g[k].random((t, *noise.row_shape), dtype=np.float32) for g in generators], axis=1
+            )
+            feed[noise.name] = draws.reshape(t * rows, *noise.row_shape)
+        return feed
+
+    def run(
+        self,
+        output_names: list[str],
+        feed: Mapping[str, NDArray[Any]],
+        options: ort.RunOptions | None,
+    ) -> list[NDArray[Any]]:
+        outputs: list[NDArray[Any]] = self._session.run(output_names, dict(feed), options)
+        return outputs
+
+
+def concat_rows(parts: list[OutputStats]) -> OutputStats:
+    """Statistics of consecutive row groups joined into one object (rows along axis 0)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    fields: dict[str, Any] = {
+        f.name: np.concatenate([getattr(p, f.name) for p in parts])
+        for f in dataclasses.fields(first)
+        if isinstance(getattr(first, f.name), np.ndarray)
+    }
+    if isinstance(first, RegressionStats) and first.intervals:
+        fields["intervals"] = tuple(
+            dataclasses.replace(
+                interval,
+                lower=np.concatenate(
+                    [p.intervals[j].lower for p in parts if isinstance(p, RegressionStats)]
+                ),
+                upper=np.concatenate(
+                    [p.intervals[j].upper for p in parts if isinstance(p, RegressionStats)]
+                ),
+            )
+            for j, interval in enumerate(first.intervals)
+        )
+    return dataclasses.replace(first, **fields)
 
 
 def _load_session(

@@ -115,6 +115,7 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
                 return_samples=request.return_samples,
                 interval_levels=tuple(request.interval_levels),
                 target_standard_error=request.target_standard_error or None,
+                seed=request.seed if request.HasField("seed") else None,
             ),
             timeout_s=context.time_remaining(),
         )

@@ -76,3 +76,17 @@ def test_extra_outputs_need_their_parameter(stub: oip_grpc.GRPCInferenceServiceS
         stub.ModelInfer(request, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "has no output 'y_samples'" in (info.value.details() or "")
+
+
+def test_mc_seed_reproduces_answers(stub: oip_grpc.GRPCInferenceServiceStub) -> None:
+    def run(rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        request = infer_request("tiny_reg", {"features": rows}, mc_samples=100)
+        request.parameters["mc_seed"].uint64_param = seed
+        return decode(stub.ModelInfer(request, timeout=60))
+
+    rows = X["features"]
+    both = run(rows, 5)
+    alone = run(rows[1:2], 5)
+    assert both["y_mean"][1].tobytes() == alone["y_mean"][0].tobytes()
+    assert both["y_variance"][1].tobytes() == alone["y_variance"][0].tobytes()
+    assert run(rows[1:2], 6)["y_mean"][0].tobytes() != alone["y_mean"][0].tobytes()

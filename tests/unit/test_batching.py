@@ -81,8 +81,10 @@ class RowEngine:
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        *,
         keep_samples: bool = False,
         interval_levels: tuple[float, ...] = (),
+        seed: int | None = None,
     ) -> list[OutputStats]:
         x = inputs["x"]
         self.runs.append((x.copy(), num_samples))

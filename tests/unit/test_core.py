@@ -56,8 +56,10 @@ class FakeEngine:
         inputs: Mapping[str, NDArray[Any]],
         num_samples: int,
         cancel: CancelToken | None = None,
+        *,
         keep_samples: bool = False,
         interval_levels: tuple[float, ...] = (),
+        seed: int | None = None,
     ) -> list[OutputStats]:
         self.runs += 1
         self.started.set()

@@ -185,3 +185,49 @@ def test_deterministic_outputs_are_tiled_too() -> None:
     y, r = session.run(None, {"x": x, NUM_SAMPLES_INPUT: np.array([5], np.int64)})
     assert y.shape == (10, 3)
     np.testing.assert_allclose(r, np.tile(np.maximum(x @ W1, 0), (5, 1)), rtol=1e-6)
+
+
+def test_noise_fed_dropout_keeps_where_the_noise_is_at_least_p() -> None:
+    from service.graph_split import noise_fed_model
+
+    model, noise = noise_fed_model(head_graph())
+    assert [(n.name, n.row_shape) for n in noise] == [("mcd_noise_0", (8,))]
+    session = create_session(model.SerializeToString(), SessionConfig(use_gpu=False))
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    relu = np.maximum(x @ W1, 0)
+    u = np.tile(np.array([0.2, 0.7], np.float32), (2, 4))  # p = 0.5: drop, keep, drop, keep...
+    (y,) = session.run(None, {"x": x, "mcd_noise_0": u})
+    kept = np.where(u >= 0.5, 2.0 * relu, 0.0)  # inverted dropout: kept values scaled 1/(1-p)
+    np.testing.assert_allclose(y, kept @ W2, rtol=1e-5)
+    (y_again,) = session.run(None, {"x": x, "mcd_noise_0": u})
+    np.testing.assert_array_equal(y, y_again)  # no randomness left inside the graph
+
+
+def test_noise_fed_random_uniform_like_maps_the_noise_to_its_range() -> None:
+    from service.graph_split import noise_fed_model
+
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("RandomUniformLike", ["h"], ["r"], low=2.0, high=6.0),
+         helper.make_node("Add", ["h", "r"], ["y"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )  # fmt: skip
+    fed, noise = noise_fed_model(model)
+    session = create_session(fed.SerializeToString(), SessionConfig(use_gpu=False))
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    u = np.full((3, 8), 0.25, np.float32)
+    (y,) = session.run(None, {"x": x, noise[0].name: u})
+    np.testing.assert_allclose(y, x @ W1 + 3.0, rtol=1e-5)  # 2 + 0.25 * (6 - 2)
+
+
+def test_random_nodes_that_cannot_be_fed_are_refused_with_the_reason() -> None:
+    from service.graph_split import NoiseRewriteError, noise_fed_model
+
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("RandomNormalLike", ["h"], ["r"]),
+         helper.make_node("Add", ["h", "r"], ["y"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )  # fmt: skip
+    with pytest.raises(NoiseRewriteError, match="RandomNormalLike node"):
+        noise_fed_model(model)

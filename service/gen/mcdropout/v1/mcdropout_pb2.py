@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(service/gen/mcdropout/v1/mcdropout.proto\x12\x0cmcdropout.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.mcdropout.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\"\xc0\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x06inputs\x18\x03 \x03(\x0b\x32\x19.mcdropout.v1.NamedTensor\x12\x13\n\x0bnum_samples\x18\x04 \x01(\r\x12\x16\n\x0ereturn_samples\x18\x05 \x01(\x08\x12\x17\n\x0finterval_levels\x18\x06 \x03(\x01\x12\x1d\n\x15target_standard_error\x18\x07 \x01(\x01\"s\n\x08Interval\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x0e\n\x06method\x18\x02 \x01(\t\x12#\n\x05lower\x18\x03 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12#\n\x05upper\x18\x04 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\"\xfe\x04\n\x10OutputStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\tsemantics\x18\x02 \x01(\x0e\x32\x1d.mcdropout.v1.OutputSemantics\x12\"\n\x04mean\x18\x03 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12&\n\x08variance\x18\x04 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12!\n\x03std\x18\x05 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12-\n\x0fpredicted_class\x18\x06 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12\x17\n\x0fpredicted_label\x18\x07 \x03(\t\x12\x30\n\x12predictive_entropy\x18\x08 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12.\n\x10\x65xpected_entropy\x18\t \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12\x30\n\x12mutual_information\x18\n \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12-\n\x0fvariation_ratio\x18\x0b \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12%\n\x07samples\x18\x0c \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12\x30\n\x12\x61leatoric_variance\x18\r \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12,\n\x0etotal_variance\x18\x0e \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12)\n\tintervals\x18\x0f \x03(\x0b\x32\x16.mcdropout.v1.Interval\"\xaa\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\r\x12/\n\x07outputs\x18\x04 \x03(\x0b\x32\x1e.mcdropout.v1.OutputStatistics\x12\x31\n\x13num_samples_per_row\x18\x05 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\"\x13\n\x11ListModelsRequest\"_\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12 \n\x04task\x18\x03 \x01(\x0e\x32\x12.mcdropout.v1.Task\x12\r\n\x05ready\x18\x04 \x01(\x08\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.mcdropout.v1.ModelSummary\"9\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x82\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.mcdropout.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x30\n\tsemantics\x18\x04 \x01(\x0e\x32\x1d.mcdropout.v1.OutputSemantics\"7\n\x0c\x44ropoutLayer\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\t\n\x01p\x18\x03 \x01(\x01\"\x8a\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12 \n\x04task\x18\x04 \x01(\x0e\x32\x12.mcdropout.v1.Task\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.mcdropout.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.mcdropout.v1.TensorSpec\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_num_samples\x18\t \x01(\r\x12\x17\n\x0fmax_num_samples\x18\n \x01(\r\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\r\n\x05opset\x18\x0c \x01(\x03\x12+\n\x07\x64ropout\x18\r \x03(\x0b\x32\x1a.mcdropout.v1.DropoutLayer\x12\x10\n\x08verified\x18\x0e \x01(\x08\x12\x16\n\x0eweights_sha256\x18\x0f \x01(\t*\xd1\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x08*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*\xd3\x01\n\x0fOutputSemantics\x12 \n\x1cOUTPUT_SEMANTICS_UNSPECIFIED\x10\x00\x12\x1b\n\x17OUTPUT_SEMANTICS_LOGITS\x10\x01\x12\"\n\x1eOUTPUT_SEMANTICS_PROBABILITIES\x10\x02\x12\x1b\n\x17OUTPUT_SEMANTICS_VALUES\x10\x03\x12\x1d\n\x19OUTPUT_SEMANTICS_VARIANCE\x10\x04\x12!\n\x1dOUTPUT_SEMANTICS_LOG_VARIANCE\x10\x05\x32\x83\x02\n\x10MCDropoutService\x12\x46\n\x07Predict\x12\x1c.mcdropout.v1.PredictRequest\x1a\x1d.mcdropout.v1.PredictResponse\x12O\n\nListModels\x12\x1f.mcdropout.v1.ListModelsRequest\x1a .mcdropout.v1.ListModelsResponse\x12V\n\x10GetModelMetadata\x12%.mcdropout.v1.GetModelMetadataRequest\x1a\x1b.mcdropout.v1.ModelMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(service/gen/mcdropout/v1/mcdropout.proto\x12\x0cmcdropout.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.mcdropout.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\"\xdc\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x06inputs\x18\x03 \x03(\x0b\x32\x19.mcdropout.v1.NamedTensor\x12\x13\n\x0bnum_samples\x18\x04 \x01(\r\x12\x16\n\x0ereturn_samples\x18\x05 \x01(\x08\x12\x17\n\x0finterval_levels\x18\x06 \x03(\x01\x12\x1d\n\x15target_standard_error\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"s\n\x08Interval\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x0e\n\x06method\x18\x02 \x01(\t\x12#\n\x05lower\x18\x03 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12#\n\x05upper\x18\x04 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\"\xfe\x04\n\x10OutputStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\tsemantics\x18\x02 \x01(\x0e\x32\x1d.mcdropout.v1.OutputSemantics\x12\"\n\x04mean\x18\x03 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12&\n\x08variance\x18\x04 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12!\n\x03std\x18\x05 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12-\n\x0fpredicted_class\x18\x06 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12\x17\n\x0fpredicted_label\x18\x07 \x03(\t\x12\x30\n\x12predictive_entropy\x18\x08 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12.\n\x10\x65xpected_entropy\x18\t \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12\x30\n\x12mutual_information\x18\n \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12-\n\x0fvariation_ratio\x18\x0b \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12%\n\x07samples\x18\x0c \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12\x30\n\x12\x61leatoric_variance\x18\r \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12,\n\x0etotal_variance\x18\x0e \x01(\x0b\x32\x14.mcdropout.v1.Tensor\x12)\n\tintervals\x18\x0f \x03(\x0b\x32\x16.mcdropout.v1.Interval\"\xaa\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\r\x12/\n\x07outputs\x18\x04 \x03(\x0b\x32\x1e.mcdropout.v1.OutputStatistics\x12\x31\n\x13num_samples_per_row\x18\x05 \x01(\x0b\x32\x14.mcdropout.v1.Tensor\"\x13\n\x11ListModelsRequest\"_\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12 \n\x04task\x18\x03 \x01(\x0e\x32\x12.mcdropout.v1.Task\x12\r\n\x05ready\x18\x04 \x01(\x08\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.mcdropout.v1.ModelSummary\"9\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x82\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.mcdropout.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x30\n\tsemantics\x18\x04 \x01(\x0e\x32\x1d.mcdropout.v1.OutputSemantics\"7\n\x0c\x44ropoutLayer\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\t\n\x01p\x18\x03 \x01(\x01\"\x8a\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12 \n\x04task\x18\x04 \x01(\x0e\x32\x12.mcdropout.v1.Task\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.mcdropout.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.mcdropout.v1.TensorSpec\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_num_samples\x18\t \x01(\r\x12\x17\n\x0fmax_num_samples\x18\n \x01(\r\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\r\n\x05opset\x18\x0c \x01(\x03\x12+\n\x07\x64ropout\x18\r \x03(\x0b\x32\x1a.mcdropout.v1.DropoutLayer\x12\x10\n\x08verified\x18\x0e \x01(\x08\x12\x16\n\x0eweights_sha256\x18\x0f \x01(\t*\xd1\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x08*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*\xd3\x01\n\x0fOutputSemantics\x12 \n\x1cOUTPUT_SEMANTICS_UNSPECIFIED\x10\x00\x12\x1b\n\x17OUTPUT_SEMANTICS_LOGITS\x10\x01\x12\"\n\x1eOUTPUT_SEMANTICS_PROBABILITIES\x10\x02\x12\x1b\n\x17OUTPUT_SEMANTICS_VALUES\x10\x03\x12\x1d\n\x19OUTPUT_SEMANTICS_VARIANCE\x10\x04\x12!\n\x1dOUTPUT_SEMANTICS_LOG_VARIANCE\x10\x05\x32\x83\x02\n\x10MCDropoutService\x12\x46\n\x07Predict\x12\x1c.mcdropout.v1.PredictRequest\x1a\x1d.mcdropout.v1.PredictResponse\x12O\n\nListModels\x12\x1f.mcdropout.v1.ListModelsRequest\x1a .mcdropout.v1.ListModelsResponse\x12V\n\x10GetModelMetadata\x12%.mcdropout.v1.GetModelMetadataRequest\x1a\x1b.mcdropout.v1.ModelMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.gen.mcdropout.v1.mcdropout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2160
-  _globals['_DATATYPE']._serialized_end=2369
-  _globals['_TASK']._serialized_start=2371
-  _globals['_TASK']._serialized_end=2445
-  _globals['_OUTPUTSEMANTICS']._serialized_start=2448
-  _globals['_OUTPUTSEMANTICS']._serialized_end=2659
+  _globals['_DATATYPE']._serialized_start=2188
+  _globals['_DATATYPE']._serialized_end=2397
+  _globals['_TASK']._serialized_start=2399
+  _globals['_TASK']._serialized_end=2473
+  _globals['_OUTPUTSEMANTICS']._serialized_start=2476
+  _globals['_OUTPUTSEMANTICS']._serialized_end=2687
   _globals['_TENSOR']._serialized_start=58
   _globals['_TENSOR']._serialized_end=134
   _globals['_NAMEDTENSOR']._serialized_start=136
   _globals['_NAMEDTENSOR']._serialized_end=201
   _globals['_PREDICTREQUEST']._serialized_start=204
-  _globals['_PREDICTREQUEST']._serialized_end=396
-  _globals['_INTERVAL']._serialized_start=398
-  _globals['_INTERVAL']._serialized_end=513
-  _globals['_OUTPUTSTATISTICS']._serialized_start=516
-  _globals['_OUTPUTSTATISTICS']._serialized_end=1154
-  _globals['_PREDICTRESPONSE']._serialized_start=1157
-  _globals['_PREDICTRESPONSE']._serialized_end=1327
-  _globals['_LISTMODELSREQUEST']._serialized_start=1329
-  _globals['_LISTMODELSREQUEST']._serialized_end=1348
-  _globals['_MODELSUMMARY']._serialized_start=1350
-  _globals['_MODELSUMMARY']._serialized_end=1445
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1447
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1511
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1513
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1570
-  _globals['_TENSORSPEC']._serialized_start=1573
-  _globals['_TENSORSPEC']._serialized_end=1703
-  _globals['_DROPOUTLAYER']._serialized_start=1705
-  _globals['_DROPOUTLAYER']._serialized_end=1760
-  _globals['_MODELMETADATA']._serialized_start=1763
-  _globals['_MODELMETADATA']._serialized_end=2157
-  _globals['_MCDROPOUTSERVICE']._serialized_start=2662
-  _globals['_MCDROPOUTSERVICE']._serialized_end=2921
+  _globals['_PREDICTREQUEST']._serialized_end=424
+  _globals['_INTERVAL']._serialized_start=426
+  _globals['_INTERVAL']._serialized_end=541
+  _globals['_OUTPUTSTATISTICS']._serialized_start=544
+  _globals['_OUTPUTSTATISTICS']._serialized_end=1182
+  _globals['_PREDICTRESPONSE']._serialized_start=1185
+  _globals['_PREDICTRESPONSE']._serialized_end=1355
+  _globals['_LISTMODELSREQUEST']._serialized_start=1357
+  _globals['_LISTMODELSREQUEST']._serialized_end=1376
+  _globals['_MODELSUMMARY']._serialized_start=1378
+  _globals['_MODELSUMMARY']._serialized_end=1473
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1475
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1539
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1541
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1598
+  _globals['_TENSORSPEC']._serialized_start=1601
+  _globals['_TENSORSPEC']._serialized_end=1731
+  _globals['_DROPOUTLAYER']._serialized_start=1733
+  _globals['_DROPOUTLAYER']._serialized_end=1788
+  _globals['_MODELMETADATA']._serialized_start=1791
+  _globals['_MODELMETADATA']._serialized_end=2185
+  _globals['_MCDROPOUTSERVICE']._serialized_start=2690
+  _globals['_MCDROPOUTSERVICE']._serialized_end=2949
 # @@protoc_insertion_point(module_scope)

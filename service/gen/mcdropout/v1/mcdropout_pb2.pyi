@@ -71,7 +71,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples", "interval_levels", "target_standard_error")
+    __slots__ = ("model", "version", "inputs", "num_samples", "return_samples", "interval_levels", "target_standard_error", "seed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class PredictRequest(_message.Message):
     RETURN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_LEVELS_FIELD_NUMBER: _ClassVar[int]
     TARGET_STANDARD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -86,7 +87,8 @@ class PredictRequest(_message.Message):
     return_samples: bool
     interval_levels: _containers.RepeatedScalarFieldContainer[float]
     target_standard_error: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ..., interval_levels: _Optional[_Iterable[float]] = ..., target_standard_error: _Optional[float] = ...) -> None: ...
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_samples: _Optional[int] = ..., return_samples: _Optional[bool] = ..., interval_levels: _Optional[_Iterable[float]] = ..., target_standard_error: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Interval(_message.Message):
     __slots__ = ("level", "method", "lower", "upper")
