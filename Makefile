@@ -12,7 +12,7 @@ RUN_FLAGS ?=
 # torch==2.13.0 comes from a CPU wheel on this machine's disk; an unpinned torch pulls CUDA builds.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: help venv install install-dev models run test test-unit test-integration lint format proto proto-check clean
+.PHONY: help venv install install-dev models run test test-unit test-integration lint format proto proto-check clean bench-env bench bench-quick
 
 help:
 	@echo "make run     install, build the bundled model repository if missing, start the server"
@@ -67,5 +67,26 @@ proto: $(VENV)/.installed-dev
 proto-check: $(VENV)/.installed-dev
 	$(PY) -m service.protogen --check
 
+# ---- Benchmarks (bench/, results in docs/benchmarks.md)
+MLSERVER_VENV ?= .venv-mlserver
+
+# MLServer 1.7.1 for bench/service.py, in its own venv (it pins protobuf < 7 and fastapi < 0.116).
+$(MLSERVER_VENV)/.installed: bench/mlserver/requirements.txt
+	$(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --disable-pip-version-check -q -r bench/mlserver/requirements.txt
+	touch $@
+
+bench-env: $(MLSERVER_VENV)/.installed
+
+# Engine (in process) and service (gRPC, against a naive server and MLServer) benchmarks;
+# writes docs/benchmarks.md and prints one JSON line of headline ratios.
+bench: $(VENV)/.installed-dev bench-env
+	$(PY) -m bench.run
+
+# A representative subset in under 3 minutes (once bench-env exists); it also writes
+# docs/benchmarks.md, marked as the quick subset: commit only the full run's.
+bench-quick: $(VENV)/.installed-dev bench-env
+	$(PY) -m bench.run --quick
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) .mypy_cache .ruff_cache .pytest_cache
