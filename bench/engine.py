@@ -46,7 +46,7 @@ import torch
 from bench.models import INPUT_NAME, OUTPUT_NAME, PreparedModel, load_prepared
 from service.onnx_session import SessionConfig, create_session
 from service.repository import Semantics, TensorSpec
-from service.runtime import OutputStats, TiledEngine, build_engine, chunk_samples
+from service.runtime import Engine, OutputStats, TiledEngine, build_engine, chunk_samples
 from service.uncertainty import ClassificationAccumulator, RegressionAccumulator
 
 __all__ = [
@@ -285,13 +285,15 @@ def make_runner(
         return ort_loop
 
     if variant in ("ort_tiled", "engine"):
-        factory = TiledEngine if variant == "ort_tiled" else build_engine
-        engine = factory(model.source, config, tile_memory_bytes)
+        engine: Engine = (
+            TiledEngine(model.source, config, tile_memory_bytes)
+            if variant == "ort_tiled"
+            else build_engine(model.source, config, tile_memory_bytes)
+        )
 
         def run_engine(rows: Rows, num_samples: int) -> OutputStats:
             return engine.run({INPUT_NAME: rows}, num_samples)[0]
 
-        run_engine.__name__ = variant
         return run_engine
 
     raise ValueError(f"variant must be one of {VARIANT_KEYS}, got {variant!r}")
@@ -466,16 +468,27 @@ def measure_peak_memory(
     repository: Path,
     config: EngineBenchConfig,
     threads: int,
+    *,
+    only: Callable[[Cell], bool] | None = None,
     timeout_s: float = 900.0,
 ) -> None:
     """Fill ``peak_rss_bytes`` of every variant that was timed, one child process per model.
+
+    Args:
+        results: the timed cells; their measurements are updated in place.
+        repository: where the models were published.
+        config: the settings the cells were timed with.
+        threads: PyTorch threads in the child.
+        only: measure just the cells it accepts (default: all).
+        timeout_s: per child process.
 
     Raises:
         RuntimeError: a child process failed.
     """
     by_model: dict[str, list[CellResult]] = {}
     for result in results:
-        by_model.setdefault(result.cell.model, []).append(result)
+        if only is None or only(result.cell):
+            by_model.setdefault(result.cell.model, []).append(result)
     for name, model_results in by_model.items():
         runs = [
             [key, r.cell.num_rows, r.cell.num_samples]

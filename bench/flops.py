@@ -55,10 +55,13 @@ class MatmulRate:
 
 def _blas_description() -> str:
     try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415 (optional, from scikit-learn)
+        # Optional (comes with scikit-learn), untyped.
+        from threadpoolctl import threadpool_info  # type: ignore[import-untyped]  # noqa: PLC0415
     except ImportError:
         return "unknown BLAS"
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    # torch may load a BLAS of its own: describe numpy's (numpy.libs/ in its path) if listed.
+    pools.sort(key=lambda p: "numpy" not in str(p.get("filepath", "")))
     if not pools:
         return "unknown BLAS"
     pool = pools[0]

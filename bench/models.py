@@ -191,7 +191,9 @@ def _randomise_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
     """Give BatchNorm running statistics non-trivial values (as after training), so the
     exported graph folds a real affine map rather than the identity."""
     for child in module.modules():
-        if isinstance(child, nn.BatchNorm2d):
+        if not isinstance(child, nn.BatchNorm2d):
+            continue
+        if child.running_mean is not None and child.running_var is not None:
             with torch.no_grad():
                 child.running_mean.normal_(0.0, 0.1, generator=generator)
                 child.running_var.uniform_(0.5, 1.5, generator=generator)

@@ -312,11 +312,10 @@ def render(
     lines.append("")
     if engine is not None:
         lines += _engine_markdown(engine)
-    lines += ["## Service level", ""]
-    if service_markdown is not None:
+    if service_markdown is not None:  # bench.service's section brings its own heading
         lines += [service_markdown.strip(), ""]
     else:
-        lines += [service_note or "not run", ""]
+        lines += ["## Service level", "", service_note or "not run", ""]
     lines += [
         "## Headline",
         "",
