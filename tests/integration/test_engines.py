@@ -4,6 +4,7 @@ covered end to end by test_predict.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,3 +66,31 @@ def test_chunked_runs_match_one_run(test_models: ExportedModels, kind: EngineKin
     assert stats.num_samples == 1500
     reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x, N_TORCH, softmax=False)
     assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, 1500)
+
+
+def test_load_probe_accepts_models_with_small_dropout_rates(tmp_path: Path) -> None:
+    """With p = 0.005 a copy of a row often drops nothing (73% of copies here): the load-time
+    probe must still see the model as stochastic. With 8 copies it refused this valid model
+    about 20% of the time, so 50 probes all passing had probability ~1e-5; with 256 copies a
+    false refusal has probability ~1e-35 per probe."""
+    import torch
+    from torch import nn
+
+    from export import export_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Dropout(0.005), nn.Linear(13, 50), nn.ReLU(), nn.Dropout(0.005), nn.Linear(50, 1)
+    )
+    export_model(
+        model,
+        torch.randn(8, 13),
+        repository=tmp_path,
+        name="small_p",
+        task="regression",
+        verify_samples=2000,
+    )
+    engine = build_engine(
+        load_version(tmp_path / "small_p", 1), SessionConfig(use_gpu=False), 1 << 28
+    )
+    assert all(engine.is_stochastic() for _ in range(50))
