@@ -2,8 +2,9 @@
 
 Start-up order matters for orchestrators: the gRPC port opens first with health NOT_SERVING,
 models load off the event loop, then health turns SERVING. Shutdown (SIGTERM/SIGINT) turns
-health NOT_SERVING, stops accepting RPCs, lets in-flight ones finish within the grace period,
-then exits 0.
+health NOT_SERVING, keeps serving for the drain period (clients that check health and load
+balancers move away), stops accepting RPCs, lets in-flight ones finish within the grace
+period, then exits 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class App:
         self.grpc_port = 0
         self.metrics_port = -1
         self._stopping = asyncio.Event()
+        self._end_drain = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
@@ -63,11 +65,13 @@ class App:
             _write_port_file(s.port_file, self.grpc_port, self.metrics_port)
 
     async def stop(self) -> None:
+        s = self.settings
         log.info(
-            "shutting down: finishing in-flight requests (grace %.1f s)",
-            self.settings.grace_period_s,
-        )
-        await self.grpc.stop(self.settings.grace_period_s)
+            "shutting down: health NOT_SERVING, draining %.1f s, then finishing in-flight "
+            "requests (grace %.1f s)",
+            s.drain_period_s, s.grace_period_s,
+        )  # fmt: skip
+        await self.grpc.stop(s.grace_period_s, s.drain_period_s, self._end_drain)
         await self.core.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -75,6 +79,12 @@ class App:
         log.info("stopped")
 
     def request_stop(self) -> None:
+        """First call: stop gracefully (drain, then grace). A second call (another SIGTERM or
+        Ctrl-C) cuts the drain short; in-flight requests still get the grace period."""
+        if self._stopping.is_set():
+            if not self._end_drain.is_set():
+                log.info("second stop signal: ending the drain now")
+            self._end_drain.set()
         self._stopping.set()
 
     async def serve(self) -> None:

@@ -10,6 +10,7 @@ Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -168,9 +169,21 @@ class GrpcServer:
         for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._core.registry.names()):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop accepting RPCs, let in-flight ones finish within ``grace_s``, then close."""
+    async def stop(
+        self, grace_s: float, drain_s: float = 0.0, end_drain: asyncio.Event | None = None
+    ) -> None:
+        """Health NOT_SERVING; keep serving for ``drain_s`` or until ``end_drain`` is set
+        (health-checking clients and load balancers leave meanwhile); then stop accepting RPCs,
+        let in-flight ones finish within ``grace_s``, and close.
+
+        Without the drain, calls that reach grpcio's server in the instant ``stop`` begins are
+        answered CANCELLED, or (rarely) not at all until their deadline (grpcio 1.85.1).
+        """
         await self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            end = end_drain or asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(end.wait(), drain_s)
         await self._server.stop(grace_s)
 
     async def wait_for_termination(self) -> None:

@@ -106,6 +106,13 @@ class Settings:
     max_message_bytes: int = field(
         default=64 * MiB, metadata=_doc("largest gRPC message received or sent")
     )
+    drain_period_s: float = field(
+        default=1.0,
+        metadata=_doc(
+            "seconds the server keeps serving after SIGTERM with health NOT_SERVING, so that "
+            "health-checking clients and load balancers move away before it stops accepting"
+        ),
+    )
     grace_period_s: float = field(
         default=10.0, metadata=_doc("seconds in-flight requests get to finish on shutdown")
     )
@@ -143,8 +150,10 @@ def _check(s: Settings) -> None:
         raise SettingsError(
             f"metrics_port must be in -1..65535 (-1 disables), got {s.metrics_port}"
         )
-    if s.grace_period_s < 0:
-        raise SettingsError(f"grace_period_s must be >= 0, got {s.grace_period_s}")
+    for name in ("drain_period_s", "grace_period_s"):
+        value = getattr(s, name)
+        if not value >= 0:  # also refuses NaN
+            raise SettingsError(f"{name} must be >= 0, got {value}")
     if s.max_message_bytes > 2**31 - 1:
         raise SettingsError(f"max_message_bytes must be < 2 GiB, got {s.max_message_bytes}")
     for f in fields(s):

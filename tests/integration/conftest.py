@@ -143,6 +143,10 @@ SERVER_FLAGS = [
     # A small budget forces large-T requests through many chunks of the tile.
     "--tile-memory-bytes", str(4 * 1024 * 1024),
     "--compute-workers", "2",
+    # No drain on shutdown (tests that need one pass --drain-period-s again; the last wins).
+    "--drain-period-s", "0",
+    # MCD_TEST_DEVICE=gpu runs every test server on the GPU (tests/gpu; refused without CUDA).
+    "--device", os.environ.get("MCD_TEST_DEVICE", "cpu"),
 ]  # fmt: skip
 
 

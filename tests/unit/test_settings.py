@@ -37,6 +37,8 @@ def test_log_level_is_case_insensitive_in_environment() -> None:
         ("grpc_port", 70000, "grpc_port must be in 0..65535, got 70000"),
         ("metrics_port", -2, "metrics_port must be in -1..65535"),
         ("grace_period_s", -1.0, "grace_period_s must be >= 0"),
+        ("drain_period_s", -0.5, "drain_period_s must be >= 0"),
+        ("drain_period_s", float("nan"), "drain_period_s must be >= 0"),
         ("device", "tpu", "device must be one of auto, cpu, gpu, got 'tpu'"),
         ("max_message_bytes", 2**31, "max_message_bytes must be < 2 GiB"),
     ],
