@@ -43,7 +43,7 @@ models: $(VENV)/.installed-run
 run: models
 	$(PY) -m service --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(RUN_FLAGS)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev deploy-tools
 	$(PY) -m pytest tests
 
 test-unit: $(VENV)/.installed-dev
@@ -69,7 +69,7 @@ proto-check: $(VENV)/.installed-dev
 
 # ---- Evaluation (evaluation/, results in docs/evaluation.md and docs/evaluation/*.png):
 # Gal & Ghahramani's Boston protocol, digits calibration and OOD, convergence with T, all
-# through a running server. About 5 minutes on 2 cores.
+# through a running server. About 5 minutes on 2 idle cores.
 evaluate: $(VENV)/.installed-dev
 	$(PY) -m evaluation
 
@@ -96,3 +96,50 @@ bench-quick: $(VENV)/.installed-dev bench-env
 
 clean:
 	rm -rf $(VENV) $(MLSERVER_VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# ---- Deploy and monitor: Dockerfile, deploy/, docker-compose.yml (README "Deploy and monitor")
+IMAGE ?= mcdropout:latest
+# 1: the image carries the CUDA 13 / cuDNN 9 libraries; 0: a CPU-only image.
+CUDA ?= 1
+# Another base image (it must have Python 3.11 and venv), e.g. the local one of container-test.
+BASE ?=
+# A CA bundle for pip inside a buildah build, where HTTPS goes through an intercepting proxy.
+BUILD_CA_BUNDLE ?=
+# The local buildah/podman store of the container scripts (vfs; deploy/container/env.sh).
+MCD_CONTAINER_STORE ?= /var/tmp/mcdropout-containers
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+CONTAINER_TOOLS := buildah podman runc debootstrap
+
+.PHONY: deploy-tools container-tools image test-deploy container-test
+
+# prometheus and promtool for tests/deploy (the Debian package). Does nothing when present;
+# installs them as root; otherwise says that their tests will skip (CI sets MCD_REQUIRE_TOOLS=1,
+# which turns such a skip into a failure).
+deploy-tools:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		echo "prometheus $$(prometheus --version 2>&1 | head -n1 | cut -d' ' -f3) present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && $(APT_INSTALL) prometheus; \
+	else echo "warning: prometheus/promtool missing (apt-get install prometheus as root):" \
+		"the Prometheus tests of tests/deploy will skip"; fi
+
+# Building and running the image without a Docker engine (needs root).
+container-tools:
+	@if command -v buildah >/dev/null && command -v podman >/dev/null && command -v runc >/dev/null \
+		&& command -v debootstrap >/dev/null; then echo "$(CONTAINER_TOOLS) present"; \
+	else apt-get update -q && $(APT_INSTALL) $(CONTAINER_TOOLS) fuse-overlayfs slirp4netns uidmap \
+		containernetworking-plugins; fi
+
+# The image, with docker when an engine answers, else with buildah; bakes in models/.
+image: models
+	IMAGE='$(IMAGE)' CUDA='$(CUDA)' BASE='$(BASE)' BUILD_CA_BUNDLE='$(BUILD_CA_BUNDLE)' \
+		MCD_CONTAINER_STORE='$(MCD_CONTAINER_STORE)' deploy/build-image.sh
+
+test-deploy: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/deploy
+
+# Builds the CPU image from a local Debian base (debootstrap, buildah), runs it with podman:
+# health check, Predict, metrics, a mounted repository, SIGTERM during a burst.
+container-test: container-tools models $(VENV)/.installed-dev
+	MCD_CONTAINER_TEST=1 MCD_CONTAINER_STORE='$(MCD_CONTAINER_STORE)' \
+		$(PY) -m pytest tests/deploy/test_container.py -v
