@@ -163,6 +163,7 @@ def load_registry(settings: Settings) -> ModelRegistry:
         allow_spinning=settings.allow_spinning,
         graph_optimization_level=settings.graph_optimization_level,
         gpu_device_id=settings.gpu_device_id,
+        cuda_conv_algo_search=settings.cuda_conv_algo_search,
     )
     registry = ModelRegistry()
     sources, problems = scan_repository(settings.model_repository)

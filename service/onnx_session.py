@@ -71,6 +71,10 @@ class SessionConfig:
         graph_optimization_level: ONNX Runtime's optimization level ("disable", "basic",
             "extended", "all"). EliminateDropout stays disabled at every level.
         gpu_device_id: the CUDA device to use.
+        cuda_conv_algo_search: the CUDA provider's cudnn_conv_algo_search ("heuristic",
+            "exhaustive" or "default"). ONNX Runtime's own default, exhaustive, times every
+            algorithm for each new input shape; under dynamic batching every batch size is a
+            new shape.
     """
 
     use_gpu: bool = True
@@ -79,6 +83,7 @@ class SessionConfig:
     allow_spinning: bool = False
     graph_optimization_level: str = "all"
     gpu_device_id: int = 0
+    cuda_conv_algo_search: str = "heuristic"
 
 
 _LEVELS = {
@@ -144,7 +149,11 @@ def create_session(
     options.log_severity_level = 3
     providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if config.use_gpu and cuda_usable():
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(config.gpu_device_id)}))
+        cuda_options = {
+            "device_id": str(config.gpu_device_id),
+            "cudnn_conv_algo_search": config.cuda_conv_algo_search.upper(),
+        }
+        providers.insert(0, ("CUDAExecutionProvider", cuda_options))
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(
         source,

@@ -23,6 +23,7 @@ Device = Literal["auto", "cpu", "gpu"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 OptLevel = Literal["disable", "basic", "extended", "all"]
 EngineKind = Literal["auto", "split-graph", "split-sessions", "tiled"]
+ConvAlgoSearch = Literal["heuristic", "exhaustive", "default"]
 
 MiB = 1024 * 1024
 
@@ -60,6 +61,14 @@ class Settings:
         metadata=_doc("auto: CUDA when it really loads, else CPU; cpu; gpu: fail without CUDA"),
     )
     gpu_device_id: int = field(default=0, metadata=_doc("CUDA device index"))
+    cuda_conv_algo_search: ConvAlgoSearch = field(
+        default="heuristic",
+        metadata=_doc(
+            "how the CUDA provider picks cuDNN convolution algorithms: heuristic (cuDNN's "
+            "guess, free), exhaustive (times every algorithm once per new input shape, and "
+            "dynamic batching makes new shapes all the time), default (one fixed algorithm)"
+        ),
+    )
     intra_op_threads: int = field(
         default=0, metadata=_doc("ONNX Runtime threads per run; 0 = one per core")
     )
@@ -169,6 +178,7 @@ _LITERALS: dict[str, tuple[str, ...]] = {
     "LogLevel": get_args(LogLevel),
     "OptLevel": get_args(OptLevel),
     "EngineKind": get_args(EngineKind),
+    "ConvAlgoSearch": get_args(ConvAlgoSearch),
 }
 
 

@@ -40,6 +40,11 @@ def test_log_level_is_case_insensitive_in_environment() -> None:
         ("drain_period_s", -0.5, "drain_period_s must be >= 0"),
         ("drain_period_s", float("nan"), "drain_period_s must be >= 0"),
         ("device", "tpu", "device must be one of auto, cpu, gpu, got 'tpu'"),
+        (
+            "cuda_conv_algo_search",
+            "fast",
+            "cuda_conv_algo_search must be one of heuristic, exhaustive, default, got 'fast'",
+        ),
         ("max_message_bytes", 2**31, "max_message_bytes must be < 2 GiB"),
     ],
 )
