@@ -94,6 +94,21 @@ bench: $(VENV)/.installed-dev bench-env
 bench-quick: $(VENV)/.installed-dev bench-env
 	$(PY) -m bench.run --quick
 
+# ---- GPU (CUDA): tests/gpu skip without a usable CUDA device; bench/gpu.py writes the section
+# between <!-- gpu:begin --> and <!-- gpu:end --> of docs/benchmarks.md (bench.run keeps it).
+# GPU_REPOSITORY: benchmark models exported beforehand (python -m bench.gpu --prepare DIR);
+# GPU_TEST_MODELS: test models exported beforehand (python -m tests.gpu.bundle DIR).
+GPU_REPOSITORY ?=
+GPU_BENCH_FLAGS ?=
+.PHONY: test-gpu bench-gpu
+
+test-gpu: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/gpu -v -rs
+
+# About 6 minutes on one H100 with 16 cores (--budget-s bounds it; --json keeps the raw results).
+bench-gpu: $(VENV)/.installed-dev
+	$(PY) -m bench.gpu $(if $(GPU_REPOSITORY),--repository $(GPU_REPOSITORY)) $(GPU_BENCH_FLAGS)
+
 clean:
 	rm -rf $(VENV) $(MLSERVER_VENV) .mypy_cache .ruff_cache .pytest_cache
 

@@ -11,7 +11,22 @@ from bench.engine import MIN_ROUNDS, VARIANTS, CellResult, EngineBenchConfig
 from bench.flops import MatmulRate, ModelFlops
 from bench.models import MODELS
 
-__all__ = ["TARGETS", "EngineSection", "Target", "headline_json", "render", "target_rows"]
+__all__ = [
+    "GPU_BEGIN",
+    "GPU_END",
+    "TARGETS",
+    "EngineSection",
+    "Target",
+    "extract_gpu_section",
+    "headline_json",
+    "render",
+    "replace_gpu_section",
+    "target_rows",
+]
+
+#: The GPU section (bench/gpu.py) lies between these lines; bench/run.py keeps it as it is.
+GPU_BEGIN = "<!-- gpu:begin -->"
+GPU_END = "<!-- gpu:end -->"
 
 
 @dataclass(frozen=True)
@@ -273,6 +288,7 @@ def render(
     service_markdown: str | None,
     service_note: str | None,
     headline: Mapping[str, float | None],
+    gpu_section: str | None = None,
 ) -> str:
     """The whole docs/benchmarks.md.
 
@@ -284,6 +300,8 @@ def render(
         service_markdown: bench.service's section, when it ran.
         service_note: why the service section is missing (when it is).
         headline: the headline ratios (also printed as the JSON line).
+        gpu_section: the GPU section of the document being replaced (markers included, see
+            :func:`extract_gpu_section`), kept as it is at the end.
     """
     lines = [
         "# Benchmarks",
@@ -326,7 +344,32 @@ def render(
         "```",
         "",
     ]
-    return "\n".join(lines)
+    document = "\n".join(lines)
+    return replace_gpu_section(document, gpu_section) if gpu_section else document
+
+
+def extract_gpu_section(text: str) -> str | None:
+    """The GPU section of a document, from GPU_BEGIN to GPU_END inclusive (None without one)."""
+    begin = text.find(GPU_BEGIN)
+    end = text.find(GPU_END, begin + len(GPU_BEGIN)) if begin >= 0 else -1
+    if begin < 0 or end < 0:
+        return None
+    return text[begin : end + len(GPU_END)]
+
+
+def replace_gpu_section(text: str, section: str) -> str:
+    """``text`` with its GPU section replaced by ``section`` (markers included), or with
+    ``section`` appended after a blank line when it has none; nothing else changes."""
+    section = section.strip("\n")
+    if not (section.startswith(GPU_BEGIN) and section.endswith(GPU_END)):
+        raise ValueError(f"a GPU section must run from {GPU_BEGIN} to {GPU_END}")
+    old = extract_gpu_section(text)
+    if old is not None:
+        begin = text.index(old)
+        return text[:begin] + section + text[begin + len(old) :]
+    if not text.strip():
+        return section + "\n"
+    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def headline_json(headline: Mapping[str, Any]) -> str:

@@ -44,7 +44,7 @@ from bench.engine import (
 )
 from bench.flops import MatmulRate, ModelFlops, count_model_flops, measure_matmul
 from bench.models import MODELS, prepare_models
-from bench.report import EngineSection, headline_json, render
+from bench.report import EngineSection, extract_gpu_section, headline_json, render
 
 __all__ = ["engine_headline", "full_cells", "main", "quick_cells"]
 
@@ -235,6 +235,14 @@ def _run_engine(quick: bool, threads: int) -> tuple[EngineSection, dict[str, flo
     return section, engine_headline(results, flops, section.matmul)
 
 
+def _existing_gpu_section(path: Path) -> str | None:
+    """The GPU section of the report about to be replaced, if it has one."""
+    try:
+        return extract_gpu_section(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
@@ -297,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         service_markdown=service.get("markdown") if service is not None else None,
         service_note=service_note,
         headline=headline,
+        # The GPU section (python -m bench.gpu, measured on another machine) stays as it is.
+        gpu_section=_existing_gpu_section(args.output),
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown, encoding="utf-8")

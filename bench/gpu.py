@@ -1,0 +1,1527 @@
+"""GPU benchmark: the engine-level variants of bench/engine.py on CUDA, in one process and one run.
+
+``python -m bench.gpu --repository DIR --json OUT.json --out SECTION.md`` measures, over cells
+(model, B rows, T samples), with PyTorch on cuda and ONNX Runtime on the CUDA provider:
+
+* (a) ``torch_loop``: the usual PyTorch MC dropout code, T forward passes of the B rows on cuda;
+* (b) ``torch_tiled``: PyTorch on cuda on the [T*B] tile, chunked to the memory budget;
+* (c) ``ort_loop``: ONNX Runtime (CUDA provider), T session runs of the B rows;
+* (d) ``ort_tiled``: ONNX Runtime (CUDA) on the whole tiled graph (``TiledEngine``);
+* (e) ``engine``: this engine, ``build_engine(..., SessionConfig(use_gpu=True))``, what the
+  server runs with ``--device gpu``;
+* (f) ``engine_split_graph``: the engine's one-graph form (Tile inside the graph, so the tile
+  never crosses the PCIe bus), ``build_engine(kind="split-graph")``;
+* (g) ``engine_cpu``: this engine on the CPU provider of the same host (all its cores), to show
+  where the GPU wins.
+
+Every variant ends with the same float64 statistics on the host (``service.uncertainty``).
+Timing follows bench/engine.py (probes, one full-size warm-up, interleaved rounds, median and
+p10-p90) with ``torch.cuda.synchronize()`` before and after every PyTorch call (ONNX Runtime's
+``run`` is synchronous from Python). A variant whose sessions do not really run on CUDA
+(``get_providers()[0]``) is refused and reported as an error, never as a GPU figure. One failing
+variant or cell is recorded as an error and the rest go on; the whole run keeps to a wall-clock
+budget (``--budget-s``), and the JSON result is rewritten after every cell, so a run cut short
+still leaves its measurements.
+
+Optionally (unless ``--skip-service``) a service-level figure: the real server with
+``--device gpu`` under bench/loadgen.py at a few concurrencies, against a naive PyTorch server
+on cuda (``python -m bench.gpu --naive-server``, bench/naive_server.py's code moved to the GPU)
+and the real server with ``--device cpu`` on the same host.
+
+Other modes:
+
+* ``python -m bench.gpu --prepare DIR``: export the benchmark models here (bench/models.py, with
+  verification) into DIR, with their PyTorch weights, to carry to a GPU host (about 4 MB).
+* ``python -m bench.gpu --merge RESULT.json``: re-render the GPU section from a result file (or
+  take a section file written by ``--out``) into docs/benchmarks.md, between the markers
+  ``<!-- gpu:begin -->`` and ``<!-- gpu:end -->``, leaving the rest of the file untouched.
+* ``--device cpu``: a test mode on a host without a GPU, every variant on the CPU (the report
+  says so in its title); with ``--smoke``, tiny cells and budgets so that every code path runs.
+
+The workflow for a borrowed GPU host: ``--prepare build/gpu-models`` here; carry that folder;
+there ``--repository build/gpu-models --json OUT/gpu.json --out OUT/gpu.md`` (about 6 minutes
+on one H100 with 16 cores, bounded by ``--budget-s``, 380 s by default, imports included);
+back here ``--merge gpu.json``. Without ``--out``, a CUDA run writes its section into
+docs/benchmarks.md itself; the CPU test mode prints it instead. Exit status 0 when everything
+ran, 1 when anything failed (every output is still written, the failures listed in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.engine import (
+    MIN_ROUNDS,
+    Cell,
+    CellResult,
+    EngineBenchConfig,
+    Measurement,
+    Rows,
+    Runner,
+    _accumulator,
+    _stats,
+    _tile_budget_rows,
+)
+from bench.gpu_shapes import shapes_lines
+from bench.models import (
+    INPUT_NAME,
+    MODELS,
+    OUTPUT_NAME,
+    VERSION,
+    PreparedModel,
+    build_mc_model,
+    prepare_models,
+)
+from bench.report import GPU_BEGIN, GPU_END, replace_gpu_section
+from service.repository import load_version
+from service.runtime import OutputStats, build_engine, chunk_samples
+from service.settings import EngineKind
+
+__all__ = [
+    "GPU_VARIANTS",
+    "GpuVariant",
+    "default_cells",
+    "load_repository",
+    "main",
+    "prepare_repository",
+    "problems",
+    "render_section",
+    "run_benchmark",
+]
+
+log = logging.getLogger("bench.gpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+SCHEMA = "bench.gpu/1"
+#: PyTorch weights of a prepared model, next to its version folders (ignored by the server).
+STATE_DICT_FILE = "torch_state_dict.pt"
+MANIFEST_FILE = "bench-gpu.json"
+#: module:callable building each benchmark model (for the naive server's --factory).
+FACTORIES = {
+    "digits_cnn": "bench.models:digits_cnn",
+    "mlp": "bench.models:DropoutMLP",
+    "cnn32": "bench.models:ConvNet32",
+}
+
+
+@dataclass(frozen=True)
+class GpuVariant:
+    """One way of computing T samples on this host.
+
+    Attributes:
+        key: short name used in results.
+        letter: (a)..(g).
+        label: column header.
+        on_gpu: runs on the GPU (in CUDA mode); else on the host's CPU.
+    """
+
+    key: str
+    letter: str
+    label: str
+    on_gpu: bool = True
+
+
+GPU_VARIANTS: tuple[GpuVariant, ...] = (
+    GpuVariant("torch_loop", "a", "PyTorch loop of T passes"),
+    GpuVariant("torch_tiled", "b", "PyTorch on the [T*B] tile"),
+    GpuVariant("ort_loop", "c", "ONNX Runtime loop of T runs"),
+    GpuVariant("ort_tiled", "d", "ONNX Runtime, whole tiled graph"),
+    GpuVariant("engine", "e", "this engine (build_engine)"),
+    GpuVariant("engine_split_graph", "f", "this engine, one-graph form (split-graph)"),
+    GpuVariant("engine_cpu", "g", "this engine on the CPU provider", on_gpu=False),
+)
+VARIANT_KEYS = tuple(v.key for v in GPU_VARIANTS)
+LETTER = {v.key: v.letter for v in GPU_VARIANTS}
+
+#: GPU calls are short: smaller per-cell budgets than the CPU benchmark, a cap on slow loops.
+GPU_CONFIG = EngineBenchConfig(
+    min_repeats=5,
+    max_repeats=15,
+    cell_budget_s=4.0,
+    max_cell_s=10.0,
+    call_cap_s=2.0,
+    probe_samples=10,
+    pause_s=0.002,
+)
+#: --smoke: every code path once, as fast as possible.
+SMOKE_CONFIG = EngineBenchConfig(
+    min_repeats=1,
+    max_repeats=3,
+    cell_budget_s=0.0,
+    max_cell_s=0.0,
+    call_cap_s=5.0,
+    probe_samples=2,
+    pause_s=0.0,
+)
+#: Total wall-clock budget of a run (the GPU host gives a command 8 minutes; leave margin).
+DEFAULT_BUDGET_S = 380.0
+#: Time kept for the service part when it runs.
+SERVICE_RESERVE_S = 95.0
+
+
+def default_cells() -> list[Cell]:
+    """Every model x B in (1, 32, 256) x T in (50, 1000), then the large tiles where a GPU
+    should win most (the extra cells run last, so a tight budget cuts them first)."""
+    grid = [Cell(m, b, t) for m in MODELS for b in (1, 32, 256) for t in (50, 1000)]
+    extra = [Cell("digits_cnn", 1, 10_000), Cell("mlp", 256, 10_000), Cell("cnn32", 256, 10_000)]
+    return grid + extra
+
+
+def smoke_cells() -> list[Cell]:
+    return [Cell("digits_cnn", 1, 5), Cell("mlp", 3, 7), Cell("cnn32", 2, 4)]
+
+
+def parse_cells(text: str) -> list[Cell]:
+    """``model:B:T,model:B:T`` -> cells."""
+    cells = []
+    for part in text.split(","):
+        name, rows, samples = part.strip().split(":")
+        if name not in MODELS:
+            raise argparse.ArgumentTypeError(f"unknown model {name!r} (one of {list(MODELS)})")
+        cells.append(Cell(name, int(rows), int(samples)))
+    return cells
+
+
+# ---------------------------------------------------------------- the model repository
+
+
+class _NoProgress:
+    """The part of tqdm.tqdm that export.examples uses, doing nothing."""
+
+    def __init__(self, iterable: Any = (), *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+        self._iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._iterable)
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+
+def stub_missing_tqdm() -> None:
+    """Register a do-nothing ``tqdm`` when the package is missing (a bare GPU host): the digits
+    CNN's class lives in export.examples, which imports tqdm for its training progress bar."""
+    try:
+        import tqdm  # noqa: F401, PLC0415
+    except ImportError:
+        module = types.ModuleType("tqdm")
+        module.tqdm = _NoProgress  # type: ignore[attr-defined]
+        sys.modules["tqdm"] = module
+
+
+def prepare_repository(directory: Path, seed: int = 0) -> dict[str, PreparedModel]:
+    """Export, verify and publish every benchmark model into ``directory`` (bench/models.py),
+    with each model's PyTorch weights next to its version folder and a small manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    models = prepare_models(list(MODELS), directory, seed=seed)
+    for name, model in models.items():
+        torch.save(model.mc_model.state_dict(), directory / name / STATE_DICT_FILE)
+    manifest = {
+        "seed": seed,
+        "models": list(models),
+        "torch": torch.__version__,
+        "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": _command(sys.argv[1:]),
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return models
+
+
+def load_repository(
+    directory: Path, names: Sequence[str], seed: int = 0
+) -> dict[str, PreparedModel]:
+    """The models ``prepare_repository`` published: ONNX versions as the server loads them,
+    PyTorch modules from the saved weights (rebuilt from ``seed`` when there are none)."""
+    models: dict[str, PreparedModel] = {}
+    for name in names:
+        spec = MODELS[name]
+        mc_model = build_mc_model(spec, seed)
+        weights = directory / name / STATE_DICT_FILE
+        if weights.exists():
+            mc_model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        else:
+            log.warning("%s: no %s, PyTorch weights rebuilt from seed %d", name, weights, seed)
+        models[name] = PreparedModel(
+            spec=spec,
+            mc_model=mc_model,
+            source=load_version(directory / name, VERSION),
+            export_s=0.0,
+        )
+    return models
+
+
+# ---------------------------------------------------------------- the device
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the "GPU" variants run.
+
+    Attributes:
+        cuda: True for the real benchmark; False for the CPU test mode.
+        torch_device: "cuda" or "cpu".
+        use_gpu: SessionConfig.use_gpu of the ONNX Runtime GPU variants.
+        provider: what their sessions must report first.
+    """
+
+    cuda: bool
+
+    @property
+    def torch_device(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.cuda
+
+    @property
+    def provider(self) -> str:
+        return CUDA_PROVIDER if self.cuda else CPU_PROVIDER
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _try(info: dict[str, Any], key: str, value: Callable[[], Any]) -> None:
+    try:
+        info[key] = value()
+    except Exception as exc:  # a missing detail must never stop the benchmark
+        info[key] = f"unknown ({type(exc).__name__}: {exc})"
+
+
+def _nvidia_smi() -> dict[str, str]:
+    fields = ("name", "driver_version", "memory.total", "clocks.max.sm", "power.limit")
+    done = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    first = done.stdout.strip().splitlines()[0]
+    return dict(zip(fields, (v.strip() for v in first.split(",")), strict=True))
+
+
+def _driver_cuda_version() -> str:
+    """The CUDA version the driver supports (cuDriverGetVersion), e.g. "13.0"."""
+    version = ctypes.c_int()
+    if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
+        raise RuntimeError("cuDriverGetVersion failed")
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: Device) -> dict[str, Any]:
+    """Everything that names the machine and software; every field fails soft."""
+    import onnx  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    info: dict[str, Any] = {
+        "mode": "cuda" if device.cuda else "cpu-test",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": f"{_cpu_model()}, {len(os.sched_getaffinity(0))} cores usable "
+        f"({os.cpu_count()} online)",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "ort_available_providers": ort.get_available_providers(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch_cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "torch_cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+    }
+    if device.cuda:
+        _try(info, "torch_cuda_available", torch.cuda.is_available)
+        _try(info, "gpu", lambda: torch.cuda.get_device_name(0))
+        _try(
+            info, "gpu_capability", lambda: ".".join(map(str, torch.cuda.get_device_capability(0)))
+        )
+        _try(
+            info,
+            "gpu_memory",
+            lambda: f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB",
+        )
+        _try(info, "torch_cudnn", torch.backends.cudnn.version)
+        _try(info, "driver_cuda", _driver_cuda_version)
+        _try(info, "nvidia_smi", _nvidia_smi)
+        from service.onnx_session import cuda_usable  # noqa: PLC0415
+
+        _try(info, "ort_cuda_usable", cuda_usable)
+    return info
+
+
+# ---------------------------------------------------------------- runners
+
+
+class NotOnDevice(RuntimeError):
+    """A variant's sessions (or tensors) are not where the benchmark needs them."""
+
+
+@dataclass
+class Built:
+    """A variant ready to call, with where it really runs.
+
+    Attributes:
+        runner: ``run(rows (B, ...), T) -> statistics``, synchronised around the call.
+        providers: what runs it: every ONNX Runtime session's first provider, or "torch cuda".
+        detail: e.g. the engine class.
+        provider_options: the CUDA provider's options of the first session (ORT variants).
+    """
+
+    runner: Runner
+    providers: list[str]
+    detail: str = ""
+    provider_options: dict[str, str] = field(default_factory=dict)
+
+
+def _sessions(obj: Any) -> list[Any]:
+    """Every ONNX Runtime session held by an engine (and by its seeded path)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    found = [v for v in vars(obj).values() if isinstance(v, ort.InferenceSession)]
+    seeded = getattr(obj, "_seeded", None)
+    if seeded is not None:
+        found += [v for v in vars(seeded).values() if isinstance(v, ort.InferenceSession)]
+    return found
+
+
+def _synchronised(runner: Runner, device: Device) -> Runner:
+    def run(rows: Rows, num_samples: int) -> OutputStats:
+        device.sync()
+        stats = runner(rows, num_samples)
+        device.sync()
+        return stats
+
+    return run
+
+
+def _check_providers(key: str, providers: list[str], expected: str) -> None:
+    if not providers or any(p != expected for p in providers):
+        raise NotOnDevice(
+            f"{key} runs on {providers}, not {expected}: refused (its times would not be "
+            f"{'GPU' if expected == CUDA_PROVIDER else 'CPU'} figures)"
+        )
+
+
+def build_variant(
+    key: str,
+    model: PreparedModel,
+    device: Device,
+    tile_memory_bytes: int,
+    torch_model: torch.nn.Module | None = None,
+) -> Built:
+    """Build one variant (sessions and device copies are made here, not per call).
+
+    Raises:
+        NotOnDevice: it does not run where it must (e.g. CUDA asked, CPU given).
+    """
+    from service.onnx_session import SessionConfig, create_session  # noqa: PLC0415
+
+    output = model.source.config.outputs[0]
+    variant = next(v for v in GPU_VARIANTS if v.key == key)
+    if key in ("torch_loop", "torch_tiled"):
+        target = torch.device(device.torch_device)
+        mc = torch_model if torch_model is not None else copy.deepcopy(model.mc_model).to(target)
+        where = next(mc.parameters()).device
+        if where.type != target.type:
+            raise NotOnDevice(f"{key}: the PyTorch model is on {where}, not {target}")
+        providers = [f"torch {where}"]
+        if key == "torch_loop":
+
+            def torch_loop(rows: Rows, num_samples: int) -> OutputStats:
+                x = torch.from_numpy(rows).to(target)
+                with torch.inference_mode():
+                    samples = torch.stack([mc(x) for _ in range(num_samples)])
+                return _stats(output, samples.cpu().numpy())
+
+            return Built(_synchronised(torch_loop, device), providers)
+
+        budget_rows = _tile_budget_rows(model, tile_memory_bytes)
+
+        def torch_tiled(rows: Rows, num_samples: int) -> OutputStats:
+            num_rows = rows.shape[0]
+            chunk = chunk_samples(num_samples, num_rows, budget_rows)
+            accumulator = _accumulator(output)
+            x = torch.from_numpy(rows).to(target)
+            tiled = x.repeat(chunk, *([1] * (rows.ndim - 1)))  # sample-major, as the engines
+            with torch.inference_mode():
+                for done in range(0, num_samples, chunk):
+                    t = min(chunk, num_samples - done)
+                    out = mc(tiled[: t * num_rows]).cpu().numpy()
+                    accumulator.update(out.reshape(t, num_rows, *out.shape[1:]))
+            return accumulator.result()
+
+        return Built(_synchronised(torch_tiled, device), providers)
+
+    use_gpu = device.use_gpu and variant.on_gpu
+    expected = CUDA_PROVIDER if use_gpu else CPU_PROVIDER
+    config = SessionConfig(use_gpu=use_gpu)
+    if key == "ort_loop":
+        session = create_session(model.model_path, config)
+        providers = [session.get_providers()[0]]
+        _check_providers(key, providers, expected)
+
+        def ort_loop(rows: Rows, num_samples: int) -> OutputStats:
+            feed = {INPUT_NAME: rows}
+            samples = [session.run([OUTPUT_NAME], feed)[0] for _ in range(num_samples)]
+            return _stats(output, np.stack(samples))
+
+        return Built(ort_loop, providers, "InferenceSession", _cuda_options(session))
+
+    if key in ("ort_tiled", "engine", "engine_split_graph", "engine_cpu"):
+        kinds: dict[str, EngineKind] = {"ort_tiled": "tiled", "engine_split_graph": "split-graph"}
+        kind: EngineKind = kinds.get(key, "auto")
+        engine = build_engine(model.source, config, tile_memory_bytes, kind)
+        sessions = _sessions(engine)
+        providers = [engine.provider] + [s.get_providers()[0] for s in sessions]
+        _check_providers(key, providers, expected)
+
+        def run_engine(rows: Rows, num_samples: int) -> OutputStats:
+            return engine.run({INPUT_NAME: rows}, num_samples)[0]
+
+        detail = f"{type(engine).__name__}, {engine.budget_rows} tile rows per run"
+        return Built(run_engine, sorted(set(providers)), detail, _cuda_options(*sessions))
+
+    raise ValueError(f"variant must be one of {VARIANT_KEYS}, got {key!r}")
+
+
+def _cuda_options(*sessions: Any) -> dict[str, str]:
+    for session in sessions:
+        with contextlib.suppress(Exception):
+            options = session.get_provider_options().get(CUDA_PROVIDER)
+            if options:
+                return {k: str(v) for k, v in sorted(options.items())}
+    return {}
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception's first line, and its last when it has more (a log tail)."""
+    lines = [line.strip() for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip()]
+    text = lines[0][:300]
+    if len(lines) > 1:
+        text += " ... " + lines[-1][:300]
+    return text
+
+
+def _timed(runner: Runner, rows: Rows, num_samples: int) -> float:
+    started = time.perf_counter()
+    runner(rows, num_samples)
+    return time.perf_counter() - started
+
+
+def estimate_call_s(
+    runner: Runner, rows: Rows, num_samples: int, config: EngineBenchConfig
+) -> float:
+    """Estimated seconds of one call, from probes with fewer samples (as bench/engine.py), but
+    each probe size is run twice and the second call timed: the first call at a new shape pays
+    one-off costs on a GPU (cuDNN algorithm search, arena growth) that would inflate the
+    estimate and skip a fast variant."""
+    probe = min(num_samples, config.probe_samples)
+    while True:
+        runner(rows, probe)
+        probe_s = _timed(runner, rows, probe)
+        estimate_s = probe_s * num_samples / probe
+        next_probe = min(num_samples, 10 * probe)
+        if (
+            estimate_s <= config.call_cap_s
+            or probe == num_samples
+            or 2 * probe_s * next_probe / probe > config.call_cap_s
+        ):
+            return estimate_s
+        probe = next_probe
+
+
+def _another_round(
+    rounds: int, elapsed_s: float, config: EngineBenchConfig, past_deadline: bool
+) -> bool:
+    if rounds < MIN_ROUNDS:
+        return True
+    if past_deadline:
+        return False
+    if rounds < config.min_repeats:
+        return elapsed_s < config.max_cell_s
+    return rounds < config.max_repeats and elapsed_s < config.cell_budget_s
+
+
+def measure_cell(
+    cell: Cell,
+    runners: Mapping[str, Runner],
+    rows: Rows,
+    config: EngineBenchConfig,
+    deadline: float,
+) -> tuple[CellResult, dict[str, str]]:
+    """Probe, warm up and time every variant of one cell in interleaved rounds; a variant that
+    raises is dropped from the cell with its error, the others go on.
+
+    Returns:
+        The cell's result and ``{variant: error}``.
+    """
+    result = CellResult(cell, {key: Measurement() for key in runners})
+    errors: dict[str, str] = {}
+    active: list[str] = []
+    for key, runner in runners.items():
+        measurement = result.measurements[key]
+        try:
+            measurement.estimate_s = estimate_call_s(runner, rows, cell.num_samples, config)
+            if measurement.estimate_s > config.call_cap_s:
+                measurement.skipped = (
+                    f"skipped (about {measurement.estimate_s:.2g} s per call > "
+                    f"{config.call_cap_s:g} s cap)"
+                )
+                continue
+            runner(rows, cell.num_samples)  # full-size warm-up
+        except Exception as exc:
+            errors[key] = _describe(exc)
+            measurement.skipped = "error"
+            log.warning("%s %s failed: %s", cell.key, key, errors[key], exc_info=True)
+            continue
+        active.append(key)
+        time.sleep(config.pause_s)
+
+    started = time.perf_counter()
+    while active and _another_round(
+        result.rounds, time.perf_counter() - started, config, time.monotonic() > deadline
+    ):
+        shift = result.rounds % len(active)
+        gc.collect()
+        for key in active[shift:] + active[:shift]:
+            try:
+                result.measurements[key].times_s.append(
+                    _timed(runners[key], rows, cell.num_samples)
+                )
+            except Exception as exc:
+                errors[key] = _describe(exc)
+                result.measurements[key].times_s.clear()
+                result.measurements[key].skipped = "error"
+                active.remove(key)
+                log.warning("%s %s failed: %s", cell.key, key, errors[key], exc_info=True)
+            time.sleep(config.pause_s)
+        result.rounds += 1
+    # A variant that failed in a later round has no times; the others keep theirs.
+    return result, errors
+
+
+# ---------------------------------------------------------------- service level
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """The service-level part: one model, B rows, T samples, C closed-loop clients."""
+
+    model: str = "digits_cnn"
+    rows: int = 1
+    samples: int = 50
+    concurrencies: tuple[int, ...] = (1, 8, 64)
+    duration_s: float = 3.0
+    warmup_s: float = 1.0
+    deadline_s: float = 10.0
+
+
+SERVICE_PLAN = ServicePlan()
+SMOKE_SERVICE_PLAN = ServicePlan(concurrencies=(1, 4), duration_s=0.5, warmup_s=0.3)
+#: Least time left for a system to be started at all (start-up + cells).
+SYSTEM_MIN_S = 25.0
+
+
+def _service_systems(device: Device) -> list[tuple[str, str, list[str], str | None]]:
+    """(label, stem, module args, provider its model must be served on) of every system."""
+    gpu = "gpu" if device.cuda else "cpu"
+    torch_device = device.torch_device
+    # On CUDA, also the other cuDNN algorithm searches (the default is heuristic).
+    searches = [
+        (
+            f"this service, --device gpu --cuda-conv-algo-search {algo}",
+            f"service-gpu-{algo}",
+            ["service", "--device", gpu, "--cuda-conv-algo-search", algo],
+            device.provider,
+        )
+        for algo in ("exhaustive", "default")
+        if device.cuda
+    ]
+    return [
+        (
+            f"this service, --device {gpu}",
+            "service-gpu",
+            ["service", "--device", gpu],
+            device.provider,
+        ),
+        *searches,
+        (
+            f"naive PyTorch server on {torch_device}",
+            "naive",
+            ["bench.gpu", "--naive-server", "--device", torch_device],
+            None,
+        ),
+        (
+            "this service, --device cpu (same host)",
+            "service-cpu",
+            ["service", "--device", "cpu"],
+            CPU_PROVIDER,
+        ),
+    ]
+
+
+def _served_provider(target: str, model: str, timeout_s: float = 30.0) -> str:
+    """The provider the server reports for ``model`` (GetModelMetadata).
+
+    Raises:
+        RuntimeError: the model is not served (the server refused it, e.g. CUDA did not load).
+    """
+    import grpc  # noqa: PLC0415
+
+    from service.gen.mcdropout.v1 import mcdropout_pb2 as pb  # noqa: PLC0415
+    from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.MCDropoutServiceStub(channel)
+        while True:
+            try:
+                meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model), timeout=5)
+                return str(meta.provider)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{model} is not served ({code.name}: {error.details()}); see the "
+                        "server log for why it was refused"
+                    ) from None
+                time.sleep(0.2)
+
+
+def run_service(
+    models_dir: Path, device: Device, plan: ServicePlan, deadline: float
+) -> dict[str, Any]:
+    """Each system in turn, alone on the host: start it, run the load generator, stop it."""
+    from bench.service import _start_with_port_file  # noqa: PLC0415
+
+    spec = MODELS[plan.model]
+    out: dict[str, Any] = {
+        "plan": asdict(plan),
+        "cells": [],
+        "errors": [],
+        "systems": [],
+        "providers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="mcd-bench-gpu-service-") as tmp:
+        workdir = Path(tmp)
+        repository = workdir / "repository"
+        shutil.copytree(models_dir / plan.model, repository / plan.model)
+        inputs = workdir / "rows.npy"
+        np.save(inputs, spec.rows(plan.rows, seed=0))
+        for label, stem, module_args, provider in _service_systems(device):
+            out["systems"].append(label)
+            left = deadline - time.monotonic()
+            if left < SYSTEM_MIN_S:
+                out["errors"].append(f"{label}: not run (time budget, {left:.0f} s left)")
+                continue
+            if module_args[0] == "service":
+                args = [*module_args, "--model-repository", str(repository), "--host", "127.0.0.1",
+                        "--grpc-port", "0", "--metrics-port", "-1"]  # fmt: skip
+            else:
+                weights = repository / plan.model / STATE_DICT_FILE
+                args = [*module_args, "--state-dict", str(weights), "--factory",
+                        FACTORIES[plan.model], "--model-name", plan.model,
+                        "--input-name", INPUT_NAME]  # fmt: skip
+            log.info("service level: %s", label)
+            try:
+                with _start_with_port_file(label, args, workdir, stem) as running:
+                    if provider is not None:
+                        served = _served_provider(running.target, plan.model)
+                        out["providers"][label] = served
+                        if served != provider:
+                            raise NotOnDevice(
+                                f"the server runs {plan.model} on {served}, not {provider}: refused"
+                            )
+                    answer = _loadgen(running.target, inputs, plan)
+                for cell in answer["cells"]:
+                    out["cells"].append({"system": label, "check": answer["check"], **cell})
+            except Exception as exc:
+                out["errors"].append(f"{label}: {_describe(exc)}{_log_errors(workdir, stem)}")
+                log.warning("service level: %s failed", label, exc_info=True)
+    return out
+
+
+def _log_errors(workdir: Path, stem: str, limit: int = 3) -> str:
+    """The last ERROR lines of a server's log (it lives in a temporary folder), for the report."""
+    try:
+        lines = (workdir / f"{stem}.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line.strip()[:300] for line in lines if " ERROR " in line or "Error" in line]
+    return "".join(f" | log: {line}" for line in errors[-limit:])
+
+
+def _loadgen(target: str, inputs: Path, plan: ServicePlan) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "bench.loadgen", "--protocol", "mcdropout", "--target", target,
+        "--model", plan.model, "--input-name", INPUT_NAME, "--inputs", str(inputs),
+        "--samples", str(plan.samples), "--concurrency", *map(str, plan.concurrencies),
+        "--duration-s", str(plan.duration_s), "--warmup-s", str(plan.warmup_s),
+        "--deadline-s", str(plan.deadline_s), "--ready-timeout-s", "30",
+    ]  # fmt: skip
+    timeout_s = 70.0 + len(plan.concurrencies) * (plan.warmup_s + plan.duration_s + plan.deadline_s)
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"load generator exited with {done.returncode}: {last}")
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+# ---------------------------------------------------------------- naive PyTorch server on cuda
+
+
+def _naive_server_main(argv: Sequence[str]) -> int:
+    """bench/naive_server.py with the model and its T passes on a torch device (default cuda):
+    per request, the rows go to the device, T forward passes run in a Python loop, the softmax
+    too, and the probabilities come back for numpy's mean and variance."""
+    import grpc  # noqa: PLC0415
+
+    from bench.naive_server import NaiveServicer, _load_model, _parser  # noqa: PLC0415
+    from service.codec import decode_tensor, encode_tensor  # noqa: PLC0415
+    from service.errors import InvalidInput  # noqa: PLC0415
+    from service.gen.mcdropout.v1 import mcdropout_pb2 as pb  # noqa: PLC0415
+    from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    parser = _parser()
+    parser.prog = "python -m bench.gpu --naive-server"
+    parser.add_argument("--device", default="cuda", help="torch device of the model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device(args.device)
+    model = _load_model(args.factory, args.state_dict).to(device)
+
+    class DeviceServicer(NaiveServicer):
+        def Predict(  # noqa: N802 (the generated method name)
+            self, request: pb.PredictRequest, context: grpc.ServicerContext
+        ) -> pb.PredictResponse:
+            if request.model != args.model_name:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
+            inputs = {named.name: named.tensor for named in request.inputs}
+            if list(inputs) != [args.input_name]:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"expected one input {args.input_name!r}"
+                )
+            try:
+                array = decode_tensor(inputs[args.input_name], args.input_name)
+            except InvalidInput as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            num_samples = request.num_samples or args.default_samples
+            x = torch.from_numpy(np.array(array, dtype=np.float32)).to(device)
+            with torch.inference_mode():
+                samples = torch.stack([model(x) for _ in range(num_samples)])  # (T, B, C)
+                probabilities = torch.softmax(samples, dim=-1).double().cpu().numpy()
+            mean, variance = probabilities.mean(axis=0), probabilities.var(axis=0, ddof=1)
+            statistics = pb.OutputStatistics(
+                name=OUTPUT_NAME,
+                semantics=pb.OUTPUT_SEMANTICS_LOGITS,
+                mean=encode_tensor(mean),
+                variance=encode_tensor(variance),
+                std=encode_tensor(np.sqrt(variance)),
+            )
+            return pb.PredictResponse(
+                model=args.model_name, version="1", num_samples=num_samples, outputs=[statistics]
+            )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
+    pb_grpc.add_MCDropoutServiceServicer_to_server(
+        DeviceServicer(model, args.model_name, args.input_name, args.default_samples), server
+    )
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    stopping = threading.Event()
+    import signal  # noqa: PLC0415
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    server.start()
+    if args.port_file is not None:
+        tmp = args.port_file.with_name(f"{args.port_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"grpc_port": port}))
+        tmp.replace(args.port_file)
+    log.info("naive MC dropout server on %s, %s:%d", device, args.host, port)
+    stopping.wait()
+    server.stop(grace=5.0).wait(10.0)
+    return 0
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The command line that reproduces this run (with PYTHONPATH, which a GPU host may need
+    for its onnxruntime-gpu)."""
+    executable = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        executable = executable.relative_to(Path.cwd())
+    command = shlex.join([str(executable), "-m", "bench.gpu", *argv])
+    pythonpath = os.environ.get("PYTHONPATH")
+    return f"PYTHONPATH={shlex.quote(pythonpath)} {command}" if pythonpath else command
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (imports included), 0 where /proc cannot tell."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime_s - int(stat[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _write_json(path: Path | None, result: Mapping[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _prepared(repository: Path | None, seed: int) -> Iterator[Path]:
+    """The model repository to use: the given one, or a fresh export in a temporary folder."""
+    if repository is not None:
+        yield repository
+        return
+    with tempfile.TemporaryDirectory(prefix="mcd-bench-gpu-") as tmp:
+        log.info("no --repository: exporting the benchmark models into %s", tmp)
+        prepare_repository(Path(tmp), seed)
+        yield Path(tmp)
+
+
+def run_benchmark(
+    *,
+    device: Device,
+    cells: Sequence[Cell],
+    config: EngineBenchConfig,
+    repository: Path | None,
+    budget_s: float,
+    service_plan: ServicePlan | None,
+    command: str,
+    json_path: Path | None = None,
+    variants: Sequence[str] = VARIANT_KEYS,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Measure every cell (and the service level), never raising: every failure is recorded
+    in the result, which is also written to ``json_path`` after every cell."""
+    started = time.monotonic() if started is None else started
+    deadline = started + budget_s
+    engine_deadline = deadline - (SERVICE_RESERVE_S if service_plan is not None else 0.0)
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": command,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finished": False,
+        "elapsed_s": None,
+        "budget_s": budget_s,
+        "device": {"mode": "cuda" if device.cuda else "cpu-test"},
+        "config": asdict(config),
+        "variants": [asdict(v) for v in GPU_VARIANTS if v.key in variants],
+        "models": {},
+        "cells": [],
+        "not_run": [],
+        "errors": [],
+        "service": None,
+    }
+
+    def save() -> None:
+        result["elapsed_s"] = round(time.monotonic() - started, 1)
+        try:
+            _write_json(json_path, result)
+        except OSError:
+            log.exception("cannot write %s", json_path)
+
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        result["device"] = device_info(device)
+        save()
+        with _prepared(repository, config.seed) as models_dir:
+            names = [n for n in MODELS if any(c.model == n for c in cells)]
+            models: dict[str, PreparedModel] = {}
+            for name in names:  # one model that cannot load must not stop the others
+                try:
+                    models.update(load_repository(models_dir, [name], config.seed))
+                except Exception as exc:
+                    result["models"][name] = {"build_errors": {"load": _describe(exc)}}
+                    log.warning("%s: cannot load", name, exc_info=True)
+            runners: dict[str, dict[str, Runner]] = {}
+            for name, model in models.items():
+                runners[name] = _build_model(
+                    name, model, device=device, config=config, variants=variants, result=result
+                )
+                save()
+            for cell in cells:
+                if time.monotonic() > engine_deadline:
+                    result["not_run"].append(cell.key)
+                    continue
+                result["cells"].append(_run_cell(cell, models, runners, config, engine_deadline))
+                save()
+            if result["not_run"]:
+                log.warning("time budget: not run: %s", ", ".join(result["not_run"]))
+            del runners
+            gc.collect()
+            if service_plan is not None:
+                save()
+                result["service"] = run_service(models_dir, device, service_plan, deadline)
+    except Exception as exc:  # the result so far is still written
+        result["errors"].append(f"run aborted: {_describe(exc)}")
+        log.error("run aborted:\n%s", traceback.format_exc())
+    result["finished"] = True
+    save()
+    return result
+
+
+def _build_model(
+    name: str,
+    model: PreparedModel,
+    *,
+    device: Device,
+    config: EngineBenchConfig,
+    variants: Sequence[str],
+    result: dict[str, Any],
+) -> dict[str, Runner]:
+    """Every variant of one model; one that cannot be built is recorded and left out."""
+    entry: dict[str, Any] = {
+        "title": model.spec.title,
+        "activation_bytes_per_row": model.source.config.activation_bytes_per_row,
+        "providers": {},
+        "details": {},
+        "build_errors": {},
+        "cuda_provider_options": {},
+    }
+    result["models"][name] = entry
+    built: dict[str, Runner] = {}
+    torch_model: torch.nn.Module | None = None
+    for key in variants:
+        try:
+            if key.startswith("torch_") and torch_model is None:
+                torch_model = copy.deepcopy(model.mc_model).to(torch.device(device.torch_device))
+            variant = build_variant(key, model, device, config.tile_memory_bytes, torch_model)
+        except Exception as exc:
+            entry["build_errors"][key] = _describe(exc)
+            log.warning("%s %s: cannot build: %s", name, key, entry["build_errors"][key])
+            continue
+        built[key] = variant.runner
+        entry["providers"][key] = variant.providers
+        entry["details"][key] = variant.detail
+        if variant.provider_options and not entry["cuda_provider_options"]:
+            entry["cuda_provider_options"] = variant.provider_options
+    log.info("%s: %s", name, entry["providers"])
+    return built
+
+
+def _run_cell(
+    cell: Cell,
+    models: Mapping[str, PreparedModel],
+    runners: Mapping[str, Mapping[str, Runner]],
+    config: EngineBenchConfig,
+    deadline: float,
+) -> dict[str, Any]:
+    model_runners = runners.get(cell.model, {})
+    if cell.model not in models or not model_runners:
+        why = "the model did not load" if cell.model not in models else "no variant was built"
+        return {**CellResult(cell, {}).to_dict(), "errors": {"cell": why}}
+    try:
+        rows = models[cell.model].spec.rows(cell.num_rows, seed=config.seed)
+        cell_result, errors = measure_cell(cell, model_runners, rows, config, deadline)
+    except Exception as exc:
+        log.warning("%s failed", cell.key, exc_info=True)
+        return {**CellResult(cell, {}).to_dict(), "errors": {"cell": _describe(exc)}}
+    summary = ", ".join(
+        f"{k} {m.median_s * 1e3:.2f} ms" if m.times_s else f"{k} {m.skipped}"
+        for k, m in cell_result.measurements.items()
+    )
+    log.info("%s (%d rounds): %s", cell.key, cell_result.rounds, summary)
+    return {**cell_result.to_dict(), "errors": errors}
+
+
+# ---------------------------------------------------------------- the markdown section
+
+
+def _cell_result(entry: Mapping[str, Any]) -> CellResult:
+    cell = Cell(**entry["cell"])
+    measurements = {
+        key: Measurement(
+            times_s=list(m.get("times_s") or []),
+            skipped=m.get("skipped"),
+            estimate_s=m.get("estimate_s"),
+            peak_rss_bytes=m.get("peak_rss_bytes"),
+        )
+        for key, m in entry.get("measurements", {}).items()
+    }
+    return CellResult(cell, measurements, int(entry.get("rounds", 0)))
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}x"
+    if value >= 10:
+        return f"{value:.1f}x"
+    return f"{value:.2f}x"
+
+
+def _rate(value: float) -> str:
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}/s"
+    return f"{value:.3g} /s"
+
+
+def _device_lines(info: Mapping[str, Any], cuda: bool) -> list[str]:
+    smi = info.get("nvidia_smi") if isinstance(info.get("nvidia_smi"), dict) else {}
+    # Details that could not be read say "unknown (why)"; the why stays in the JSON.
+    info = {
+        k: "?" if isinstance(v, str) and v.startswith("unknown (") and k != "gpu" else v
+        for k, v in info.items()
+    }
+    lines = []
+    if cuda:
+        driver = smi.get("driver_version", "unknown") if smi else "unknown"
+        lines.append(
+            f"- GPU: {info.get('gpu', 'unknown')} (compute capability "
+            f"{info.get('gpu_capability', '?')}, {info.get('gpu_memory', '?')}), NVIDIA driver "
+            f"{driver} (CUDA {info.get('driver_cuda', '?')})"
+            + (
+                f", max SM clock {smi.get('clocks.max.sm')}, power limit {smi.get('power.limit')}"
+                if smi
+                else ""
+            )
+        )
+    lines += [
+        f"- Host: {info.get('cpu', 'unknown')}; {info.get('platform', '')}",
+        f"- Software: Python {info.get('python')}, torch {info.get('torch')} (CUDA "
+        f"{info.get('torch_cuda')}, cuDNN {info.get('torch_cudnn', '-')}; float32 matmul "
+        f"precision {info.get('torch_float32_matmul_precision')}, cudnn.benchmark "
+        f"{info.get('torch_cudnn_benchmark')}, cuDNN TF32 {info.get('torch_cudnn_allow_tf32')}), "
+        f"onnxruntime {info.get('onnxruntime')} (providers offered: "
+        f"{', '.join(info.get('ort_available_providers') or [])}), onnx {info.get('onnx')}, "
+        f"numpy {info.get('numpy')}",
+    ]
+    return lines
+
+
+def _provider_lines(result: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, entry in result.get("models", {}).items():
+        used = "; ".join(
+            f"({LETTER.get(k, '?')}) {', '.join(p)}" for k, p in entry.get("providers", {}).items()
+        )
+        lines.append(f"- `{name}`: {used or 'nothing built'}")
+        for key, error in entry.get("build_errors", {}).items():
+            what = f"({LETTER[key]}) not built" if key in LETTER else f"{key} failed"
+            lines.append(f"  - **{what}**: {error}")
+    return lines
+
+
+def _method_lines(result: Mapping[str, Any], cuda: bool) -> list[str]:
+    config = result.get("config", {})
+    options: dict[str, str] = {}
+    for entry in result.get("models", {}).values():
+        options = options or entry.get("cuda_provider_options", {})
+    shown = ", ".join(
+        f"{k}={options[k]}"
+        for k in ("cudnn_conv_algo_search", "use_tf32", "arena_extend_strategy", "device_id")
+        if k in options
+    )
+    where = (
+        "on the GPU (torch cuda, ONNX Runtime CUDAExecutionProvider)"
+        if cuda
+        else ("on the CPU (**test mode**: torch cpu, ONNX Runtime CPUExecutionProvider)")
+    )
+    return [
+        "How these figures are measured (`bench/gpu.py`, timing as `bench/engine.py`):",
+        "",
+        f"- In one process, {where}; the models of `bench/models.py` (random seeded weights,"
+        " exported and verified by `export.export_model`), loaded with"
+        " `service.repository.load_version`, PyTorch weights from the same export.",
+        "- Variants: (a) the usual PyTorch MC dropout loop of T passes of the B rows (dropout in"
+        " train mode, `torch.inference_mode`); (b) PyTorch on the [T*B] tile in chunks of the"
+        " memory budget; (c) ONNX Runtime, T session runs of the B rows; (d) ONNX Runtime on the"
+        " whole tiled graph (`TiledEngine`); (e) this engine, `build_engine` with"
+        " `SessionConfig(use_gpu=True)`, what `python -m service --device gpu` runs;"
+        ' (f) its one-graph form (`kind="split-graph"`: the Tile at the cut is inside the'
+        " graph, so only the B rows cross to the GPU); (g) this engine on the CPU provider of"
+        " the same host (all cores), for the GPU-against-CPU ratio. Every variant ends with the"
+        " same float64 statistics on the host (`service.uncertainty`), the samples copied back"
+        " from the GPU as the server does.",
+        "- Timing: `torch.cuda.synchronize()` before and after every PyTorch call (ONNX Runtime's"
+        " `run` returns when its outputs are on the host). Probe calls (each size run twice,"
+        " the second timed, so one-off cuDNN algorithm searches do not count) estimate a call;"
+        f" a variant estimated above {config.get('call_cap_s', '?')} s per call is skipped for"
+        " the cell. Then one full-size warm-up per variant and interleaved rounds (rotating"
+        f" start): at least {MIN_ROUNDS}, {config.get('min_repeats', '?')} unless a cell passes"
+        f" {config.get('max_cell_s', '?')} s, up to {config.get('max_repeats', '?')} within"
+        f" {config.get('cell_budget_s', '?')} s. Median and p10-p90 of the per-call wall time."
+        f" Tile memory budget {int(config.get('tile_memory_bytes', 0)) / 2**20:.0f} MiB (the"
+        " server's default).",
+        "- A variant whose ONNX Runtime sessions do not all report the expected provider first"
+        " (`get_providers()[0]`) is refused, never reported."
+        + (f" CUDA provider options in use: {shown}." if shown else ""),
+        "- Ratios are median / median of variants measured in the same cell of this run:"
+        ' "X vs Y" = median time of Y / median time of X.',
+    ]
+
+
+def _model_tables(
+    name: str, entries: list[CellResult], errors: list[dict[str, str]], detail: str
+) -> list[str]:
+    spec = MODELS.get(name)
+    lines = [f"### `{name}`: {spec.title if spec else name}", ""]
+    if detail:
+        lines += [f"(e) is {detail}.", ""]
+    header = "| B | T | rounds | " + " | ".join(f"({v.letter}) {v.label}" for v in GPU_VARIANTS)
+    lines += [
+        "Time per call in ms, median [p10-p90], and **speed-up against (a)**:",
+        "",
+        header + " |",
+        "|---:|---:|---:|" + "---|" * len(GPU_VARIANTS),
+    ]
+    for result, cell_errors in zip(entries, errors, strict=True):
+        cells = []
+        for variant in GPU_VARIANTS:
+            m = result.measurements.get(variant.key)
+            if variant.key in cell_errors:
+                cells.append(f"error: {cell_errors[variant.key]}")
+            elif m is None:
+                cells.append("-")
+            elif not m.times_s:
+                cells.append(m.skipped or "not timed")
+            else:
+                low, high = m.spread_s
+                text = f"{_ms(m.median_s)} [{_ms(low)}-{_ms(high)}]"
+                speedup = result.speedup(variant.key, "torch_loop")
+                if variant.key != "torch_loop" and speedup is not None:
+                    text += f" **{_ratio(speedup)}**"
+                cells.append(text)
+        if "cell" in cell_errors:
+            cells = [f"cell failed: {cell_errors['cell']}"] + ["-"] * (len(GPU_VARIANTS) - 1)
+        lines.append(
+            f"| {result.cell.num_rows} | {result.cell.num_samples} | {result.rounds} | "
+            + " | ".join(c.replace("|", "/") for c in cells)
+            + " |"
+        )
+    lines += [
+        "",
+        "Ratios, and the samples per second (B*T / median) of (e):",
+        "",
+        "| B | T | (e) vs (a) | (e) vs (b) | (e) vs (c) | (e) vs (d) | (f) vs (e) | (e) GPU vs"
+        " (g) CPU | (e) samples/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in entries:
+        engine = result.measurements.get("engine")
+        rate = (
+            _rate(result.cell.num_rows * result.cell.num_samples / engine.median_s)
+            if engine is not None and engine.times_s
+            else "-"
+        )
+        ratios = [
+            result.speedup("engine", "torch_loop"),
+            result.speedup("engine", "torch_tiled"),
+            result.speedup("engine", "ort_loop"),
+            result.speedup("engine", "ort_tiled"),
+            result.speedup("engine_split_graph", "engine"),
+            result.speedup("engine", "engine_cpu"),
+        ]
+        lines.append(
+            f"| {result.cell.num_rows} | {result.cell.num_samples} | "
+            + " | ".join(_ratio(r) for r in ratios)
+            + f" | {rate} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _service_lines(service: Mapping[str, Any] | None, cuda: bool) -> list[str]:
+    if service is None:
+        return []
+    plan = service.get("plan", {})
+    lines = [
+        "### Service level over gRPC",
+        "",
+        f"`{plan.get('model')}`, B = {plan.get('rows')} row per request, T ="
+        f" {plan.get('samples')}; `bench/loadgen.py`, C closed-loop grpc.aio clients on"
+        f" 127.0.0.1, {plan.get('warmup_s')} s warm-up then a {plan.get('duration_s')} s window"
+        " per C, one system up at a time, one round (no spread). Systems: `python -m service"
+        f" --device {'gpu' if cuda else 'cpu'}` (default settings otherwise, so"
+        " `--cuda-conv-algo-search heuristic`; on CUDA also with the other two searches);"
+        " the naive server"
+        " of `bench/naive_server.py` with its model and T passes on"
+        f" {'cuda' if cuda else 'cpu'} (`python -m bench.gpu --naive-server`, 4 handler"
+        " threads); `python -m service --device cpu` on the same host. Throughput is rows x"
+        " samples per second of successful calls.",
+        "",
+    ]
+    for error in service.get("errors", []):
+        lines.append(f"- **Failure**: {error}")
+    if service.get("errors"):
+        lines.append("")
+    systems = list(service.get("systems", []))
+    by_key = {(c["system"], c["concurrency"]): c for c in service.get("cells", [])}
+    naive = next((s for s in systems if s.startswith("naive")), None)
+    cpu = next((s for s in systems if s.endswith("(same host)")), None)
+    lines += [
+        "| C | system | rows x samples/s | p50 ms | p99 ms | errors | vs naive | vs --device cpu |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in plan.get("concurrencies", []):
+        for system in systems:
+            cell = by_key.get((system, c))
+            if cell is None:
+                lines.append(f"| {c} | {system} | not measured | | | | | |")
+                continue
+
+            def ratio(other: str | None, cell: Mapping[str, Any] = cell, c: int = c) -> str:
+                base = by_key.get((other, c)) if other else None
+                if base is None or not base.get("rows_samples_per_s"):
+                    return "-"
+                return _ratio(cell["rows_samples_per_s"] / base["rows_samples_per_s"])
+
+            def ms(value: float | None) -> str:
+                return "n/a" if value is None else f"{value:.1f}"
+
+            lines.append(
+                f"| {c} | {system} | {cell['rows_samples_per_s']:,.0f} | {ms(cell.get('p50_ms'))}"
+                f" | {ms(cell.get('p99_ms'))} | {cell.get('errors', 0)} | {ratio(naive)} |"
+                f" {ratio(cpu)} |"
+            )
+    lines.append("")
+    return lines
+
+
+def render_section(result: Mapping[str, Any]) -> str:
+    """The markdown section (with its markers) from a result of :func:`run_benchmark` (or its
+    JSON file): a pure function of the result, so ``--merge`` re-renders it anywhere."""
+    info = result.get("device", {})
+    cuda = info.get("mode") == "cuda"
+    title = "## GPU (CUDA)" if cuda else "## GPU benchmark in CPU TEST MODE (not GPU figures)"
+    finished = "" if result.get("finished") else " **The run did not finish: partial results.**"
+    lines = [
+        GPU_BEGIN,
+        title,
+        "",
+        "<!-- generated by bench/gpu.py; `python -m bench.gpu --merge RESULT.json` re-renders"
+        " it from the run's JSON. Edit the code, not this section. -->",
+        "",
+        f"Run at {result.get('started_at', '?')} (UTC), {result.get('elapsed_s', '?')} s in"
+        f" all.{finished}",
+        "",
+        f"Command: `{result.get('command', '?')}`",
+        "",
+        *_device_lines(info, cuda),
+        "- Providers actually used, per model and variant:",
+        *(f"  {line}" for line in _provider_lines(result)),
+    ]
+    for error in result.get("errors", []):
+        lines.append(f"- **Error**: {error}")
+    if result.get("not_run"):
+        lines.append(
+            f"- **Not run** (time budget {result.get('budget_s')} s): "
+            + ", ".join(result["not_run"])
+        )
+    lines += ["", *_method_lines(result, cuda), ""]
+    cells = [(_cell_result(e), e.get("errors", {})) for e in result.get("cells", [])]
+    for name in MODELS:
+        mine = [(r, e) for r, e in cells if r.cell.model == name]
+        if not mine:
+            continue
+        detail = result.get("models", {}).get(name, {}).get("details", {}).get("engine", "")
+        lines += _model_tables(name, [r for r, _ in mine], [e for _, e in mine], detail)
+    lines += _service_lines(result.get("service"), cuda)
+    lines += shapes_lines(result.get("shapes"))
+    lines.append(GPU_END)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prepare", type=Path, metavar="DIR", help="export the models into DIR")
+    mode.add_argument(
+        "--merge",
+        type=Path,
+        metavar="FILE",
+        help="render RESULT.json (or take a section .md) into --output, between the markers",
+    )
+    parser.add_argument(
+        "--repository", type=Path, help="models prepared by --prepare (default: export now)"
+    )
+    parser.add_argument("--json", type=Path, help="write the raw results here (after every cell)")
+    parser.add_argument("--out", type=Path, help="write the markdown section to this file")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="the document the section goes into (default docs/benchmarks.md): --merge, and a "
+        "CUDA run without --out",
+    )
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: test mode, no GPU figures"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny cells and budgets (testing)")
+    parser.add_argument("--cells", type=parse_cells, help="model:B:T,... instead of the defaults")
+    parser.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget of the run"
+    )
+    parser.add_argument("--skip-service", action="store_true", help="engine level only")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def merge(source: Path, output: Path) -> None:
+    """Put the section of ``source`` (a result JSON, or a section file) into ``output``."""
+    text = source.read_text(encoding="utf-8")
+    if text.lstrip().startswith("{"):
+        section = render_section(json.loads(text))
+    elif GPU_BEGIN in text and GPU_END in text:
+        section = text[text.index(GPU_BEGIN) : text.index(GPU_END) + len(GPU_END)] + "\n"
+    else:
+        raise SystemExit(f"{source}: neither a bench.gpu JSON result nor a marked GPU section")
+    existing = output.read_text(encoding="utf-8") if output.exists() else ""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(replace_gpu_section(existing, section), encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stub_missing_tqdm()
+    if argv[:1] == ["--naive-server"]:
+        return _naive_server_main(argv[1:])
+    started = time.monotonic() - _process_age_s()  # the budget counts the imports too
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
+    for noisy in ("export", "service", "onnxscript", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    if args.merge is not None:
+        merge(args.merge, args.output)
+        log.info("merged %s into %s", args.merge, args.output)
+        return 0
+    if args.prepare is not None:
+        prepare_repository(args.prepare, args.seed)
+        size = sum(p.stat().st_size for p in args.prepare.rglob("*") if p.is_file())
+        log.info("prepared %s (%.1f MB)", args.prepare, size / 1e6)
+        return 0
+
+    device = Device(cuda=args.device == "cuda")
+    config = SMOKE_CONFIG if args.smoke else GPU_CONFIG
+    config = EngineBenchConfig(**{**asdict(config), "seed": args.seed})
+    cells = args.cells or (smoke_cells() if args.smoke else default_cells())
+    plan = None if args.skip_service else (SMOKE_SERVICE_PLAN if args.smoke else SERVICE_PLAN)
+    result = run_benchmark(
+        device=device,
+        cells=cells,
+        config=config,
+        repository=args.repository,
+        budget_s=args.budget_s,
+        service_plan=plan,
+        command=_command(argv),
+        json_path=args.json,
+        started=started,
+    )
+    section = render_section(result)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(section, encoding="utf-8")
+        log.info("wrote %s", args.out)
+    elif device.cuda:
+        existing = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+        args.output.write_text(replace_gpu_section(existing, section), encoding="utf-8")
+        log.info("wrote the GPU section of %s", args.output)
+    else:  # test mode never touches the committed report unless asked (--out)
+        sys.stdout.write(section)
+    found = problems(result)
+    log.info(
+        "done in %.0f s: %d cells measured, %d not run (time budget), %d problems%s",
+        time.monotonic() - started,
+        len(result["cells"]),
+        len(result["not_run"]),
+        len(found),
+        "".join(f"\n  {problem}" for problem in found),
+    )
+    return 1 if found else 0
+
+
+def problems(result: Mapping[str, Any]) -> list[str]:
+    """Everything that failed in a run (the exit status is 1 when there is any)."""
+    found = [f"run: {error}" for error in result.get("errors", [])]
+    for name, entry in result.get("models", {}).items():
+        found += [f"{name} {key}: {e}" for key, e in entry.get("build_errors", {}).items()]
+    for cell in result.get("cells", []):
+        key = Cell(**cell["cell"]).key
+        found += [f"{key} {variant}: {e}" for variant, e in cell.get("errors", {}).items()]
+    service = result.get("service") or {}
+    found += [f"service: {error}" for error in service.get("errors", [])]
+    return found
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Every engine form on CUDA against PyTorch MC dropout: the CUDA twin of
+tests/integration/test_engines.py (same models, T, statistical tests and thresholds), plus the
+seeded path and large T in many chunks.
+
+Statistical tests (tests/integration/parity.py): per element, a two-sample z-test of the mean
+and a log-variance-ratio z-test, Bonferroni-corrected over the elements compared, each at
+false-failure probability ALPHA = 1e-4. This module makes 16 such comparisons (32 tests), so a
+correct engine fails it by chance with probability below 3.2e-3.
+"""
+
+# The imports follow the module-level CUDA skip, so that a host without CUDA skips at once.
+# ruff: noqa: E402
+from __future__ import annotations
+
+import pytest
+
+from tests.gpu.cuda import require_cuda
+
+require_cuda()
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from service.onnx_session import SessionConfig
+from service.repository import load_version
+from service.runtime import build_engine
+from service.settings import EngineKind
+from tests.gpu.cuda import PROVIDER, USE_GPU
+from tests.integration.conftest import ExportedModels
+from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples
+from tests.integration.test_engines import KINDS, T
+
+pytestmark = pytest.mark.gpu
+
+
+def _engine(test_models: ExportedModels, name: str, kind: EngineKind, budget: int = 1 << 28) -> Any:
+    folder = test_models.repository / name
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    return build_engine(load_version(folder, version), SessionConfig(use_gpu=USE_GPU), budget, kind)
+
+
+def _rows(test_models: ExportedModels, name: str) -> NDArray[np.float32]:
+    if name in test_models.examples:
+        return np.asarray(test_models.examples[name].numpy(), dtype=np.float32)
+    return np.random.default_rng(7).standard_normal((3, 2, 5, 5)).astype(np.float32)
+
+
+def _sessions(engine: Any) -> dict[str, ort.InferenceSession]:
+    """Every ONNX Runtime session of an engine, its seeded path's included (by attribute)."""
+    found = {k: v for k, v in vars(engine).items() if isinstance(v, ort.InferenceSession)}
+    seeded = getattr(engine, "_seeded", None)
+    if seeded is not None:
+        found.update(
+            {
+                f"seeded.{k}": v
+                for k, v in vars(seeded).items()
+                if isinstance(v, ort.InferenceSession)
+            }
+        )
+    return found
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["digits", "housing", "tiny_d2"])
+def test_every_session_of_every_engine_form_runs_on_cuda(
+    test_models: ExportedModels, kind: EngineKind, name: str
+) -> None:
+    engine = _engine(test_models, name, kind)
+    assert engine.provider == PROVIDER
+    sessions = _sessions(engine)
+    assert sessions, "no session found on the engine"
+    assert "seeded._session" in sessions, "the engine has no seeded path"
+    providers = {k: s.get_providers()[0] for k, s in sessions.items()}
+    assert set(providers.values()) == {PROVIDER}, providers
+    # The server's load-time probe: copies of one row differ (Dropout was not optimised away).
+    assert engine.is_stochastic()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("name", "softmax"), [("digits", True), ("tiny_d2", False), ("housing", False)]
+)
+def test_engine_matches_pytorch_on_cuda(
+    test_models: ExportedModels, kind: EngineKind, name: str, softmax: bool
+) -> None:
+    engine = _engine(test_models, name, kind)
+    x = _rows(test_models, name)
+    (stats,) = engine.run({engine.config.inputs[0].name: x}, T)
+    assert stats.num_samples == T
+    reference = torch_mc_samples(test_models.torch_models[name], x, N_TORCH, softmax=softmax)
+    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_path_matches_pytorch_on_cuda(test_models: ExportedModels, kind: EngineKind) -> None:
+    engine = _engine(test_models, "digits", kind)
+    x = _rows(test_models, "digits")
+    (stats,) = engine.run({"image": x}, T, seed=123)
+    reference = torch_mc_samples(test_models.torch_models["digits"], x, N_TORCH, softmax=True)
+    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+
+
+def _row_bytes(stats: Any, row: int) -> list[bytes]:
+    return [
+        np.ascontiguousarray(getattr(stats, field)[row]).tobytes()
+        for field in ("mean", "variance", "predictive_entropy", "mutual_information")
+        if getattr(stats, field, None) is not None
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["digits", "housing", "tiny_d2"])
+def test_seeded_path_is_bit_identical_on_cuda(
+    test_models: ExportedModels, kind: EngineKind, name: str
+) -> None:
+    """The same seed and row give the same bytes: repeated, alone or in a batch, moved."""
+    engine = _engine(test_models, name, kind)
+    input_name = engine.config.inputs[0].name
+    row_shape = engine.config.inputs[0].row_shape
+    batch = np.random.default_rng(3).random((6, *row_shape)).astype(np.float32)
+
+    def run(x: NDArray[np.float32], seed: int = 7) -> Any:
+        return engine.run({input_name: x}, 200, seed=seed)[0]
+
+    alone, again = run(batch[2:3]), run(batch[2:3])
+    assert _row_bytes(alone, 0) == _row_bytes(again, 0), "repeated seeded runs differ on CUDA"
+    in_batch, moved = run(batch), run(batch[::-1].copy())  # row 2 -> row 3
+    assert _row_bytes(alone, 0) == _row_bytes(in_batch, 2) == _row_bytes(moved, 3)
+    assert _row_bytes(alone, 0) != _row_bytes(run(batch[2:3], seed=8), 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_runs_match_one_run_on_cuda(test_models: ExportedModels, kind: EngineKind) -> None:
+    """A memory budget of one byte: one sample per session run, 1500 runs on the GPU."""
+    engine = _engine(test_models, "tiny_d2", kind, budget=1)
+    assert engine.budget_rows == 1
+    x = np.random.default_rng(8).standard_normal((2, 2, 5, 5)).astype(np.float32)
+    (stats,) = engine.run({"image": x}, 1500)
+    assert stats.num_samples == 1500
+    reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x, N_TORCH, softmax=False)
+    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, 1500)
+
+
+def test_large_t_in_many_chunks_on_cuda(test_models: ExportedModels) -> None:
+    """T = 20,000 on the digits CNN with a budget of 256 samples of its rows per run (79 runs
+    of the server's default engine), statistics folded across chunks."""
+    x = _rows(test_models, "digits")
+    folder = test_models.repository / "digits"
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    per_row = load_version(folder, version).config.activation_bytes_per_row
+    assert per_row, "the export estimated no activation bytes per row"
+    engine = _engine(test_models, "digits", "auto", budget=per_row * 256 * x.shape[0])
+    assert engine.provider == PROVIDER
+    assert engine.budget_rows == 256 * x.shape[0]
+    t = 20_000
+    (stats,) = engine.run({"image": x}, t)
+    assert stats.num_samples == t
+    # As many reference samples as ours: with N_TORCH = 4000 against 20,000 the test's power
+    # rests on the reference alone, whose variance of a rare class's probability (kurtosis
+    # ~200 here) is too noisy for the kurtosis-based standard error.
+    reference = torch_mc_samples(test_models.torch_models["digits"], x, t, softmax=True)
+    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, t)
