@@ -65,7 +65,6 @@ import tempfile
 import threading
 import time
 import traceback
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
@@ -212,31 +211,6 @@ def parse_cells(text: str) -> list[Cell]:
 
 
 # ---------------------------------------------------------------- the model repository
-
-
-class _NoProgress:
-    """The part of tqdm.tqdm that export.examples uses, doing nothing."""
-
-    def __init__(self, iterable: Any = (), *args: Any, **kwargs: Any) -> None:
-        del args, kwargs
-        self._iterable = iterable
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._iterable)
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        del args, kwargs
-
-
-def stub_missing_tqdm() -> None:
-    """Register a do-nothing ``tqdm`` when the package is missing (a bare GPU host): the digits
-    CNN's class lives in export.examples, which imports tqdm for its training progress bar."""
-    try:
-        import tqdm  # noqa: F401, PLC0415
-    except ImportError:
-        module = types.ModuleType("tqdm")
-        module.tqdm = _NoProgress  # type: ignore[attr-defined]
-        sys.modules["tqdm"] = module
 
 
 def prepare_repository(directory: Path, seed: int = 0) -> dict[str, PreparedModel]:
@@ -1450,7 +1424,6 @@ def merge(source: Path, output: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stub_missing_tqdm()
     if argv[:1] == ["--naive-server"]:
         return _naive_server_main(argv[1:])
     started = time.monotonic() - _process_age_s()  # the budget counts the imports too

@@ -34,7 +34,6 @@ import torch
 from sklearn.datasets import load_diabetes, load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-from tqdm import tqdm
 
 from export.api import ExportReport, Task, export_model
 from export.errors import ExportError
@@ -169,6 +168,10 @@ def _train(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> None:
+    # Imported here: the model classes of this module are also used where nothing is trained
+    # (the GPU tests and benchmarks on a host without tqdm).
+    from tqdm import tqdm  # noqa: PLC0415
+
     model.train()
     progress = tqdm(range(epochs), desc=f"training {name}", unit="epoch", mininterval=0.5)
     for _ in progress:

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.gpu.cuda import stub_missing_tqdm
-
 __all__ = ["ENV", "load", "prepare"]
 
 #: The environment variable naming a prepared bundle (tests/gpu/conftest.py reads it).
@@ -32,7 +30,6 @@ MANIFEST = "bundle.json"
 
 def _builders() -> dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]]:
     """Reference model name -> a fresh module of its architecture, given its state dict."""
-    stub_missing_tqdm()
     from export.examples import DigitsCNN, HousingMLP
     from tests.integration.conftest import tiny_classifier, tiny_dropout2d_cnn, tiny_regressor
 
@@ -61,7 +58,6 @@ class _Factory:
 
 def prepare(directory: Path) -> None:
     """Export the test models into ``directory`` (which must not hold a repository yet)."""
-    stub_missing_tqdm()
     from tests.integration import conftest
 
     fixture: Any = conftest.test_models
@@ -80,7 +76,6 @@ def prepare(directory: Path) -> None:
 
 def load(directory: Path) -> Any:
     """The bundle as the ``test_models`` fixture returns it (an ``ExportedModels``)."""
-    stub_missing_tqdm()
     from tests.integration.conftest import ExportedModels
 
     if not (directory / "repository").is_dir():

@@ -20,7 +20,6 @@ import pytest
 from tests.gpu import cuda
 
 if cuda.skip_reason() is None:
-    cuda.stub_missing_tqdm()  # export.examples needs it at import; a bare GPU host may lack it
     from tests.gpu import bundle
     from tests.integration.client import Client
     from tests.integration.conftest import (

@@ -15,10 +15,6 @@ second. CUDA counts as usable only when all of these hold:
 from __future__ import annotations
 
 import functools
-import sys
-import types
-from collections.abc import Iterable, Iterator
-from typing import Any
 
 import pytest
 
@@ -28,7 +24,6 @@ __all__ = [
     "USE_GPU",
     "require_cuda",
     "skip_reason",
-    "stub_missing_tqdm",
 ]
 
 #: The provider every session of these tests must really run on.
@@ -71,34 +66,3 @@ def require_cuda() -> None:
     reason = skip_reason()
     if reason is not None:
         pytest.skip(f"needs CUDA: {reason}", allow_module_level=True)
-
-
-def stub_missing_tqdm() -> None:
-    """Register a do-nothing ``tqdm`` when the package is missing (a bare GPU host).
-
-    export.examples, which tests/integration/conftest.py imports, imports tqdm at module level
-    for a training progress bar; nothing these tests check depends on it.
-    """
-    try:
-        import tqdm  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("tqdm")
-        module.tqdm = _NoProgress  # type: ignore[attr-defined]
-        sys.modules["tqdm"] = module
-
-
-class _NoProgress:
-    """The part of tqdm.tqdm that export.examples uses, doing nothing."""
-
-    def __init__(self, iterable: Iterable[Any] = (), *args: Any, **kwargs: Any) -> None:
-        del args, kwargs
-        self._iterable = iterable
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._iterable)
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        del args, kwargs
-
-    def close(self) -> None:
-        pass
