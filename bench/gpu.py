@@ -97,7 +97,7 @@ from bench.models import (
     build_mc_model,
     prepare_models,
 )
-from bench.report import GPU_BEGIN, GPU_END, replace_gpu_section
+from bench.report import GPU_BEGIN, GPU_END, _ms, _ratio, replace_gpu_section
 from service.repository import load_version
 from service.runtime import OutputStats, build_engine, chunk_samples
 from service.settings import EngineKind
@@ -1072,27 +1072,6 @@ def _cell_result(entry: Mapping[str, Any]) -> CellResult:
         for key, m in entry.get("measurements", {}).items()
     }
     return CellResult(cell, measurements, int(entry.get("rounds", 0)))
-
-
-def _ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
-
-
-def _ratio(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:.0f}x"
-    if value >= 10:
-        return f"{value:.1f}x"
-    return f"{value:.2f}x"
 
 
 def _rate(value: float) -> str:

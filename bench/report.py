@@ -89,7 +89,9 @@ def _ms(seconds: float) -> str:
         return f"{ms:.0f}"
     if ms >= 10:
         return f"{ms:.1f}"
-    return f"{ms:.2f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
 
 
 def _ratio(ratio: float | None) -> str:
