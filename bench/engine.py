@@ -334,11 +334,16 @@ def _estimate_call_s(
         probe = next_probe
 
 
-def _another_round(rounds: int, elapsed_s: float, config: EngineBenchConfig) -> bool:
-    """At least MIN_ROUNDS rounds; min_repeats unless the cell passed max_cell_s; then more
-    up to max_repeats while within cell_budget_s."""
+def _another_round(
+    rounds: int, elapsed_s: float, config: EngineBenchConfig, past_deadline: bool = False
+) -> bool:
+    """At least MIN_ROUNDS rounds; no more once a whole run's deadline has passed;
+    min_repeats unless the cell passed max_cell_s; then more up to max_repeats while within
+    cell_budget_s."""
     if rounds < MIN_ROUNDS:
         return True
+    if past_deadline:
+        return False
     if rounds < config.min_repeats:
         return elapsed_s < config.max_cell_s
     return rounds < config.max_repeats and elapsed_s < config.cell_budget_s

@@ -25,7 +25,7 @@ still leaves its measurements.
 
 Optionally (unless ``--skip-service``) a service-level figure: the real server with
 ``--device gpu`` under bench/loadgen.py at a few concurrencies, against a naive PyTorch server
-on cuda (``python -m bench.gpu --naive-server``, bench/naive_server.py's code moved to the GPU)
+on cuda (``python -m bench.naive_server --device cuda``)
 and the real server with ``--device cpu`` on the same host.
 
 Other modes:
@@ -62,11 +62,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +82,7 @@ from bench.engine import (
     Rows,
     Runner,
     _accumulator,
+    _another_round,
     _stats,
     _tile_budget_rows,
 )
@@ -549,18 +548,6 @@ def estimate_call_s(
         probe = next_probe
 
 
-def _another_round(
-    rounds: int, elapsed_s: float, config: EngineBenchConfig, past_deadline: bool
-) -> bool:
-    if rounds < MIN_ROUNDS:
-        return True
-    if past_deadline:
-        return False
-    if rounds < config.min_repeats:
-        return elapsed_s < config.max_cell_s
-    return rounds < config.max_repeats and elapsed_s < config.cell_budget_s
-
-
 def measure_cell(
     cell: Cell,
     runners: Mapping[str, Runner],
@@ -667,7 +654,7 @@ def _service_systems(device: Device) -> list[tuple[str, str, list[str], str | No
         (
             f"naive PyTorch server on {torch_device}",
             "naive",
-            ["bench.gpu", "--naive-server", "--device", torch_device],
+            ["bench.naive_server", "--device", torch_device],
             None,
         ),
         (
@@ -787,83 +774,6 @@ def _loadgen(target: str, inputs: Path, plan: ServicePlan) -> dict[str, Any]:
         raise RuntimeError(f"load generator exited with {done.returncode}: {last}")
     answer: dict[str, Any] = json.loads(done.stdout)
     return answer
-
-
-# ---------------------------------------------------------------- naive PyTorch server on cuda
-
-
-def _naive_server_main(argv: Sequence[str]) -> int:
-    """bench/naive_server.py with the model and its T passes on a torch device (default cuda):
-    per request, the rows go to the device, T forward passes run in a Python loop, the softmax
-    too, and the probabilities come back for numpy's mean and variance."""
-    import grpc  # noqa: PLC0415
-
-    from bench.naive_server import NaiveServicer, _load_model, _parser  # noqa: PLC0415
-    from service.codec import decode_tensor, encode_tensor  # noqa: PLC0415
-    from service.errors import InvalidInput  # noqa: PLC0415
-    from service.gen.mcdropout.v1 import mcdropout_pb2 as pb  # noqa: PLC0415
-    from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc  # noqa: PLC0415
-
-    parser = _parser()
-    parser.prog = "python -m bench.gpu --naive-server"
-    parser.add_argument("--device", default="cuda", help="torch device of the model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.torch_threads)
-    device = torch.device(args.device)
-    model = _load_model(args.factory, args.state_dict).to(device)
-
-    class DeviceServicer(NaiveServicer):
-        def Predict(  # noqa: N802 (the generated method name)
-            self, request: pb.PredictRequest, context: grpc.ServicerContext
-        ) -> pb.PredictResponse:
-            if request.model != args.model_name:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
-            inputs = {named.name: named.tensor for named in request.inputs}
-            if list(inputs) != [args.input_name]:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"expected one input {args.input_name!r}"
-                )
-            try:
-                array = decode_tensor(inputs[args.input_name], args.input_name)
-            except InvalidInput as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            num_samples = request.num_samples or args.default_samples
-            x = torch.from_numpy(np.array(array, dtype=np.float32)).to(device)
-            with torch.inference_mode():
-                samples = torch.stack([model(x) for _ in range(num_samples)])  # (T, B, C)
-                probabilities = torch.softmax(samples, dim=-1).double().cpu().numpy()
-            mean, variance = probabilities.mean(axis=0), probabilities.var(axis=0, ddof=1)
-            statistics = pb.OutputStatistics(
-                name=OUTPUT_NAME,
-                semantics=pb.OUTPUT_SEMANTICS_LOGITS,
-                mean=encode_tensor(mean),
-                variance=encode_tensor(variance),
-                std=encode_tensor(np.sqrt(variance)),
-            )
-            return pb.PredictResponse(
-                model=args.model_name, version="1", num_samples=num_samples, outputs=[statistics]
-            )
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
-    pb_grpc.add_MCDropoutServiceServicer_to_server(
-        DeviceServicer(model, args.model_name, args.input_name, args.default_samples), server
-    )
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    stopping = threading.Event()
-    import signal  # noqa: PLC0415
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    server.start()
-    if args.port_file is not None:
-        tmp = args.port_file.with_name(f"{args.port_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"grpc_port": port}))
-        tmp.replace(args.port_file)
-    log.info("naive MC dropout server on %s, %s:%d", device, args.host, port)
-    stopping.wait()
-    server.stop(grace=5.0).wait(10.0)
-    return 0
 
 
 # ---------------------------------------------------------------- the run
@@ -1261,7 +1171,7 @@ def _service_lines(service: Mapping[str, Any] | None, cuda: bool) -> list[str]:
         " `--cuda-conv-algo-search heuristic`; on CUDA also with the other two searches);"
         " the naive server"
         " of `bench/naive_server.py` with its model and T passes on"
-        f" {'cuda' if cuda else 'cpu'} (`python -m bench.gpu --naive-server`, 4 handler"
+        f" {'cuda' if cuda else 'cpu'} (`python -m bench.naive_server --device cuda`, 4 handler"
         " threads); `python -m service --device cpu` on the same host. Throughput is rows x"
         " samples per second of successful calls.",
         "",
@@ -1403,8 +1313,6 @@ def merge(source: Path, output: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--naive-server"]:
-        return _naive_server_main(argv[1:])
     started = time.monotonic() - _process_age_s()  # the budget counts the imports too
     args = _parser().parse_args(argv)
     logging.basicConfig(

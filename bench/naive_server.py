@@ -45,7 +45,7 @@ def mc_dropout_predict(
 
     Args:
         model: in MC dropout mode (dropout modules in train mode, the rest in eval mode).
-        x: the rows (B, ...).
+        x: the rows (B, ...), on the model's device.
         num_samples: T.
 
     Returns:
@@ -54,15 +54,23 @@ def mc_dropout_predict(
     """
     with torch.no_grad():
         samples = torch.stack([model(x) for _ in range(num_samples)])  # (T, B, C)
-    probabilities = torch.softmax(samples, dim=-1).numpy().astype(np.float64)
+    probabilities = torch.softmax(samples, dim=-1).cpu().numpy().astype(np.float64)
     return probabilities.mean(axis=0), probabilities.var(axis=0, ddof=1)
 
 
 class NaiveServicer(pb_grpc.MCDropoutServiceServicer):
     """Predict only; one model, one version."""
 
-    def __init__(self, model: nn.Module, name: str, input_name: str, default_samples: int):
-        self._model = model
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        input_name: str,
+        default_samples: int,
+        device: torch.device | None = None,
+    ) -> None:
+        self._device = device or torch.device("cpu")
+        self._model = model.to(self._device)
         self._name = name
         self._input_name = input_name
         self._default_samples = default_samples
@@ -82,7 +90,7 @@ class NaiveServicer(pb_grpc.MCDropoutServiceServicer):
         except InvalidInput as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         num_samples = request.num_samples or self._default_samples
-        x = torch.from_numpy(np.array(array, dtype=np.float32))
+        x = torch.from_numpy(np.array(array, dtype=np.float32)).to(self._device)
         mean, variance = mc_dropout_predict(self._model, x, num_samples)
         statistics = pb.OutputStatistics(
             name="logits",
@@ -120,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port-file", type=Path, help="write {'grpc_port': N} once serving")
     parser.add_argument("--workers", type=int, default=4, help="gRPC handler threads")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     return parser
 
 
@@ -131,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = _load_model(args.factory, args.state_dict)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
     pb_grpc.add_MCDropoutServiceServicer_to_server(
-        NaiveServicer(model, args.model_name, args.input_name, args.default_samples), server
+        NaiveServicer(
+            model, args.model_name, args.input_name, args.default_samples, torch.device(args.device)
+        ),
+        server,
     )
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     stopping = threading.Event()
@@ -142,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = args.port_file.with_name(f"{args.port_file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"grpc_port": port}))
         tmp.replace(args.port_file)
-    log.info("naive MC dropout server on %s:%d (%d threads)", args.host, port, args.workers)
+    log.info(
+        "naive MC dropout server on %s, %s:%d (%d threads)",
+        args.device, args.host, port, args.workers,
+    )  # fmt: skip
     stopping.wait()
     server.stop(grace=5.0).wait(10.0)
     log.info("stopped")
