@@ -62,10 +62,10 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 
 proto: $(VENV)/.installed-dev
-	$(PY) -m service.protogen
+	$(PY) -m tools.protogen
 
 proto-check: $(VENV)/.installed-dev
-	$(PY) -m service.protogen --check
+	$(PY) -m tools.protogen --check
 
 # ---- Evaluation (evaluation/, results in docs/evaluation.md and docs/evaluation/*.png):
 # Gal & Ghahramani's Boston protocol, digits calibration and OOD, convergence with T, all

@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.codec import encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.protocol.codec import encode_tensor
 
 __all__ = ["CannedServicer", "main"]
 

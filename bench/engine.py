@@ -2,14 +2,14 @@
 
 Variants (each returns the same statistics: the server's float64 classification statistics
 of the (T, B, C) logits, i.e. mean and unbiased variance of the softmax per element plus
-entropies, mutual information and votes, from ``service.uncertainty``):
+entropies, mutual information and votes, from ``service.maths.uncertainty``):
 
 * ``torch_loop`` (a): the usual PyTorch MC dropout code, T forward passes of the B rows with
   dropout in train mode (``export.mc_mode.mc_dropout_copy``), under ``torch.inference_mode``.
 * ``torch_tiled`` (b): PyTorch on the [T*B] tile, chunked to the same memory budget as (d).
 * ``ort_loop`` (c): ONNX Runtime, T session runs of the B rows.
-* ``ort_tiled`` (d): ONNX Runtime on the whole tiled graph (``service.runtime.TiledEngine``).
-* ``engine`` (e): the engine the server builds (``service.runtime.build_engine``).
+* ``ort_tiled`` (d): ONNX Runtime on the whole tiled graph (``service.engine.runtime.TiledEngine``).
+* ``engine`` (e): the engine the server builds (``service.engine.runtime.build_engine``).
 
 Timing: variants are interleaved in rounds (round r starts at variant r mod 5), after one
 warm-up call each, and each cell reports the median and the p10-p90 spread of the per-call
@@ -44,10 +44,10 @@ import numpy.typing as npt
 import torch
 
 from bench.models import INPUT_NAME, OUTPUT_NAME, PreparedModel, load_prepared
-from service.onnx_session import SessionConfig, create_session
+from service.engine.onnx_session import SessionConfig, create_session
+from service.engine.runtime import Engine, OutputStats, TiledEngine, build_engine, chunk_samples
+from service.maths.uncertainty import ClassificationAccumulator, RegressionAccumulator
 from service.repository import Semantics, TensorSpec
-from service.runtime import Engine, OutputStats, TiledEngine, build_engine, chunk_samples
-from service.uncertainty import ClassificationAccumulator, RegressionAccumulator
 
 __all__ = [
     "VARIANTS",
@@ -210,7 +210,7 @@ def set_torch_threads(num_threads: int) -> None:
 
 
 def _accumulator(spec: TensorSpec) -> ClassificationAccumulator | RegressionAccumulator:
-    """The statistics the server computes for this output (service.runtime does the same)."""
+    """The statistics the server computes for this output (service.engine.runtime does the same)."""
     if spec.semantics is not None and spec.semantics.is_classification:
         return ClassificationAccumulator(from_logits=spec.semantics is Semantics.LOGITS)
     return RegressionAccumulator()

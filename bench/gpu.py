@@ -14,7 +14,7 @@
 * (g) ``engine_cpu``: this engine on the CPU provider of the same host (all its cores), to show
   where the GPU wins.
 
-Every variant ends with the same float64 statistics on the host (``service.uncertainty``).
+Every variant ends with the same float64 statistics on the host (``service.maths.uncertainty``).
 Timing follows bench/engine.py (probes, one full-size warm-up, interleaved rounds, median and
 p10-p90) with ``torch.cuda.synchronize()`` before and after every PyTorch call (ONNX Runtime's
 ``run`` is synchronous from Python). A variant whose sessions do not really run on CUDA
@@ -97,8 +97,8 @@ from bench.models import (
     prepare_models,
 )
 from bench.report import GPU_BEGIN, GPU_END, _ms, _ratio, replace_gpu_section
+from service.engine.runtime import OutputStats, build_engine, chunk_samples
 from service.repository import load_version
-from service.runtime import OutputStats, build_engine, chunk_samples
 from service.settings import EngineKind
 
 __all__ = [
@@ -358,7 +358,7 @@ def device_info(device: Device) -> dict[str, Any]:
         _try(info, "torch_cudnn", torch.backends.cudnn.version)
         _try(info, "driver_cuda", _driver_cuda_version)
         _try(info, "nvidia_smi", _nvidia_smi)
-        from service.onnx_session import cuda_usable  # noqa: PLC0415
+        from service.engine.onnx_session import cuda_usable  # noqa: PLC0415
 
         _try(info, "ort_cuda_usable", cuda_usable)
     return info
@@ -429,7 +429,7 @@ def build_variant(
     Raises:
         NotOnDevice: it does not run where it must (e.g. CUDA asked, CPU given).
     """
-    from service.onnx_session import SessionConfig, create_session  # noqa: PLC0415
+    from service.engine.onnx_session import SessionConfig, create_session  # noqa: PLC0415
 
     output = model.source.config.outputs[0]
     variant = next(v for v in GPU_VARIANTS if v.key == key)
@@ -1066,7 +1066,8 @@ def _method_lines(result: Mapping[str, Any], cuda: bool) -> list[str]:
         ' (f) its one-graph form (`kind="split-graph"`: the Tile at the cut is inside the'
         " graph, so only the B rows cross to the GPU); (g) this engine on the CPU provider of"
         " the same host (all cores), for the GPU-against-CPU ratio. Every variant ends with the"
-        " same float64 statistics on the host (`service.uncertainty`), the samples copied back"
+        " same float64 statistics on the host (`service.maths.uncertainty`), the samples copied"
+        " back"
         " from the GPU as the server does.",
         "- Timing: `torch.cuda.synchronize()` before and after every PyTorch call (ONNX Runtime's"
         " `run` returns when its outputs are on the host). Probe calls (each size run twice,"

@@ -27,9 +27,9 @@ from typing import Any, get_args
 import numpy as np
 
 from bench.models import MODELS
-from service.onnx_session import SessionConfig
+from service.engine.onnx_session import SessionConfig
+from service.engine.runtime import build_engine
 from service.repository import load_version
-from service.runtime import build_engine
 from service.settings import ConvAlgoSearch
 
 __all__ = ["ALGOS", "main", "measure", "shapes_lines"]

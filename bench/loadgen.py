@@ -244,8 +244,8 @@ class Workload:
 
 def mcdropout_workload(model: str, input_name: str, x: npt.NDArray[Any], samples: int) -> Workload:
     """``mcdropout.v1.MCDropoutService/Predict`` of the rows ``x`` (B, ...) with T = samples."""
-    from service.codec import decode_tensor, encode_tensor  # noqa: PLC0415 (see module doc)
     from service.gen.mcdropout.v1 import mcdropout_pb2 as pb  # noqa: PLC0415
+    from service.protocol.codec import decode_tensor, encode_tensor  # noqa: PLC0415 (see module doc)
 
     request = pb.PredictRequest(
         model=model,

@@ -1,7 +1,7 @@
 """Baseline (a): the usual PyTorch MC dropout code behind a straightforward gRPC server.
 
 ``python -m bench.naive_server --state-dict W.pt --port-file F`` serves
-``mcdropout.v1.MCDropoutService/Predict`` (the generated stubs, ``service.codec``) on
+``mcdropout.v1.MCDropoutService/Predict`` (the generated stubs, ``service.protocol.codec``) on
 127.0.0.1. Every request is handled on its own: the model, in MC dropout mode
 (``export.mc_mode.mc_dropout_copy``: eval, dropout in train mode), runs T forward passes in a
 Python loop, then numpy computes the mean and the unbiased variance of the per-sample softmax
@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from export.mc_mode import mc_dropout_copy
-from service.codec import decode_tensor, encode_tensor
 from service.errors import InvalidInput
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.protocol.codec import decode_tensor, encode_tensor
 
 __all__ = ["NaiveServicer", "main", "mc_dropout_predict"]
 

@@ -130,12 +130,13 @@ def _method(config: EngineBenchConfig, memory_note: str) -> list[str]:
         " rows with dropout in train mode (`mc_dropout_copy`, `torch.inference_mode`,"
         " `torch.set_num_threads(cores)`); (b) PyTorch on the [T*B] tile, chunked to the same"
         " memory budget as (d); (c) ONNX Runtime, a loop of T session runs of the B rows;"
-        " (d) ONNX Runtime on the whole tiled graph (`service.runtime.TiledEngine`);"
-        " (e) this engine (`service.runtime.build_engine`, what the server runs). ONNX Runtime"
-        " sessions come from `service.onnx_session.create_session` with the server's CPU"
+        " (d) ONNX Runtime on the whole tiled graph (`service.engine.runtime.TiledEngine`);"
+        " (e) this engine (`service.engine.runtime.build_engine`, what the server runs)."
+        " ONNX Runtime"
+        " sessions come from `service.engine.onnx_session.create_session` with the server's CPU"
         " settings (threads = cores, spinning off).",
         "- Every variant ends with the same statistics, the server's float64 classification"
-        " statistics of the (T, B, 10) logits (`service.uncertainty`: mean and unbiased"
+        " statistics of the (T, B, 10) logits (`service.maths.uncertainty`: mean and unbiased"
         " variance of the softmax per element, entropies, mutual information, votes).",
         f"- Timing: probe calls with fewer samples (T = {config.probe_samples}, then 10x more"
         " while needed) estimate each variant's call time, linearly in T; a variant estimated"

@@ -1,6 +1,6 @@
 """What every stage shares: the server subprocess, a small gRPC client, seeding, the machine line.
 
-The client speaks to the server only through the generated stubs and ``service.codec`` (the
+The client speaks to the server only through the generated stubs and ``service.protocol.codec`` (the
 project's typed client library is not a dependency of the evaluation).
 """
 
@@ -28,9 +28,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from service.codec import decode_tensor, encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.protocol.codec import decode_tensor, encode_tensor
 
 __all__ = [
     "ROOT",

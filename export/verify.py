@@ -1,6 +1,6 @@
 """Statistical verification of an exported graph against PyTorch MC dropout, before publishing.
 
-The ONNX side always runs in a session from ``service.onnx_session.create_session``, the same
+The ONNX side always runs in a session from ``service.engine.onnx_session.create_session``, the same
 factory the server uses, so the ``EliminateDropout`` trap is tested as it will be served.
 
 Four checks, in this order (all run, so the report is complete):
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from export.stats import MomentAccumulator, Moments, ZTestResult, mean_z_test, variance_ratio_test
-from service.onnx_session import SessionConfig, create_session
+from service.engine.onnx_session import SessionConfig, create_session
 
 __all__ = [
     "COPIES_PER_ROW",

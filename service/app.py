@@ -19,8 +19,8 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from service import metrics
-from service.core import InferenceCore, load_registry
-from service.grpc_server import GrpcServer
+from service.core.dataplane import InferenceCore, load_registry
+from service.protocol.grpc_server import GrpcServer
 from service.settings import Settings
 
 __all__ = ["App"]

@@ -16,7 +16,7 @@
 
     ModelLoadError (not sent to clients: a model version that cannot be served)
 
-The core raises these without knowing about gRPC; ``service.grpc_server`` maps them to
+The core raises these without knowing about gRPC; ``service.protocol.grpc_server`` maps them to
 ``grpc.StatusCode`` in one place. Codes are the canonical status names shared by gRPC and the
 Open Inference Protocol, so the core stays protocol-neutral. Any other exception reaching the
 protocol layer is a bug: it is logged with its traceback and the client gets INTERNAL with a

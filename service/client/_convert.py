@@ -23,9 +23,9 @@ from service.client.types import (
     Task,
     TensorInfo,
 )
-from service.codec import DTYPE_OF, decode_tensor, encode_tensor
 from service.errors import InvalidInput
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.protocol.codec import DTYPE_OF, decode_tensor, encode_tensor
 
 #: One input: an ndarray with the model's dtype, or nested lists / tuples of numbers.
 ArrayLike: TypeAlias = NDArray[Any] | Sequence[Any]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from service.grpc_server import SERVICE_NAME
+from service.protocol.grpc_server import SERVICE_NAME
 from tests.deploy.conftest import DEPLOY, free_port
 from tests.integration.conftest import RunningServer
 

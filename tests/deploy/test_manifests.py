@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from service import metrics
-from service.grpc_server import SERVICE_NAME
+from service.protocol.grpc_server import SERVICE_NAME
 from service.settings import ENV_PREFIX, Settings, load_settings
 from tests.deploy.conftest import DEPLOY, ROOT
 

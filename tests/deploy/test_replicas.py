@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.codec import encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.protocol.codec import encode_tensor
 from tests.deploy.conftest import DEPLOY, scrape
 from tests.integration.conftest import RunningServer, start_server, stop_server
 

@@ -5,7 +5,7 @@ a host without CUDA the whole folder is skipped at collection, with the reason, 
 second. CUDA counts as usable only when all of these hold:
 
 1. onnxruntime offers ``CUDAExecutionProvider``;
-2. ``service.onnx_session.cuda_usable()`` (an NVIDIA driver loads; it also calls
+2. ``service.engine.onnx_session.cuda_usable()`` (an NVIDIA driver loads; it also calls
    ``onnxruntime.preload_dlls()`` for the CUDA / cuDNN libraries of the Python packages);
 3. a real session created the server's way (``create_session``, ``SessionConfig(use_gpu=True)``)
    reports ``CUDAExecutionProvider`` first: ONNX Runtime silently falls back to the CPU when
@@ -39,13 +39,15 @@ def skip_reason() -> str | None:
     """None when CUDA really runs here, else why not (one line)."""
     import onnxruntime as ort
 
-    from service.onnx_session import SessionConfig, create_session, cuda_usable
+    from service.engine.onnx_session import SessionConfig, create_session, cuda_usable
 
     available = ort.get_available_providers()
     if PROVIDER not in available:
         return f"onnxruntime {ort.__version__} has no {PROVIDER} (it offers {available})"
     if not cuda_usable():
-        return "no NVIDIA driver: libcuda.so.1 does not load (service.onnx_session.cuda_usable)"
+        return (
+            "no NVIDIA driver: libcuda.so.1 does not load (service.engine.onnx_session.cuda_usable)"
+        )
     from tests.unit.test_session import dropout_model
 
     try:

@@ -24,9 +24,9 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.onnx_session import SessionConfig
+from service.engine.onnx_session import SessionConfig
+from service.engine.runtime import build_engine
 from service.repository import load_version
-from service.runtime import build_engine
 from service.settings import EngineKind
 from tests.gpu.cuda import PROVIDER, USE_GPU
 from tests.integration.conftest import ExportedModels

@@ -1,7 +1,7 @@
 """Sessions on CUDA keep Dropout stochastic: the CUDA twin of tests/unit/test_session.py.
 
 ONNX Runtime's EliminateDropout optimizer runs for every execution provider; the control test
-shows the trap on CUDA too, the others that ``service.onnx_session.create_session`` disables it
+shows the trap on CUDA too, the others that ``service.engine.onnx_session.create_session`` disables it
 there, at every optimization level, and that the Dropout kernels really run on the GPU.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.onnx_session import DISABLED_OPTIMIZERS, SessionConfig, create_session
+from service.engine.onnx_session import DISABLED_OPTIMIZERS, SessionConfig, create_session
 from tests.gpu.cuda import PROVIDER, USE_GPU
 from tests.integration.conftest import ExportedModels
 from tests.unit.test_session import X, dropout_model

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 from numpy.typing import NDArray
 
-from service.codec import decode_tensor, encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.protocol.codec import decode_tensor, encode_tensor
 
 _STATS = ("mean", "variance", "std", "predicted_class", "predictive_entropy", "expected_entropy",
           "mutual_information", "variation_ratio")  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from export import export_model
-from service.codec import decode_tensor
+from service.protocol.codec import decode_tensor
 from tests.integration.client import Client
 from tests.integration.conftest import RunningServer, start_server, stop_server
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.onnx_session import SessionConfig
+from service.engine.onnx_session import SessionConfig
+from service.engine.runtime import SplitGraphEngine, SplitSessionsEngine, TiledEngine, build_engine
 from service.repository import load_version
-from service.runtime import SplitGraphEngine, SplitSessionsEngine, TiledEngine, build_engine
 from service.settings import EngineKind
 from tests.integration.conftest import ExportedModels
 from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.codec import encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.protocol.codec import encode_tensor
 from tests.integration.client import Client
 
 Code = grpc.StatusCode

@@ -61,7 +61,7 @@ def test_aleatoric_epistemic_and_total_variance(
     x = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
     with Client(server.target) as client:
         answer = client.predict_raw(client.request("het", {"x": x}, num_samples=T))
-    from service.codec import decode_tensor
+    from service.protocol.codec import decode_tensor
 
     mu = next(o for o in answer.outputs if o.name == "mu")
     assert mu.HasField("aleatoric_variance")
@@ -137,7 +137,7 @@ def test_empirical_interval_of_the_normal_mixture(
     the mixture of the T predicted normals (checked with math.erf on the returned samples)."""
     import math
 
-    from service.codec import decode_tensor
+    from service.protocol.codec import decode_tensor
 
     server, _ = het_server
     x = np.random.default_rng(6).standard_normal((2, 3)).astype(np.float32)

@@ -180,7 +180,7 @@ def test_raw_samples_on_request(client: Client) -> None:
     request = client.request("tiny_reg", x, num_samples=40)
     request.return_samples = True
     response = client.predict_raw(request)
-    from service.codec import decode_tensor
+    from service.protocol.codec import decode_tensor
 
     y = response.outputs[0]
     samples = decode_tensor(y.samples, "samples")
@@ -208,7 +208,7 @@ def test_raw_samples_are_bounded(client: Client) -> None:
 def test_prediction_intervals(client: Client) -> None:
     from statistics import NormalDist
 
-    from service.codec import decode_tensor
+    from service.protocol.codec import decode_tensor
 
     x = inputs_for("tiny_reg", rows=3, seed=10)
     request = client.request("tiny_reg", x, num_samples=500)

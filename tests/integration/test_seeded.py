@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.codec import decode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.protocol.codec import decode_tensor
 from tests.integration.client import Client
 from tests.integration.conftest import ExportedModels
 from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples

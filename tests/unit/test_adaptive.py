@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.adaptive import FIRST_ROUND_SAMPLES, RowMerger, next_round
-from service.uncertainty import classification_stats, regression_stats
+from service.maths.adaptive import FIRST_ROUND_SAMPLES, RowMerger, next_round
+from service.maths.uncertainty import classification_stats, regression_stats
 
 
 @pytest.mark.parametrize(

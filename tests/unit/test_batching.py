@@ -22,8 +22,9 @@ import pytest
 from numpy.typing import NDArray
 
 from service import metrics
-from service.batching import slice_rows
-from service.core import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.core.batching import slice_rows
+from service.core.dataplane import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -32,6 +33,7 @@ from service.errors import (
     ModelNotReady,
     ResourceExhausted,
 )
+from service.maths.uncertainty import RegressionStats, classification_stats
 from service.repository import (
     DEFAULT_MAX_QUEUE_DELAY_US,
     DynamicBatchingConfig,
@@ -39,9 +41,7 @@ from service.repository import (
     VersionSource,
     parse_config,
 )
-from service.runtime import CancelToken, OutputStats
 from service.settings import Settings
-from service.uncertainty import RegressionStats, classification_stats
 
 CONFIG: dict[str, Any] = {
     "task": "regression",
@@ -555,8 +555,8 @@ def test_config_section_errors_name_the_bad_value(section: Any, fragment: str) -
 
 
 def test_slice_rows_slices_the_intervals_too() -> None:
-    from service.predictive import gaussian_interval
-    from service.uncertainty import regression_stats
+    from service.maths.predictive import gaussian_interval
+    from service.maths.uncertainty import regression_stats
 
     stats = regression_stats(np.arange(12.0).reshape(3, 4, 1))  # T=3, B=4
     interval = gaussian_interval(stats.mean, stats.variance, 0.9)

@@ -30,8 +30,8 @@ from service.client._convert import (
     version_str,
 )
 from service.client.files import detect_format, parse, parse_csv, parse_json, shape_rows
-from service.codec import decode_tensor, encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.protocol.codec import decode_tensor, encode_tensor
 
 ROOT = Path(__file__).resolve().parents[2]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE

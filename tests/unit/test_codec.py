@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.codec import decode_tensor, encode_tensor
 from service.errors import InvalidInput
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.protocol.codec import decode_tensor, encode_tensor
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.core import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.core.dataplane import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -27,10 +28,9 @@ from service.errors import (
     ResourceExhausted,
     VersionNotFound,
 )
+from service.maths.uncertainty import regression_stats
 from service.repository import ProvenanceInfo, VersionSource, parse_config
-from service.runtime import CancelToken, OutputStats
 from service.settings import Settings
-from service.uncertainty import regression_stats
 
 CONFIG = {
     "task": "regression",

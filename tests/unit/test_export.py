@@ -47,7 +47,7 @@ from export.stats import (
     mean_z_test,
     variance_ratio_test,
 )
-from service.onnx_session import SessionConfig, create_session
+from service.engine.onnx_session import SessionConfig, create_session
 
 ROOT = Path(__file__).resolve().parents[2]
 VERIFY_SAMPLES = 2000

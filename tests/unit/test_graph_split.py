@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.graph_split import NUM_SAMPLES_INPUT, plan_split, split_models, tiled_model
-from service.onnx_session import SessionConfig, create_session
+from service.engine.graph_split import NUM_SAMPLES_INPUT, plan_split, split_models, tiled_model
+from service.engine.onnx_session import SessionConfig, create_session
 
 RNG = np.random.default_rng(0)
 W1 = RNG.standard_normal((4, 8)).astype(np.float32)
@@ -188,7 +188,7 @@ def test_deterministic_outputs_are_tiled_too() -> None:
 
 
 def test_noise_fed_dropout_keeps_where_the_noise_is_at_least_p() -> None:
-    from service.graph_split import noise_fed_model
+    from service.engine.graph_split import noise_fed_model
 
     model, noise = noise_fed_model(head_graph())
     assert [(n.name, n.row_shape) for n in noise] == [("mcd_noise_0", (8,))]
@@ -204,7 +204,7 @@ def test_noise_fed_dropout_keeps_where_the_noise_is_at_least_p() -> None:
 
 
 def test_noise_fed_random_uniform_like_maps_the_noise_to_its_range() -> None:
-    from service.graph_split import noise_fed_model
+    from service.engine.graph_split import noise_fed_model
 
     model = _model(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]),
@@ -221,7 +221,7 @@ def test_noise_fed_random_uniform_like_maps_the_noise_to_its_range() -> None:
 
 
 def test_random_nodes_that_cannot_be_fed_are_refused_with_the_reason() -> None:
-    from service.graph_split import NoiseRewriteError, noise_fed_model
+    from service.engine.graph_split import NoiseRewriteError, noise_fed_model
 
     model = _model(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]),

@@ -11,8 +11,8 @@ import pytest
 
 from bench import loadgen
 from bench.loadgen import LoadSpec, check_loopback, mcdropout_workload, run_load
-from service.codec import encode_tensor
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.protocol.codec import encode_tensor
 
 
 def test_counts_only_calls_completing_in_the_window() -> None:

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.core import OutputResult, PredictResult
+from service.core.dataplane import OutputResult, PredictResult
 from service.errors import InvalidInput
 from service.gen.inference import grpc_service_pb2 as oip
-from service.oip_codec import (
+from service.maths.uncertainty import classification_stats, regression_stats
+from service.protocol.oip_codec import (
     DTYPE_OF,
     decode_inputs,
     encode_outputs,
@@ -26,7 +27,6 @@ from service.oip_codec import (
     tensor_metadata,
 )
 from service.repository import DTYPES, ModelConfig, parse_config
-from service.uncertainty import classification_stats, regression_stats
 
 Input = oip.ModelInferRequest.InferInputTensor
 Requested = oip.ModelInferRequest.InferRequestedOutputTensor

@@ -9,7 +9,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from service.predictive import (
+from service.maths.predictive import (
     AleatoricAccumulator,
     empirical_interval,
     gaussian_interval,

@@ -2,7 +2,7 @@
 
 ONNX Runtime's EliminateDropout optimizer deletes every Dropout whose mask output is unused,
 whatever training_mode says. The control test shows that the trap is real in the pinned
-onnxruntime; the guard test fails if service.onnx_session ever stops disabling it.
+onnxruntime; the guard test fails if service.engine.onnx_session ever stops disabling it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from service.onnx_session import (
+from service.engine.onnx_session import (
     DISABLED_OPTIMIZERS,
     SessionConfig,
     create_session,

@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from service import errors
-from service.grpc_server import status_of
+from service.protocol.grpc_server import status_of
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Unit tests for service.uncertainty against references worked out by hand or with plain numpy.
+"""Unit tests for service.maths.uncertainty against references worked out by hand or with plain numpy.
 
 Every random input is drawn from a seeded generator, so no test here is statistical: none can
 fail by chance.
@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service.uncertainty import (
+from service.maths.uncertainty import (
     ClassificationAccumulator,
     RegressionAccumulator,
     classification_stats,

@@ -1,11 +1,12 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol (KServe v2) over the core.
 
-A second protocol layer next to ``service.servicer``, as thin as the first: it translates
-Open Inference Protocol messages to :class:`PredictInput` and the :class:`PredictResult` back
-(``service.oip_codec``), and calls the same :class:`InferenceCore`, so batching, limits,
-admission and the statistics are shared, not duplicated. Unary errors travel up as
-``ServiceError`` to ``service.grpc_server.StatusInterceptor``; ModelStreamInfer answers each
-message on its own, so it maps its errors per message with the same ``service.status``.
+A second protocol layer next to ``service.protocol.mcdropout_servicer``, as thin as the first:
+it translates Open Inference Protocol messages to :class:`PredictInput` and the
+:class:`PredictResult` back (``service.protocol.oip_codec``), and calls the same
+:class:`InferenceCore`, so batching, limits, admission and the statistics are shared, not
+duplicated. Unary errors travel up as ``ServiceError`` to
+``service.protocol.grpc_server.StatusInterceptor``; ModelStreamInfer answers each message on its
+own, so it maps its errors per message with the same ``service.protocol.status``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from service import __version__, metrics
-from service.core import InferenceCore, PredictInput
+from service.core.dataplane import InferenceCore, PredictInput
 from service.errors import NotFound
 from service.gen.inference import grpc_service_pb2 as oip
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
-from service.oip_codec import (
+from service.protocol.oip_codec import (
     MC_SAMPLES,
     decode_inputs,
     encode_outputs,
@@ -32,7 +33,7 @@ from service.oip_codec import (
     requested_outputs,
     tensor_metadata,
 )
-from service.status import observe_failure, record_request
+from service.protocol.status import observe_failure, record_request
 
 __all__ = ["EXTENSIONS", "OIP_SERVICE_NAME", "PLATFORM", "SERVER_NAME", "OpenInferenceServicer"]
 

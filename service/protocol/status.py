@@ -1,6 +1,6 @@
 """The one mapping from the error tree to gRPC status codes, and the per-request metrics.
 
-Unary RPCs reach it through ``service.grpc_server.StatusInterceptor``; streams answer each
+Unary RPCs reach it through ``service.protocol.grpc_server.StatusInterceptor``; streams answer each
 message separately (a failed message must not close the stream), so their handlers call
 :func:`observe_failure` and :func:`record_request` themselves, per message. Either way a
 client sees the same code and message for the same error, and the metrics and the log are

@@ -1,10 +1,10 @@
 """The protocol-neutral core: model registry, request validation, admission and execution.
 
-Protocol layers (service.servicer for gRPC) translate wire messages into :class:`PredictInput`
-and call :meth:`InferenceCore.predict`; they never touch numpy maths or ONNX Runtime. Validated
-requests go to the cross-request batcher (service.batching), which merges concurrent requests
-for the same version and T into one engine run on a bounded thread pool, so the event loop
-never blocks; its bounded admission answers RESOURCE_EXHAUSTED instead of letting a queue grow.
+Protocol layers (service.protocol) translate wire messages into :class:`PredictInput` and call
+:meth:`InferenceCore.predict`; they never touch numpy maths or ONNX Runtime. Validated requests
+go to the cross-request batcher (service.core.batching), which merges concurrent requests for
+the same version and T into one engine run on a bounded thread pool, so the event loop never
+blocks; its bounded admission answers RESOURCE_EXHAUSTED instead of letting a queue grow.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import metrics
-from service.adaptive import RowMerger, next_round
-from service.batching import Batcher, BatchKey, BatchPolicy
+from service.core.batching import Batcher, BatchKey, BatchPolicy
+from service.engine.onnx_session import SessionConfig
+from service.engine.runtime import Engine, OutputStats, build_engine
 from service.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -32,9 +33,8 @@ from service.errors import (
     ResourceExhausted,
     VersionNotFound,
 )
-from service.onnx_session import SessionConfig
+from service.maths.adaptive import RowMerger, next_round
 from service.repository import ModelConfig, Task, TensorSpec, VersionSource, scan_repository
-from service.runtime import Engine, OutputStats, build_engine
 from service.settings import Settings
 
 __all__ = [
@@ -421,7 +421,7 @@ class InferenceCore:
         target: float,
         timeout_s: float | None,
     ) -> tuple[list[OutputStats], NDArray[np.int64]]:
-        """Rounds of the rows still above the target (service.adaptive), each an ordinary
+        """Rounds of the rows still above the target (service.maths.adaptive), each an ordinary
         batched engine run; returns the merged statistics and the T of each row."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s

@@ -4,7 +4,7 @@ A request of B rows and T samples becomes a [T*B, ...] tile, sample-major (sampl
 is tile row t*B + b): dropout masks are drawn per element, so every copy of a row gets its own
 mask. The tile is cut into chunks of ``t`` samples so one session run stays within a memory
 budget, and each chunk's outputs, reshaped to (t, B, ...), are folded into streaming
-statistics (service.uncertainty), so T = 10,000 needs the memory of one chunk, not of T.
+statistics (service.maths.uncertainty), so T = 10,000 needs the memory of one chunk, not of T.
 
 :class:`Engine` is the small interface the rest of the server sees; :class:`TiledEngine` is the
 straightforward implementation. Everything here is synchronous and runs on a worker thread,
@@ -27,8 +27,7 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.errors import Cancelled, InvalidInput, ModelLoadError
-from service.graph_split import (
+from service.engine.graph_split import (
     NUM_SAMPLES_INPUT,
     NoiseRewriteError,
     SplitPlan,
@@ -37,22 +36,23 @@ from service.graph_split import (
     split_models,
     tiled_model,
 )
-from service.onnx_session import SessionConfig, create_session
-from service.predictive import (
+from service.engine.onnx_session import SessionConfig, create_session
+from service.errors import Cancelled, InvalidInput, ModelLoadError
+from service.maths.predictive import (
     AleatoricAccumulator,
     Interval,
     empirical_interval,
     gaussian_interval,
     mixture_interval,
 )
-from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
-from service.settings import EngineKind
-from service.uncertainty import (
+from service.maths.uncertainty import (
     ClassificationAccumulator,
     ClassificationStats,
     RegressionAccumulator,
     RegressionStats,
 )
+from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
+from service.settings import EngineKind
 
 __all__ = [
     "CancelToken",
@@ -418,7 +418,7 @@ class TiledEngine(_SamplingEngine):
 
 class SplitGraphEngine(_SamplingEngine):
     """One graph with a Tile at the cut: the prefix runs once per chunk on [B, ...] inside the
-    session, the suffix on the tile (``service.graph_split.tiled_model``)."""
+    session, the suffix on the tile (``service.engine.graph_split.tiled_model``)."""
 
     kind = "split-graph"
 
@@ -453,7 +453,7 @@ class SplitGraphEngine(_SamplingEngine):
 
 class SplitSessionsEngine(_SamplingEngine):
     """Two sessions: the prefix runs once per request on [B, ...], its outputs are tiled in
-    numpy, the suffix session runs on the tile (``service.graph_split.split_models``)."""
+    numpy, the suffix session runs on the tile (``service.engine.graph_split.split_models``)."""
 
     kind = "split-sessions"
 

@@ -5,7 +5,7 @@ T means mu_t and, when it is heteroscedastic (outputs a variance or log-variance
 T variances s2_t. The predictive distribution is the mixture (1/T) sum_t N(mu_t, s2_t):
 
 * epistemic variance = the variance of the mu_t over samples (what dropout's randomness says
-  about the model's uncertainty; ``service.uncertainty`` computes it, unbiased),
+  about the model's uncertainty; ``service.maths.uncertainty`` computes it, unbiased),
 * aleatoric variance = the mean of the s2_t (the noise the model predicts in the data),
 * total predictive variance = epistemic + aleatoric (the law of total variance).
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.uncertainty import ClassificationStats, RegressionStats
+from service.maths.uncertainty import ClassificationStats, RegressionStats
 
 __all__ = ["FIRST_ROUND_SAMPLES", "RowMerger", "next_round"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from service.predictive import Interval
+from service.maths.predictive import Interval
 
 __all__ = [
     "ClassificationAccumulator",
@@ -153,7 +153,7 @@ class RegressionStats:
         aleatoric_variance: (B, ...) heteroscedastic models only: the mean over samples of
             the model's predicted variance (``variance`` is then the epistemic part).
         total_variance: (B, ...) ``variance + aleatoric_variance``, the predictive variance.
-        intervals: prediction intervals, when asked for (``service.predictive.Interval``).
+        intervals: prediction intervals, when asked for (``service.maths.predictive.Interval``).
     """
 
     num_samples: int

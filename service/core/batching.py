@@ -49,6 +49,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import metrics
+from service.engine.runtime import CancelToken, Engine, OutputStats
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -57,9 +58,8 @@ from service.errors import (
     ResourceExhausted,
     ServiceError,
 )
+from service.maths.uncertainty import RegressionStats
 from service.repository import DynamicBatchingConfig
-from service.runtime import CancelToken, Engine, OutputStats
-from service.uncertainty import RegressionStats
 
 __all__ = ["BatchKey", "BatchPolicy", "Batcher", "slice_rows"]
 

@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core import OutputResult, PredictResult
+from service.core.dataplane import OutputResult, PredictResult
 from service.errors import InvalidInput
 from service.gen.inference import grpc_service_pb2 as oip
+from service.maths.uncertainty import RegressionStats
 from service.repository import ModelConfig, Semantics, Task, TensorSpec
-from service.uncertainty import RegressionStats
 
 __all__ = [
     "DTYPE_OF",

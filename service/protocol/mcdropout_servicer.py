@@ -1,7 +1,7 @@
 """``mcdropout.v1.MCDropoutService``: translates wire messages to and from the core.
 
 No numpy maths and no ONNX Runtime here: errors raised by the core travel up as
-``ServiceError`` and are mapped to status codes by ``service.grpc_server``.
+``ServiceError`` and are mapped to status codes by ``service.protocol.grpc_server``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from service.codec import PB_DTYPE_OF, decode_tensor, encode_tensor
-from service.core import InferenceCore, OutputResult, PredictInput, PredictResult
+from service.core.dataplane import InferenceCore, OutputResult, PredictInput, PredictResult
 from service.errors import InvalidInput
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
+from service.maths.uncertainty import ClassificationStats, RegressionStats
+from service.protocol.codec import PB_DTYPE_OF, decode_tensor, encode_tensor
 from service.repository import Semantics, Task, TensorSpec
-from service.uncertainty import ClassificationStats, RegressionStats
 
 __all__ = ["MCDropoutServicer", "encode_result"]
 

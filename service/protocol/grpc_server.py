@@ -1,6 +1,6 @@
 """The gRPC server: both protocols on one port, health, reflection, and the one place where
 errors of unary RPCs become status codes (:class:`StatusInterceptor`, using
-``service.status``), which also records the request metrics.
+``service.protocol.status``), which also records the request metrics.
 
 Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
 ``inference.GRPCInferenceService`` (the Open Inference Protocol), both thin layers over one
@@ -20,14 +20,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import metrics
-from service.core import InferenceCore
+from service.core.dataplane import InferenceCore
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
-from service.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
-from service.servicer import MCDropoutServicer
+from service.protocol.mcdropout_servicer import MCDropoutServicer
+from service.protocol.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
+from service.protocol.status import observe_failure, record_request, status_of
 from service.settings import Settings
-from service.status import observe_failure, record_request, status_of
 
 __all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "GrpcServer", "StatusInterceptor", "status_of"]
 
@@ -56,7 +56,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     Every unary RPC of both services goes through here, so a handler only raises
     ``ServiceError`` subclasses and never calls ``context.abort`` itself. Streams pass through
-    untouched: ModelStreamInfer maps and records each message itself (``service.status``).
+    untouched: ModelStreamInfer maps and records each message itself (``service.protocol.status``).
     """
 
     def __init__(self, model_label: Callable[[str], str]) -> None:

@@ -1,0 +1,1 @@
+"""maths layer of the server (see docs/architecture.md)."""

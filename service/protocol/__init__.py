@@ -1,0 +1,1 @@
+"""protocol layer of the server (see docs/architecture.md)."""
