@@ -8,7 +8,7 @@ entropies, mutual information and votes, from ``service.maths.uncertainty``):
   dropout in train mode (``export.mc_mode.mc_dropout_copy``), under ``torch.inference_mode``.
 * ``torch_tiled`` (b): PyTorch on the [T*B] tile, chunked to the same memory budget as (d).
 * ``ort_loop`` (c): ONNX Runtime, T session runs of the B rows.
-* ``ort_tiled`` (d): ONNX Runtime on the whole tiled graph (``service.engine.runtime.TiledEngine``).
+* ``ort_tiled`` (d): ONNX Runtime on the whole tiled graph (``build_engine(..., "tiled")``).
 * ``engine`` (e): the engine the server builds (``service.engine.runtime.build_engine``).
 
 Timing: variants are interleaved in rounds (round r starts at variant r mod 5), after one
@@ -45,7 +45,7 @@ import torch
 
 from bench.models import INPUT_NAME, OUTPUT_NAME, PreparedModel, load_prepared
 from service.engine.onnx_session import SessionConfig, create_session
-from service.engine.runtime import Engine, OutputStats, TiledEngine, build_engine, chunk_samples
+from service.engine.runtime import Engine, OutputStats, build_engine, chunk_samples
 from service.maths.uncertainty import ClassificationAccumulator, RegressionAccumulator
 from service.repository import Semantics, TensorSpec
 
@@ -285,10 +285,8 @@ def make_runner(
         return ort_loop
 
     if variant in ("ort_tiled", "engine"):
-        engine: Engine = (
-            TiledEngine(model.source, config, tile_memory_bytes)
-            if variant == "ort_tiled"
-            else build_engine(model.source, config, tile_memory_bytes)
+        engine: Engine = build_engine(
+            model.source, config, tile_memory_bytes, "tiled" if variant == "ort_tiled" else "auto"
         )
 
         def run_engine(rows: Rows, num_samples: int) -> OutputStats:

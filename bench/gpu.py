@@ -493,7 +493,7 @@ def build_variant(
         def run_engine(rows: Rows, num_samples: int) -> OutputStats:
             return engine.run({INPUT_NAME: rows}, num_samples)[0]
 
-        detail = f"{type(engine).__name__}, {engine.budget_rows} tile rows per run"
+        detail = f"{engine.kind} engine"
         return Built(run_engine, sorted(set(providers)), detail, _cuda_options(*sessions))
 
     raise ValueError(f"variant must be one of {VARIANT_KEYS}, got {key!r}")

@@ -1,23 +1,32 @@
-"""The engine: T stochastic forward passes of a batch, run as tiled ONNX Runtime sessions.
+"""The engine: T stochastic forward passes of a batch, statistics computed next to the samples.
 
-A request of B rows and T samples becomes a [T*B, ...] tile, sample-major (sample t of row b
-is tile row t*B + b): dropout masks are drawn per element, so every copy of a row gets its own
-mask. The tile is cut into chunks of ``t`` samples so one session run stays within a memory
-budget, and each chunk's outputs, reshaped to (t, B, ...), are folded into streaming
-statistics (service.maths.uncertainty), so T = 10,000 needs the memory of one chunk, not of T.
+A request of B rows and T samples runs in chunks of t samples. Each chunk is one run of the
+sampler graph (``service.engine.sampler``), which tiles the B rows itself to [t*B, ...],
+sample-major (sample s of row b is tile row s*B + b), draws every dropout mask per element, and
+returns (B, ...)-sized summaries of its t samples; the host merges the chunks in float64
+(``service.maths.summaries``), so T = 10,000 needs the memory of one chunk, not of T. The
+chunk size t comes from the memory of the part that runs on the tile, at the request's shape.
 
-:class:`Engine` is the small interface the rest of the server sees; :class:`TiledEngine` is the
-straightforward implementation. Everything here is synchronous and runs on a worker thread,
-never on the event loop.
+Engine forms (``--engine``): ``split-sessions`` runs the deterministic prefix once per request
+in its own session and the stochastic suffix on the tile; ``split-graph`` has both in one
+graph (the prefix then runs once per chunk); ``tiled`` runs everything on the tile (for graphs
+that cannot be split). ``auto`` splits when that leaves work to run once, in two sessions.
+
+Randomness (``service.engine.noise``): on the CPU every stochastic node is fed numpy noise, per
+thread from an independent PCG64DXSM stream (ONNX Runtime's CPU Dropout RNG is correlated
+across runs); on CUDA the graph's own Dropout / RandomUniformLike kernels (Philox, a fresh
+offset per run) draw unseeded samples, and seeded requests take fed noise there too.
+
+Everything here is synchronous and runs on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,42 +36,42 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.engine.graph_split import (
+from service.engine.graph_split import SplitPlan, plan_split
+from service.engine.noise import NoiseRewriteError, NoiseSource, SeededNoise, StreamNoise
+from service.engine.onnx_session import SessionConfig, create_session, cuda_usable
+from service.engine.sampler import (
     NUM_SAMPLES_INPUT,
-    NoiseRewriteError,
-    SplitPlan,
-    noise_fed_model,
-    plan_split,
-    split_models,
-    tiled_model,
+    Form,
+    SamplerGraph,
+    build_prefix,
+    build_sampler,
 )
-from service.engine.onnx_session import SessionConfig, create_session
+from service.engine.shapes import GraphShapes, UnknownShape, row_elements
 from service.errors import Cancelled, InvalidInput, ModelLoadError
 from service.maths.predictive import (
-    AleatoricAccumulator,
     Interval,
     empirical_interval,
     gaussian_interval,
     mixture_interval,
 )
-from service.maths.uncertainty import (
-    ClassificationAccumulator,
-    ClassificationStats,
-    RegressionAccumulator,
-    RegressionStats,
+from service.maths.summaries import (
+    ClassSummaryAccumulator,
+    ValueSummaryAccumulator,
+    VarianceSumAccumulator,
 )
-from service.repository import ModelConfig, Semantics, TensorSpec, VersionSource
+from service.maths.uncertainty import ClassificationStats, RegressionStats
+from service.repository import ModelConfig, Semantics, VersionSource
 from service.settings import EngineKind
 
 __all__ = [
+    "SEEDED_CHUNK_SAMPLES",
     "CancelToken",
     "Engine",
+    "McEngine",
     "OutputStats",
-    "SplitGraphEngine",
-    "SplitSessionsEngine",
-    "TiledEngine",
     "build_engine",
     "chunk_samples",
+    "concat_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,21 +79,14 @@ log = logging.getLogger(__name__)
 OutputStats = RegressionStats | ClassificationStats
 _T = TypeVar("_T")
 
-# ONNX Runtime type strings -> numpy dtypes, for the load-time check against config.json.
-_ORT_TYPES: dict[str, np.dtype[Any]] = {
-    "tensor(float)": np.dtype("float32"),
-    "tensor(double)": np.dtype("float64"),
-    "tensor(float16)": np.dtype("float16"),
-    "tensor(int64)": np.dtype("int64"),
-    "tensor(int32)": np.dtype("int32"),
-    "tensor(int8)": np.dtype("int8"),
-    "tensor(uint8)": np.dtype("uint8"),
-    "tensor(bool)": np.dtype("bool"),
-}
-
-# Without an export-time estimate, assume a row of the tile needs this many times the bytes
-# of its inputs and outputs (intermediate activations are usually a few times larger).
-_FALLBACK_ACTIVATION_FACTOR = 16
+#: Samples per session run on the seeded path: fixed, so that the chunk boundaries where the
+#: statistics are merged (and so their rounding) never depend on the batch size.
+SEEDED_CHUNK_SAMPLES = 64
+#: Row shapes whose sizes an engine remembers (models with dynamic axes see many).
+_SHAPE_CACHE_SIZE = 256
+#: Bytes of summary intermediates per element of an output on the tile (probabilities,
+#: log-probabilities, their product, deviations and squares, in float32 or float64).
+_SUMMARY_BYTES_PER_ELEMENT = 40
 
 
 class CancelToken:
@@ -123,6 +125,10 @@ class Engine(Protocol):
         """The execution provider that really runs (CUDAExecutionProvider, CPUExecutionProvider)."""
         ...
 
+    def is_stochastic(self, copies: int = 256) -> bool:
+        """Load-time probe: do copies of one row differ (through the path requests take)?"""
+        ...
+
     def run(
         self,
         inputs: Mapping[str, NDArray[Any]],
@@ -146,7 +152,9 @@ class Engine(Protocol):
                 whatever else is in the batch (InvalidInput if the model cannot).
 
         Returns:
-            One statistics object per model output, in the config's output order.
+            One statistics object per model output, in the config's output order. A row whose
+            outputs were not finite (or were negative probabilities or variances) has a NaN
+            mean in every output: the caller fails the request that row belongs to.
         """
         ...
 
@@ -160,33 +168,193 @@ def chunk_samples(num_samples: int, num_rows: int, budget_rows: int) -> int:
     return max(1, min(num_samples, budget_rows // max(1, num_rows)))
 
 
-def tile(x: NDArray[Any], num_samples: int) -> NDArray[Any]:
-    """(B, ...) -> (T*B, ...), sample-major: row t*B + b is a copy of row b."""
-    return np.broadcast_to(x, (num_samples, *x.shape)).reshape(
-        num_samples * x.shape[0], *x.shape[1:]
-    )
+def _load_session(
+    model: Path | bytes, session_config: SessionConfig, where: str
+) -> ort.InferenceSession:
+    try:
+        return create_session(model, session_config)
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        raise ModelLoadError(f"{where}: cannot load the model: {exc}") from exc
 
 
-class _SamplingEngine:
-    """The chunk loop shared by every engine: per request, :meth:`_prepare` once, then
-    :meth:`_sample` per chunk of ``t`` samples, each chunk folded into the statistics.
+class _Sampler:
+    """One sampler graph in a session, with what its runs fetch."""
 
-    Subclasses own one or two ONNX Runtime sessions and decide what runs once and what runs
-    on the tile.
+    def __init__(self, graph: SamplerGraph, session: ort.InferenceSession) -> None:
+        self.graph = graph
+        self.session = session
+        self.provider: str = session.get_providers()[0]
+        self.summary_fetches = [f for s in graph.summaries for f in s.fetches]
+        self.sample_fetches = [s.samples for s in graph.summaries]
+
+
+class _Accumulators:
+    """The running statistics of every output of one group of rows."""
+
+    def __init__(self, config: ModelConfig, keep: bool) -> None:
+        self.config = config
+        self.moments: list[ClassSummaryAccumulator | ValueSummaryAccumulator] = [
+            ClassSummaryAccumulator()
+            if spec.semantics is not None and spec.semantics.is_classification
+            else ValueSummaryAccumulator()
+            for spec in config.outputs
+        ]
+        self.aleatoric = {
+            i: VarianceSumAccumulator()
+            for i, spec in enumerate(config.outputs)
+            if spec.semantics is not None and spec.semantics.is_variance
+        }
+        self.kept: list[list[NDArray[np.float64]]] | None = (
+            [[] for _ in config.outputs] if keep else None
+        )
+        self.invalid: NDArray[np.bool_] | None = None
+
+    def _flag(self, rows_bad: NDArray[np.bool_]) -> None:
+        self.invalid = rows_bad if self.invalid is None else np.logical_or(self.invalid, rows_bad)
+
+    def update(
+        self, graph: SamplerGraph, t: int, rows: int, fetched: Mapping[str, NDArray[Any]]
+    ) -> None:
+        for i, summary in enumerate(graph.summaries):
+            parts = {part: fetched[name] for part, name in summary.parts.items()}
+            acc = self.moments[i]
+            if isinstance(acc, ClassSummaryAccumulator):
+                acc.update(t, parts["sum"], parts["m2"], parts["entropy_sum"], parts["argmax"])
+                if "min" in parts:
+                    self._flag(_rows_where(parts["min"] < 0))
+            else:
+                acc.update(t, parts["shift"], parts["sum"], parts["m2"])
+            if i in self.aleatoric:
+                self.aleatoric[i].update(t, parts["variance_sum"])
+                self._flag(_rows_where(parts["variance_min"] < 0))
+            if self.kept is not None:
+                # (t, B, ...): probabilities for class outputs, the raw values otherwise.
+                self.kept[i].append(np.asarray(fetched[summary.samples], dtype=np.float64))
+
+    def results(self, interval_levels: tuple[float, ...], keep_samples: bool) -> list[OutputStats]:
+        specs = self.config.outputs
+        results: list[OutputStats] = []
+        for i, acc in enumerate(self.moments):
+            samples = None
+            if self.kept is not None:
+                samples = np.ascontiguousarray(np.moveaxis(np.concatenate(self.kept[i]), 0, 1))
+            results.append(acc.result(samples))
+        for i, noise in self.aleatoric.items():
+            target = next(j for j, s in enumerate(specs) if s.name == specs[i].variance_of)
+            stats = results[target]
+            assert isinstance(stats, RegressionStats)  # config: variances describe values
+            aleatoric = noise.result()
+            results[target] = dataclasses.replace(
+                stats, aleatoric_variance=aleatoric, total_variance=stats.variance + aleatoric
+            )
+        if interval_levels:
+            results = _add_intervals(self.config, results, interval_levels)
+        if not keep_samples:
+            results = [dataclasses.replace(r, samples=None) for r in results]
+        if self.invalid is not None and self.invalid.any():
+            results = [_invalidate(r, self.invalid) for r in results]
+        return results
+
+
+def _rows_where(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """(B, ...) -> (B,): rows with any True."""
+    flat = np.asarray(mask).reshape(mask.shape[0], -1)
+    return np.asarray(flat.any(axis=1), dtype=np.bool_)
+
+
+def _invalidate(stats: OutputStats, rows: NDArray[np.bool_]) -> OutputStats:
+    mean = stats.mean.copy()
+    mean[rows] = np.nan
+    return dataclasses.replace(stats, mean=mean)
+
+
+class McEngine:
+    """One model version's sessions and the chunk loop.
+
+    Args:
+        model: the model as exported.
+        config: its config.json.
+        where: "<model>/<version>", for messages.
+        session_config: how to build sessions.
+        tile_memory_bytes: the memory budget of one run on the tile.
+        kind: the engine form (``auto`` chooses).
+
+    Raises:
+        ModelLoadError: the model cannot be loaded, does not match its config, or its
+            randomness cannot be fed where it must be.
     """
 
-    #: Human-readable name, reported in logs and benchmarks.
-    kind = "base"
-
-    def __init__(self, source: VersionSource, tile_memory_bytes: int) -> None:
-        self._config = source.config
-        self._where = f"{source.name}/{source.version}"
-        self._output_names = [o.name for o in self._config.outputs]
-        per_row = self._config.activation_bytes_per_row or _FALLBACK_ACTIVATION_FACTOR * sum(
-            t.row_bytes for t in self._config.inputs + self._config.outputs
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        config: ModelConfig,
+        where: str,
+        *,
+        session_config: SessionConfig,
+        tile_memory_bytes: int,
+        kind: EngineKind = "auto",
+    ) -> None:
+        self._config = config
+        self._where = where
+        self._session_config = session_config
+        self.tile_memory_bytes = tile_memory_bytes
+        self._model = model
+        self._shapes = GraphShapes(model)
+        _check_graph_io(model, self._shapes, config, where)
+        self.plan: SplitPlan = plan_split(model, self._shapes)
+        log.info("%s: %s", where, self.plan.describe())
+        self.kind: Form = _form(kind, self.plan)
+        self._prefix: ort.InferenceSession | None = None
+        if self.kind == "split-sessions":
+            prefix = build_prefix(model, self.plan, self._shapes)
+            self._prefix = _load_session(prefix.SerializeToString(), session_config, where)
+        self._prefix_outputs = (
+            [o.name for o in self._prefix.get_outputs()] if self._prefix is not None else []
         )
-        self.budget_rows = max(1, tile_memory_bytes // max(1, per_row))
-        self._provider = "CPUExecutionProvider"
+        wants_cuda = session_config.use_gpu and cuda_usable()
+        self._native: _Sampler | None = None
+        self._fed: _Sampler | None = None
+        self._fed_lock = threading.Lock()
+        self._fed_error = ""
+        if wants_cuda:
+            self._native = self._load_sampler(native=True)
+            if self._native.provider != "CUDAExecutionProvider":
+                self._native = None  # CUDA did not load: the CPU needs fed noise
+        if self._native is None:
+            self._fed = self._load_sampler(native=False)
+        sampler = self._native or self._fed
+        assert sampler is not None
+        self._provider = sampler.provider
+        self._streams = StreamNoise()
+        self._sizes: OrderedDict[tuple[tuple[int, ...], ...], tuple[list[int], int]] = OrderedDict()
+        self._sizes_lock = threading.Lock()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _load_sampler(self, *, native: bool) -> _Sampler:
+        try:
+            graph = build_sampler(
+                self._model, self._config, self.plan, self.kind, self._shapes, native=native
+            )
+        except NoiseRewriteError as exc:
+            raise ModelLoadError(f"{self._where}: {exc}") from exc
+        session = _load_session(graph.model.SerializeToString(), self._session_config, self._where)
+        return _Sampler(graph, session)
+
+    def _fed_sampler(self) -> _Sampler:
+        """The noise-fed sampler (built on first use on CUDA, where only seeded requests need
+        it)."""
+        if self._fed is None:
+            with self._fed_lock:
+                if self._fed is None:
+                    try:
+                        self._fed = self._load_sampler(native=False)
+                    except ModelLoadError as exc:
+                        self._fed_error = str(exc)
+                        raise InvalidInput(
+                            f"model {self._config.name!r} cannot sample with a seed: {exc}"
+                        ) from None
+        return self._fed
 
     @property
     def provider(self) -> str:
@@ -196,16 +364,91 @@ class _SamplingEngine:
     def config(self) -> ModelConfig:
         return self._config
 
-    def _prepare(
-        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
-    ) -> Any:
-        raise NotImplementedError
+    @property
+    def noise_fed(self) -> bool:
+        """True when unseeded samples come from fed numpy noise (always on the CPU)."""
+        return self._native is None
 
-    def _sample(
-        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
-    ) -> list[NDArray[Any]]:
-        """Outputs of ``t`` samples of every row: one (t*B, ...) array per model output."""
-        raise NotImplementedError
+    # -- sizes per request shape -------------------------------------------------------------
+
+    def _row_sizes(
+        self, sampler: _Sampler, inputs: Mapping[str, NDArray[Any]]
+    ) -> tuple[list[int], int]:
+        """Per input row and sample: the element count of each noise input, and the bytes a
+        run holds on the tile (cached per row shape)."""
+        row_shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
+        native = int(sampler is self._native)
+        key = (*(row_shapes[name] for name in sorted(row_shapes)), (native,))
+        with self._sizes_lock:
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
+                return self._sizes[key]
+        try:
+            symbols = self._shapes.symbols(row_shapes)
+            noise = [spec.row_elements(symbols) for spec in sampler.graph.noise]
+        except UnknownShape as exc:
+            raise InvalidInput(f"model {self._config.name!r}: {exc}") from None
+        tile_bytes, _ = self._shapes.row_bytes(sampler.graph.tile_tensors, symbols)
+        outputs = sum(
+            _row_elements_or_zero(self._shapes, o.name, symbols) for o in self._config.outputs
+        )
+        per_row = tile_bytes + 4 * sum(noise) + _SUMMARY_BYTES_PER_ELEMENT * outputs
+        sizes = (noise, max(1, per_row))
+        with self._sizes_lock:
+            self._sizes[key] = sizes
+            if len(self._sizes) > _SHAPE_CACHE_SIZE:
+                self._sizes.popitem(last=False)
+        return sizes
+
+    def budget_rows(self, inputs: Mapping[str, NDArray[Any]]) -> int:
+        """Tile rows (samples x rows) one run may hold at this request's shape."""
+        sampler = self._native or self._fed
+        assert sampler is not None
+        return max(1, self.tile_memory_bytes // self._row_sizes(sampler, inputs)[1])
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _prepare(
+        self, inputs: Mapping[str, NDArray[Any]], cancel: CancelToken | None
+    ) -> dict[str, NDArray[Any]]:
+        """The sampler's data inputs, B rows each: the prefix's outputs (run once) or the
+        inputs themselves."""
+        if self._prefix is None:
+            return dict(inputs)
+        options = cancel.run_options() if cancel is not None else None
+        computed = self._prefix.run(self._prefix_outputs, dict(inputs), options)
+        values = dict(zip(self._prefix_outputs, computed, strict=True))
+        values.update({n: x for n, x in inputs.items() if n in self.plan.cut})
+        return values
+
+    def _chunks(
+        self,
+        sampler: _Sampler,
+        data: Mapping[str, NDArray[Any]],
+        rows: int,
+        num_samples: int,
+        *,
+        chunk: int,
+        noise: NoiseSource | None,
+        noise_sizes: Sequence[int],
+        fetches: list[str],
+        cancel: CancelToken | None,
+    ) -> Iterator[tuple[int, dict[str, NDArray[Any]]]]:
+        """Run the sampler chunk by chunk: (t, fetched arrays) per run."""
+        graph = sampler.graph
+        feed = {name: data[name] for name in graph.inputs}
+        done = 0
+        while done < num_samples:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("request cancelled")
+            t = min(chunk, num_samples - done)
+            feed[NUM_SAMPLES_INPUT] = np.array([t], dtype=np.int64)
+            if noise is not None:
+                feed.update(noise.draw(graph.noise, noise_sizes, t, rows))
+            options = cancel.run_options() if cancel is not None else None
+            out = _guarded(partial(sampler.session.run, fetches, feed, options), cancel)
+            yield t, dict(zip(fetches, out, strict=True))
+            done += t
 
     def run(
         self,
@@ -218,87 +461,23 @@ class _SamplingEngine:
         seed: int | None = None,
     ) -> list[OutputStats]:
         if seed is not None:
-            return self._run_seeded(
-                inputs,
-                num_samples,
-                cancel,
-                keep_samples=keep_samples,
-                interval_levels=interval_levels,
-                seed=seed,
-            )
-        num_rows = next(iter(inputs.values())).shape[0]
-        chunk = chunk_samples(num_samples, num_rows, self.budget_rows)
-        state = self._guarded(partial(self._prepare, inputs, chunk, cancel), cancel)
-
-        def chunks() -> Iterator[tuple[int, list[NDArray[Any]]]]:
-            done = 0
-            while done < num_samples:
-                if cancel is not None and cancel.cancelled:
-                    raise Cancelled("request cancelled")
-                t = min(chunk, num_samples - done)
-                options = cancel.run_options() if cancel is not None else None
-                yield t, self._guarded(partial(self._sample, state, t, num_rows, options), cancel)
-                done += t
-
-        return self._fold(chunks(), num_rows, keep_samples, interval_levels)
-
-    def _fold(
-        self,
-        chunks: Iterator[tuple[int, list[NDArray[Any]]]],
-        num_rows: int,
-        keep_samples: bool,
-        interval_levels: tuple[float, ...],
-    ) -> list[OutputStats]:
-        """Fold chunks of (t, one (t*B, ...) array per output) into the statistics."""
-        specs = self._config.outputs
+            return self._run_seeded(inputs, num_samples, cancel, keep_samples=keep_samples,
+                                    interval_levels=interval_levels, seed=seed)  # fmt: skip
+        sampler = self._native or self._fed
+        assert sampler is not None
+        rows = next(iter(inputs.values())).shape[0]
+        noise_sizes, per_row = self._row_sizes(sampler, inputs)
+        chunk = chunk_samples(num_samples, rows, max(1, self.tile_memory_bytes // per_row))
         keep = keep_samples or bool(interval_levels)
-        accumulators = [_accumulator(spec, keep) for spec in specs]
-        # Heteroscedastic outputs: the mean predicted variance is the aleatoric variance.
-        aleatoric = {
-            i: AleatoricAccumulator()
-            for i, spec in enumerate(specs)
-            if spec.semantics is not None and spec.semantics.is_variance
-        }
-        for t, outputs in chunks:
-            for i, (acc, out) in enumerate(zip(accumulators, outputs, strict=True)):
-                values = np.asarray(out).reshape(t, num_rows, *out.shape[1:])
-                acc.update(values)
-                if i in aleatoric:
-                    log = specs[i].semantics is Semantics.LOG_VARIANCE
-                    aleatoric[i].update(np.exp(values.astype(np.float64)) if log else values)
-        results = [acc.result() for acc in accumulators]
-        for i, noise_acc in aleatoric.items():
-            target = next(j for j, s in enumerate(specs) if s.name == specs[i].variance_of)
-            stats = results[target]
-            assert isinstance(stats, RegressionStats)  # config: variances describe values
-            noise = noise_acc.result()
-            results[target] = dataclasses.replace(
-                stats, aleatoric_variance=noise, total_variance=stats.variance + noise
-            )
-        if interval_levels:
-            results = _add_intervals(self._config, results, interval_levels)
-        if not keep_samples:
-            results = [dataclasses.replace(r, samples=None) for r in results]
-        return results
-
-    # -- seeded sampling -------------------------------------------------------------------
-
-    _seeded: SeededPath | None = None
-    _seeded_reason = "seeded sampling is not set up for this engine"
-
-    def _set_up_seeded(
-        self,
-        model: onnx.ModelProto,
-        session_config: SessionConfig,
-        prefix: ort.InferenceSession | None = None,
-    ) -> None:
-        """Build the noise-fed session of the seeded path (``model`` is the part that runs on
-        the tile; ``prefix`` the session that runs once, if any)."""
-        try:
-            self._seeded = SeededPath(model, session_config, prefix, self._where)
-        except NoiseRewriteError as exc:
-            self._seeded_reason = str(exc)
-            log.info("%s: no seeded sampling: %s", self._where, exc)
+        fetches = sampler.summary_fetches + (sampler.sample_fetches if keep else [])
+        data = _guarded(partial(self._prepare, inputs, cancel), cancel)
+        accumulators = _Accumulators(self._config, keep)
+        noise = None if sampler is self._native else self._streams
+        for t, fetched in self._chunks(sampler, data, rows, num_samples, chunk=chunk,
+                                       noise=noise, noise_sizes=noise_sizes, fetches=fetches,
+                                       cancel=cancel):  # fmt: skip
+            accumulators.update(sampler.graph, t, rows, fetched)
+        return accumulators.results(interval_levels, keep_samples)
 
     def _run_seeded(
         self,
@@ -310,60 +489,70 @@ class _SamplingEngine:
         interval_levels: tuple[float, ...],
         seed: int,
     ) -> list[OutputStats]:
-        """Reproducible sampling: every row draws its dropout noise from its own generators,
-        seeded by (seed, the row's bytes), and runs alone in chunks of a fixed number of
-        samples. No number then depends on the batch size or the row's position: not the
-        noise, not the kernels' shapes, not the chunk boundaries where the statistics are
-        merged."""
-        if self._seeded is None:
-            raise InvalidInput(
-                f"model {self._config.name!r} cannot sample with a seed: {self._seeded_reason}"
-            )
-        path = self._seeded
-        num_rows = next(iter(inputs.values())).shape[0]
+        """Reproducible sampling: every row draws its noise from its own streams, seeded by
+        (seed, the row's bytes), and runs alone in chunks of a fixed number of samples. No
+        number then depends on the batch size or the row's position: not the noise, not the
+        kernels' shapes, not the chunk boundaries where the statistics are merged."""
+        sampler = self._fed_sampler()
         names = [spec.name for spec in self._config.inputs]
-        generators = [path.generators(seed, [inputs[n][b] for n in names]) for b in range(num_rows)]
-        chunk = min(num_samples, SEEDED_CHUNK_SAMPLES)
-        # One row per session run: kernels may round differently for different numbers of
-        # rows (measured: the housing MLP's small GEMMs), so a run's shape must depend on T
-        # only, never on B or the row's position. Slower than the batched path; unseeded
-        # requests keep that one.
+        num_rows = next(iter(inputs.values())).shape[0]
+        keep = keep_samples or bool(interval_levels)
+        fetches = sampler.summary_fetches + (sampler.sample_fetches if keep else [])
         parts: list[list[OutputStats]] = []
-        for start in range(num_rows):
-            rows = slice(start, start + 1)
-            base = path.prepare({n: x[rows] for n, x in inputs.items()})
-            gens = generators[rows]
+        for b in range(num_rows):
+            row = {name: x[b : b + 1] for name, x in inputs.items()}
+            noise_sizes, per_row = self._row_sizes(sampler, row)
+            # One row per run: kernels may round differently for different numbers of rows
+            # (measured: the housing MLP's small GEMMs), so a run's shape must depend on T only.
+            chunk = min(SEEDED_CHUNK_SAMPLES, max(1, self.tile_memory_bytes // per_row))
+            data = _guarded(partial(self._prepare, row, cancel), cancel)
+            noise = SeededNoise(seed, [row[n][0] for n in names], len(sampler.graph.noise))
+            accumulators = _Accumulators(self._config, keep)
+            for t, fetched in self._chunks(sampler, data, 1, num_samples, chunk=chunk,
+                                           noise=noise, noise_sizes=noise_sizes,
+                                           fetches=fetches, cancel=cancel):  # fmt: skip
+                accumulators.update(sampler.graph, t, 1, fetched)
+            parts.append(accumulators.results(interval_levels, keep_samples))
+        return [concat_rows([p[i] for p in parts]) for i in range(len(self._config.outputs))]
 
-            def chunks(
-                base: dict[str, NDArray[Any]] = base, gens: list[list[np.random.Generator]] = gens
-            ) -> Iterator[tuple[int, list[NDArray[Any]]]]:
-                done = 0
-                while done < num_samples:
-                    if cancel is not None and cancel.cancelled:
-                        raise Cancelled("request cancelled")
-                    t = min(chunk, num_samples - done)
-                    options = cancel.run_options() if cancel is not None else None
-                    feed = path.feed(base, gens, t)
-                    yield (
-                        t,
-                        self._guarded(partial(path.run, self._output_names, feed, options), cancel),
-                    )
-                    done += t
+    def sample(
+        self, inputs: Mapping[str, NDArray[Any]], num_samples: int, *, seed: int | None = None
+    ) -> list[NDArray[Any]]:
+        """Raw samples through the path requests take: per model output, (T, B, ...) in the
+        output's own dtype (logits stay logits). For export verification and the load probe.
 
-            parts.append(
-                self._fold(chunks(), rows.stop - rows.start, keep_samples, interval_levels)
-            )
-        return [concat_rows([part[i] for part in parts]) for i in range(len(self._config.outputs))]
-
-    @staticmethod
-    def _guarded(call: Callable[[], _T], cancel: CancelToken | None) -> _T:
-        """A session run; a run stopped by RunOptions.terminate becomes Cancelled."""
-        try:
-            return call()
-        except Exception:
-            if cancel is not None and cancel.cancelled:
-                raise Cancelled("request cancelled") from None
-            raise
+        Args:
+            inputs: one (B, ...) array per model input.
+            num_samples: T.
+            seed: draw from the seeded path's streams instead (each row alone).
+        """
+        sampler = self._native or self._fed if seed is None else self._fed_sampler()
+        assert sampler is not None
+        graph = sampler.graph
+        rows = next(iter(inputs.values())).shape[0]
+        groups: list[tuple[dict[str, NDArray[Any]], int, NoiseSource | None]] = []
+        if seed is None:
+            groups.append((dict(inputs), rows, None if sampler is self._native else self._streams))
+        else:
+            names = [spec.name for spec in self._config.inputs]
+            for b in range(rows):
+                row = {name: x[b : b + 1] for name, x in inputs.items()}
+                groups.append((row, 1, SeededNoise(seed, [row[n][0] for n in names],
+                                                    len(graph.noise))))  # fmt: skip
+        per_group: list[list[NDArray[Any]]] = []
+        for group, group_rows, noise in groups:
+            noise_sizes, per_row = self._row_sizes(sampler, group)
+            chunk = chunk_samples(num_samples, group_rows, self.tile_memory_bytes // per_row)
+            data = self._prepare(group, None)
+            collected: list[list[NDArray[Any]]] = [[] for _ in graph.raw]
+            for t, fetched in self._chunks(sampler, data, group_rows, num_samples,
+                                           chunk=chunk, noise=noise, noise_sizes=noise_sizes,
+                                           fetches=list(graph.raw), cancel=None):  # fmt: skip
+                for i, name in enumerate(graph.raw):
+                    out = fetched[name]
+                    collected[i].append(out.reshape(t, group_rows, *out.shape[1:]))
+            per_group.append([np.concatenate(c) for c in collected])
+        return [np.concatenate([g[i] for g in per_group], axis=1) for i in range(len(graph.raw))]
 
     def is_stochastic(self, copies: int = 256) -> bool:
         """Load-time probe, through the path requests take: do copies of one row differ?
@@ -377,198 +566,42 @@ class _SamplingEngine:
         rng = np.random.default_rng()
         row: dict[str, NDArray[Any]] = {}
         for spec in self._config.inputs:
+            shape = (1, *(d if d > 0 else 1 for d in spec.row_shape))
             if spec.dtype.kind == "f":
-                row[spec.name] = rng.standard_normal((1, *spec.row_shape)).astype(spec.dtype)
+                row[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             else:
-                row[spec.name] = np.zeros((1, *spec.row_shape), dtype=spec.dtype)
-        outputs = self._sample(self._prepare(row, copies, None), copies, 1, None)
+                row[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        outputs = self.sample(row, copies)
         return any(not np.all(out == out[:1]) for out in outputs)
 
 
-class TiledEngine(_SamplingEngine):
-    """The whole graph on the [t*B, ...] tile: the inputs are tiled, nothing runs once.
-
-    The baseline, and the fallback for graphs that cannot be split.
-    """
-
-    kind = "tiled"
-
-    def __init__(
-        self, source: VersionSource, session_config: SessionConfig, tile_memory_bytes: int
-    ) -> None:
-        super().__init__(source, tile_memory_bytes)
-        self._session = _load_session(source.model_path, session_config, self._where)
-        self._provider = self._session.get_providers()[0]
-        _check_graph_io(self._session, self._config, self._where)
-        self._set_up_seeded(onnx.load(str(source.model_path)), session_config)
-
-    def _prepare(
-        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
-    ) -> Any:
-        # Tile once at the chunk size; a shorter last chunk uses a prefix of it.
-        return {name: tile(x, chunk) for name, x in inputs.items()}
-
-    def _sample(
-        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
-    ) -> list[NDArray[Any]]:
-        feed = {name: x[: t * num_rows] for name, x in state.items()}
-        outputs: list[NDArray[Any]] = self._session.run(self._output_names, feed, options)
-        return outputs
+def _row_elements_or_zero(shapes: GraphShapes, name: str, symbols: Mapping[str, int]) -> int:
+    dims = shapes.dims(name)
+    if dims is None:
+        return 0
+    try:
+        return row_elements(dims, symbols)
+    except UnknownShape:
+        return 0
 
 
-class SplitGraphEngine(_SamplingEngine):
-    """One graph with a Tile at the cut: the prefix runs once per chunk on [B, ...] inside the
-    session, the suffix on the tile (``service.engine.graph_split.tiled_model``)."""
-
-    kind = "split-graph"
-
-    def __init__(
-        self,
-        source: VersionSource,
-        model: onnx.ModelProto,
-        plan: SplitPlan,
-        session_config: SessionConfig,
-        tile_memory_bytes: int,
-    ) -> None:
-        super().__init__(source, tile_memory_bytes)
-        self.plan = plan
-        graph = tiled_model(model, plan).SerializeToString()
-        self._session = _load_session(graph, session_config, self._where)
-        self._provider = self._session.get_providers()[0]
-        _check_graph_io(self._session, self._config, self._where, extra_inputs={NUM_SAMPLES_INPUT})
-        self._set_up_seeded(model, session_config)
-
-    def _prepare(
-        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
-    ) -> Any:
-        return dict(inputs)
-
-    def _sample(
-        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
-    ) -> list[NDArray[Any]]:
-        feed = {**state, NUM_SAMPLES_INPUT: np.array([t], dtype=np.int64)}
-        outputs: list[NDArray[Any]] = self._session.run(self._output_names, feed, options)
-        return outputs
+def _form(kind: EngineKind, plan: SplitPlan) -> Form:
+    """The engine form for a setting: graphs that cannot be split tile the whole graph."""
+    if kind == "tiled" or not plan.is_split:
+        return "tiled"
+    if kind == "split-graph":
+        return "split-graph"
+    return "split-sessions"
 
 
-class SplitSessionsEngine(_SamplingEngine):
-    """Two sessions: the prefix runs once per request on [B, ...], its outputs are tiled in
-    numpy, the suffix session runs on the tile (``service.engine.graph_split.split_models``)."""
-
-    kind = "split-sessions"
-
-    def __init__(
-        self,
-        source: VersionSource,
-        model: onnx.ModelProto,
-        plan: SplitPlan,
-        session_config: SessionConfig,
-        tile_memory_bytes: int,
-    ) -> None:
-        super().__init__(source, tile_memory_bytes)
-        self.plan = plan
-        prefix, suffix = split_models(model, plan)
-        self._prefix = _load_session(prefix.SerializeToString(), session_config, self._where)
-        self._suffix = _load_session(suffix.SerializeToString(), session_config, self._where)
-        self._provider = self._suffix.get_providers()[0]
-        self._prefix_outputs = [o.name for o in self._prefix.get_outputs()]
-        self._input_names = {i.name for i in self._config.inputs}
-        self._set_up_seeded(suffix, session_config, prefix=self._prefix)
-
-    def _prepare(
-        self, inputs: Mapping[str, NDArray[Any]], chunk: int, cancel: CancelToken | None
-    ) -> Any:
-        options = cancel.run_options() if cancel is not None else None
-        computed = self._prefix.run(self._prefix_outputs, dict(inputs), options)
-        cut = dict(zip(self._prefix_outputs, computed, strict=True))
-        cut.update({name: x for name, x in inputs.items() if name in self.plan.cut})
-        return {name: tile(x, chunk) for name, x in cut.items()}
-
-    def _sample(
-        self, state: Any, t: int, num_rows: int, options: ort.RunOptions | None
-    ) -> list[NDArray[Any]]:
-        feed = {name: x[: t * num_rows] for name, x in state.items()}
-        outputs: list[NDArray[Any]] = self._suffix.run(self._output_names, feed, options)
-        return outputs
-
-
-#: Samples per session run on the seeded path: fixed, so that the chunk boundaries where the
-#: statistics are merged (and so their rounding) never depend on the batch size.
-SEEDED_CHUNK_SAMPLES = 64
-
-
-class SeededPath:
-    """The noise-fed session of reproducible sampling (``graph_split.noise_fed_model``).
-
-    Args:
-        model: the part of the graph that runs on the tile (the suffix, or the whole graph).
-        session_config: how to build the session.
-        prefix: the session that runs once per request on [B, ...], if the graph is split.
-        where: "<model>/<version>", for messages.
-
-    Raises:
-        NoiseRewriteError: the graph's randomness cannot be fed from outside.
-    """
-
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        session_config: SessionConfig,
-        prefix: ort.InferenceSession | None,
-        where: str,
-    ) -> None:
-        noise_model, self.noise = noise_fed_model(model)
-        if not self.noise:
-            raise NoiseRewriteError("the graph has no stochastic node")
-        self._session = _load_session(noise_model.SerializeToString(), session_config, where)
-        self._prefix = prefix
-        self._prefix_outputs = [o.name for o in prefix.get_outputs()] if prefix is not None else []
-        noise_names = {n.name for n in self.noise}
-        self._inputs = [i.name for i in self._session.get_inputs() if i.name not in noise_names]
-
-    def generators(self, seed: int, row: list[NDArray[Any]]) -> list[np.random.Generator]:
-        """One generator per noise input for one row, from (seed, the row's bytes): the same
-        seed and row give the same streams wherever the row sits."""
-        digest = hashlib.sha256(seed.to_bytes(8, "little"))
-        for part in row:
-            digest.update(np.ascontiguousarray(part).tobytes())
-        words = np.frombuffer(digest.digest(), dtype=np.uint32).tolist()
-        return [
-            np.random.default_rng(np.random.SeedSequence([*words, k]))
-            for k in range(len(self.noise))
-        ]
-
-    def prepare(self, inputs: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
-        """The tensors the noise-fed session takes: the prefix's outputs (run once) or the
-        inputs themselves."""
-        values = dict(inputs)
-        if self._prefix is not None:
-            computed = self._prefix.run(self._prefix_outputs, dict(inputs))
-            values.update(zip(self._prefix_outputs, computed, strict=True))
-        return {name: values[name] for name in self._inputs}
-
-    def feed(
-        self, base: Mapping[str, NDArray[Any]], generators: list[list[np.random.Generator]], t: int
-    ) -> dict[str, NDArray[Any]]:
-        """One run's feed: the tensors tiled t times (sample-major) and each row's next t
-        draws of every noise input."""
-        rows = len(generators)
-        feed = {name: tile(x, t) for name, x in base.items()}
-        for k, noise in enumerate(self.noise):
-            draws = np.stack(
-                [g[k].random((t, *noise.row_shape), dtype=np.float32) for g in generators], axis=1
-            )
-            feed[noise.name] = draws.reshape(t * rows, *noise.row_shape)
-        return feed
-
-    def run(
-        self,
-        output_names: list[str],
-        feed: Mapping[str, NDArray[Any]],
-        options: ort.RunOptions | None,
-    ) -> list[NDArray[Any]]:
-        outputs: list[NDArray[Any]] = self._session.run(output_names, dict(feed), options)
-        return outputs
+def _guarded(call: Callable[[], _T], cancel: CancelToken | None) -> _T:
+    """A session run; a run stopped by RunOptions.terminate becomes Cancelled."""
+    try:
+        return call()
+    except Exception:
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled("request cancelled") from None
+        raise
 
 
 def concat_rows(parts: list[OutputStats]) -> OutputStats:
@@ -597,45 +630,24 @@ def concat_rows(parts: list[OutputStats]) -> OutputStats:
     return dataclasses.replace(first, **fields)
 
 
-def _load_session(
-    model: Path | bytes, session_config: SessionConfig, where: str
-) -> ort.InferenceSession:
-    try:
-        return create_session(model, session_config)
-    except Exception as exc:  # ONNX Runtime raises its own exception types
-        raise ModelLoadError(f"{where}: cannot load the model: {exc}") from exc
-
-
 def build_engine(
     source: VersionSource,
     session_config: SessionConfig,
     tile_memory_bytes: int,
     kind: EngineKind = "auto",
-) -> TiledEngine | SplitGraphEngine | SplitSessionsEngine:
+) -> McEngine:
     """The engine for one model version (the one place that decides which engine runs).
-
-    ``auto`` splits the graph at the first stochastic node when that leaves work to run once,
-    with the two-session form (measured faster on CPU: docs/benchmarks.md), and tiles the
-    whole graph otherwise.
 
     Raises:
         ModelLoadError: the model cannot be loaded or does not match its config.
     """
-    if kind == "tiled":
-        return TiledEngine(source, session_config, tile_memory_bytes)
+    where = f"{source.name}/{source.version}"
     try:
         model = onnx.load(str(source.model_path))
     except Exception as exc:
-        raise ModelLoadError(
-            f"{source.name}/{source.version}: cannot read model.onnx: {exc}"
-        ) from exc
-    plan = plan_split(model)
-    log.info("%s/%s: %s", source.name, source.version, plan.describe())
-    if not plan.is_split:
-        return TiledEngine(source, session_config, tile_memory_bytes)
-    if kind == "split-graph" or plan.tiled_outputs:
-        return SplitGraphEngine(source, model, plan, session_config, tile_memory_bytes)
-    return SplitSessionsEngine(source, model, plan, session_config, tile_memory_bytes)
+        raise ModelLoadError(f"{where}: cannot read model.onnx: {exc}") from exc
+    return McEngine(model, source.config, where, session_config=session_config,
+                    tile_memory_bytes=tile_memory_bytes, kind=kind)  # fmt: skip
 
 
 def _add_intervals(
@@ -670,46 +682,42 @@ def _add_intervals(
     return out
 
 
-def _accumulator(
-    spec: TensorSpec, keep_samples: bool
-) -> RegressionAccumulator | ClassificationAccumulator:
-    if spec.semantics is not None and spec.semantics.is_classification:
-        return ClassificationAccumulator(
-            from_logits=spec.semantics is Semantics.LOGITS, keep_samples=keep_samples
-        )
-    return RegressionAccumulator(keep_samples=keep_samples)
-
-
-def _check_graph_io(
-    session: ort.InferenceSession,
-    config: ModelConfig,
-    where: str,
-    extra_inputs: frozenset[str] | set[str] = frozenset(),
-) -> None:
-    """The graph's inputs and outputs must be exactly those of config.json."""
-    graph_inputs = [a for a in session.get_inputs() if a.name not in extra_inputs]
-    for kind, graph_args, specs in (
+def _check_graph_io(model: onnx.ModelProto, shapes: GraphShapes, config: ModelConfig,
+                    where: str) -> None:  # fmt: skip
+    """The graph's inputs and outputs must be exactly those of config.json: names, dtypes,
+    ranks and fixed sizes."""
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [v.name for v in model.graph.input if v.name not in initializers]
+    graph_outputs = [v.name for v in model.graph.output]
+    for kind, names, specs in (
         ("inputs", graph_inputs, config.inputs),
-        ("outputs", session.get_outputs(), config.outputs),
+        ("outputs", graph_outputs, config.outputs),
     ):
-        graph = {a.name: a for a in graph_args}
-        if set(graph) != {s.name for s in specs}:
+        if set(names) != {s.name for s in specs}:
             raise ModelLoadError(
                 f"{where}: config.json {kind} {[s.name for s in specs]} differ from the "
-                f"graph's {list(graph)}"
+                f"graph's {names}"
             )
         for spec in specs:
-            arg = graph[spec.name]
-            dtype = _ORT_TYPES.get(arg.type)
+            elem = shapes.elem_type(spec.name, default=0)
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+            except (KeyError, TypeError, ValueError):
+                dtype = None
             if dtype != spec.dtype:
                 raise ModelLoadError(
-                    f"{where}: {spec.name} is {arg.type} in the graph, {spec.dtype} in config.json"
+                    f"{where}: {spec.name} is {onnx.TensorProto.DataType.Name(elem)} in the "
+                    f"graph, {spec.dtype} in config.json"
                 )
-            dims = list(arg.shape)
+            dims = shapes.dims(spec.name)
+            if dims is None:
+                continue
             if len(dims) != len(spec.shape) or any(
-                isinstance(g, int) and g != s for g, s in zip(dims[1:], spec.shape[1:], strict=True)
+                isinstance(g, int) and s >= 0 and g != s
+                for g, s in zip(dims[1:], spec.shape[1:], strict=True)
             ):
+                shown = [d if d is not None else "?" for d in dims]
                 raise ModelLoadError(
-                    f"{where}: {spec.name} has shape {dims} in the graph, {list(spec.shape)} in "
-                    "config.json"
+                    f"{where}: {spec.name} has shape {shown} in the graph, {list(spec.shape)} "
+                    "in config.json"
                 )

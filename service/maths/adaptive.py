@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.maths.uncertainty import ClassificationStats, RegressionStats
+from service.maths.uncertainty import (
+    ClassificationStats,
+    RegressionStats,
+    chan_merge,
+    classification_result,
+)
 
 __all__ = ["FIRST_ROUND_SAMPLES", "RowMerger", "next_round"]
 
@@ -67,16 +72,16 @@ class RowMerger:
             self._mean, self._m2 = np.zeros(shape), np.zeros(shape)
             self._classification = isinstance(stats, ClassificationStats)
             if isinstance(stats, ClassificationStats):
-                self._entropy_sum = np.zeros(self.counts.shape[0])
+                rows_shape = (self.counts.shape[0], *stats.expected_entropy.shape[1:])
+                self._entropy_sum = np.zeros(rows_shape)
                 self._votes = np.zeros(shape, dtype=np.int64)
             elif stats.aleatoric_variance is not None:
                 self._aleatoric_sum = np.zeros(shape)
         assert self._m2 is not None
         before = _expand(self.counts[rows], stats.mean.ndim)
-        total = before + n
-        delta = stats.mean - self._mean[rows]
-        self._mean[rows] += delta * (n / total)
-        self._m2[rows] += m2 + np.square(delta) * (before * n / total)
+        self._mean[rows], self._m2[rows] = chan_merge(
+            (before, self._mean[rows], self._m2[rows]), (n, stats.mean, m2)
+        )
         self.counts[rows] += n
         if isinstance(stats, ClassificationStats):
             assert self._entropy_sum is not None
@@ -122,18 +127,9 @@ class RowMerger:
         if isinstance(template, ClassificationStats):
             assert self._entropy_sum is not None
             assert self._votes is not None
-            log_mean = np.log(np.where(mean > 0, mean, 1.0))
-            predictive = -(mean * log_mean).sum(axis=-1)
-            expected = self._entropy_sum / self.counts
-            fields |= {
-                "predicted_class": mean.argmax(axis=-1).astype(np.int64),
-                "predictive_entropy": predictive,
-                "expected_entropy": expected,
-                "mutual_information": np.maximum(predictive - expected, 0.0),
-                "variation_ratio": 1.0 - self._votes.max(axis=-1) / self.counts,
-                "vote_counts": self._votes.copy(),
-            }
-        elif self._aleatoric_sum is not None:
+            return classification_result(self.counts, mean, variance, self._entropy_sum,
+                                         self._votes)  # fmt: skip
+        if self._aleatoric_sum is not None:
             aleatoric = self._aleatoric_sum / _expand(self.counts, mean.ndim)
             fields |= {"aleatoric_variance": aleatoric, "total_variance": variance + aleatoric}
         return dataclasses.replace(template, **fields)

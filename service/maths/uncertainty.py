@@ -26,7 +26,10 @@ __all__ = [
     "ClassificationStats",
     "RegressionAccumulator",
     "RegressionStats",
+    "chan_merge",
+    "classification_result",
     "classification_stats",
+    "count_votes",
     "regression_stats",
     "softmax",
 ]
@@ -87,22 +90,50 @@ def _as_chunk(values: npt.ArrayLike, name: str) -> FloatArray:
     return chunk
 
 
-class _Moments:
+def chan_merge(
+    a: tuple[npt.ArrayLike, FloatArray, FloatArray], b: tuple[npt.ArrayLike, FloatArray, FloatArray]
+) -> tuple[FloatArray, FloatArray]:
+    """Chan et al.'s parallel update: the mean and M2 (sum of squared deviations) of two groups
+    of samples, each given as (count, mean, M2).
+
+    Exact in real arithmetic and free of the catastrophic cancellation of
+    sum(x**2) - n * mean**2. Counts may be scalars or arrays that broadcast against the means
+    (per-row counts of adaptive sampling); a group with count 0 contributes nothing.
+
+    Returns:
+        (mean, m2) of the union; its count is the sum of the counts.
+    """
+    (count_a, mean_a, m2_a), (count_b, mean_b, m2_b) = a, b
+    n_a = np.asarray(count_a, dtype=np.float64)
+    n_b = np.asarray(count_b, dtype=np.float64)
+    total = n_a + n_b
+    weight_b = np.where(total > 0, n_b / np.where(total > 0, total, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean: FloatArray = mean_a + delta * weight_b
+    m2: FloatArray = m2_a + m2_b + np.square(delta) * (n_a * weight_b)
+    return mean, m2
+
+
+class RunningMoments:
     """Running count, mean and M2 (sum of squared deviations) of samples (t, *row_shape).
 
-    Chunks are merged with Chan et al.'s parallel update, which is exact in real arithmetic and
-    avoids the catastrophic cancellation of sum(x**2) - n * mean**2. The values are also
-    shifted by the first sample seen: variance is shift-invariant, and subtracting a nearby
-    float is exact (Sterbenz), so values like 1e8 + N(0, 1) keep full relative precision.
+    Chunks are merged with :func:`chan_merge`. The values are also shifted by the first sample
+    seen: variance is shift-invariant, and subtracting a nearby float is exact (Sterbenz), so
+    values like 1e8 + N(0, 1) keep full relative precision.
     """
 
-    def __init__(self, first_chunk: FloatArray) -> None:
-        self.row_shape: tuple[int, ...] = first_chunk.shape[1:]
+    def __init__(self, row_shape: tuple[int, ...], shift: FloatArray | None = None) -> None:
+        self.row_shape = row_shape
         self.count = 0
-        self._shift: FloatArray = first_chunk[0].copy()
-        self._mean: FloatArray = np.zeros(self.row_shape)  # mean of the shifted values
-        self._m2: FloatArray = np.zeros(self.row_shape)
-        self.update(first_chunk)
+        self._shift: FloatArray = np.zeros(row_shape) if shift is None else shift.copy()
+        self._mean: FloatArray = np.zeros(row_shape)  # mean of the shifted values
+        self._m2: FloatArray = np.zeros(row_shape)
+
+    @classmethod
+    def of_chunk(cls, chunk: FloatArray) -> RunningMoments:
+        moments = cls(chunk.shape[1:], shift=chunk[0])
+        moments.update(chunk)
+        return moments
 
     def check_row_shape(self, chunk: FloatArray, name: str) -> None:
         """Raises ValueError unless ``chunk`` has shape (t, *row_shape)."""
@@ -116,19 +147,28 @@ class _Moments:
     def update(self, chunk: FloatArray) -> None:
         """Merges a chunk of shape (t, *row_shape); the shape must already be checked."""
         shifted = chunk - self._shift
-        chunk_count = chunk.shape[0]
         # Two-pass statistics within the chunk, then one Chan merge with the running totals.
         chunk_mean = shifted.mean(axis=0)
-        chunk_m2 = np.square(shifted - chunk_mean).sum(axis=0)
-        total = self.count + chunk_count
-        delta = chunk_mean - self._mean
-        self._mean = self._mean + delta * (chunk_count / total)
-        self._m2 = self._m2 + chunk_m2 + np.square(delta) * (self.count * chunk_count / total)
-        self.count = total
+        self.merge_shifted(chunk.shape[0], chunk_mean, np.square(shifted - chunk_mean).sum(0))
+
+    @property
+    def shift(self) -> FloatArray:
+        """The value subtracted from every sample before its moments are taken."""
+        return self._shift
+
+    def merge_shifted(self, count: int, mean: FloatArray, m2: FloatArray) -> None:
+        """Merges a group of ``count`` samples given by its mean minus :attr:`shift` and its M2
+        (each row_shape). Passing the difference, not the mean, keeps the precision the shift
+        buys."""
+        self._mean, self._m2 = chan_merge((self.count, self._mean, self._m2), (count, mean, m2))
+        self.count += count
 
     def mean(self) -> FloatArray:
         """Mean over samples, shape row_shape."""
         return self._shift + self._mean
+
+    def m2(self) -> FloatArray:
+        return self._m2.copy()
 
     def variance(self) -> FloatArray:
         """Unbiased (ddof=1) variance over samples, shape row_shape; NaN when count == 1."""
@@ -226,7 +266,7 @@ class RegressionAccumulator:
     """
 
     def __init__(self, *, keep_samples: bool = False) -> None:
-        self._moments: _Moments | None = None
+        self._moments: RunningMoments | None = None
         self._kept = _SampleKeeper(keep_samples)
 
     @property
@@ -247,7 +287,7 @@ class RegressionAccumulator:
         """
         chunk = _as_chunk(samples, "samples")
         if self._moments is None:
-            self._moments = _Moments(chunk)
+            self._moments = RunningMoments.of_chunk(chunk)
         else:
             self._moments.check_row_shape(chunk, "samples")
             self._moments.update(chunk)
@@ -285,7 +325,7 @@ class ClassificationAccumulator:
         self._kept = _SampleKeeper(keep_samples)
         self._from_logits = from_logits
         self._name = "logits" if from_logits else "probabilities"
-        self._moments: _Moments | None = None
+        self._moments: RunningMoments | None = None
         self._entropy_sum: FloatArray | None = None  # (B,) sum over samples of H[p_t]
         self._vote_counts: IntArray | None = None  # (B, C)
 
@@ -306,9 +346,9 @@ class ClassificationAccumulator:
                 probability is negative; the accumulator is then left unchanged.
         """
         chunk = _as_chunk(outputs, self._name)
-        if chunk.ndim != 3 or chunk.shape[2] < 1:
+        if chunk.ndim < 3 or chunk.shape[-1] < 1:
             raise ValueError(
-                f"{self._name} must have shape (t, B, C) with t >= 1 and C >= 1, "
+                f"{self._name} must have shape (t, B, ..., C) with t >= 1 and C >= 1, "
                 f"got shape {chunk.shape}"
             )
         if self._moments is not None:
@@ -319,17 +359,13 @@ class ClassificationAccumulator:
             if (chunk < 0).any():
                 raise ValueError(f"probabilities must be >= 0, got minimum {chunk.min()}")
             probs, log_probs = chunk, _log_where_positive(chunk)
-        entropies = _entropy(probs, log_probs).sum(axis=0)  # (B,)
-
+        entropies = _entropy(probs, log_probs).sum(axis=0)  # (B, ...)
         # Votes are the argmax of the probabilities, not of the logits, so that both input
         # kinds agree even where softmax rounds two close logits to the same probability.
-        num_rows, num_classes = chunk.shape[1:]
-        winners = probs.argmax(axis=-1) + num_classes * np.arange(num_rows)  # (t, B), flat idx
-        votes = np.bincount(winners.ravel(), minlength=num_rows * num_classes)
-        votes = votes.reshape(num_rows, num_classes).astype(np.int64)
+        votes = count_votes(probs.argmax(axis=-1), chunk.shape[-1])
 
         if self._moments is None or self._entropy_sum is None or self._vote_counts is None:
-            self._moments = _Moments(probs)
+            self._moments = RunningMoments.of_chunk(probs)
             self._entropy_sum = entropies
             self._vote_counts = votes
         else:
@@ -346,27 +382,66 @@ class ClassificationAccumulator:
         """
         if self._moments is None or self._entropy_sum is None or self._vote_counts is None:
             raise ValueError("no samples accumulated: call update() before result()")
-        count = self._moments.count
-        mean = self._moments.mean()
-        variance = self._moments.variance()
-        predictive_entropy = _entropy(mean, _log_where_positive(mean))
-        expected_entropy = self._entropy_sum / count
-        # MI >= 0 by Jensen's inequality; a negative value can only be rounding residue.
-        mutual_information = np.maximum(predictive_entropy - expected_entropy, 0.0)
-        vote_counts = self._vote_counts.copy()
-        return ClassificationStats(
-            num_samples=count,
-            mean=mean,
-            variance=variance,
-            std=np.sqrt(variance),
-            predicted_class=mean.argmax(axis=-1).astype(np.int64),
-            predictive_entropy=predictive_entropy,
-            expected_entropy=expected_entropy,
-            mutual_information=mutual_information,
-            variation_ratio=1.0 - vote_counts.max(axis=-1) / count,
-            vote_counts=vote_counts,
+        return classification_result(
+            self._moments.count,
+            self._moments.mean(),
+            self._moments.variance(),
+            self._entropy_sum,
+            self._vote_counts,
             samples=self._kept.rows_first(),
         )
+
+
+def classification_result(
+    count: int | IntArray,
+    mean: FloatArray,
+    variance: FloatArray,
+    entropy_sum: FloatArray,
+    vote_counts: IntArray,
+    *,
+    samples: FloatArray | None = None,
+) -> ClassificationStats:
+    """The classification statistics of merged per-sample probabilities.
+
+    Args:
+        count: T, or per row (B,) when rows have different T (adaptive sampling).
+        mean: (B, ..., C) mean probabilities.
+        variance: (B, ..., C) their unbiased variance.
+        entropy_sum: (B, ...) the sum over samples of each sample's entropy.
+        vote_counts: (B, ..., C) per-sample argmax counts.
+        samples: (B, T, ..., C) the kept per-sample probabilities, if any.
+    """
+    counts = np.asarray(count)
+    per_position = counts.reshape(-1, *([1] * (entropy_sum.ndim - 1))) if counts.ndim else counts
+    predictive_entropy = _entropy(mean, _log_where_positive(mean))
+    expected_entropy: FloatArray = entropy_sum / per_position
+    # MI >= 0 by Jensen's inequality; a negative value can only be rounding residue.
+    mutual_information = np.maximum(predictive_entropy - expected_entropy, 0.0)
+    votes = vote_counts.copy()
+    return ClassificationStats(
+        num_samples=int(counts.max()),
+        mean=mean,
+        variance=variance,
+        std=np.sqrt(variance),
+        predicted_class=mean.argmax(axis=-1).astype(np.int64),
+        predictive_entropy=predictive_entropy,
+        expected_entropy=expected_entropy,
+        mutual_information=mutual_information,
+        variation_ratio=1.0 - votes.max(axis=-1) / per_position,
+        vote_counts=votes,
+        samples=samples,
+    )
+
+
+def count_votes(winners: IntArray, num_classes: int) -> IntArray:
+    """Per-sample argmax indices (t, B, ...) -> vote counts (B, ..., C)."""
+    positions = winners.shape[1:]
+    flat = winners.reshape(winners.shape[0], -1) + num_classes * np.arange(
+        int(np.prod(positions, dtype=np.int64))
+    )
+    size = int(np.prod(positions, dtype=np.int64)) * num_classes
+    votes = np.bincount(flat.ravel(), minlength=size).astype(np.int64)
+    return votes.reshape(*positions, num_classes)
 
 
 def regression_stats(samples: npt.ArrayLike) -> RegressionStats:

@@ -91,7 +91,7 @@ def test_classification_answer_is_consistent(client: Client) -> None:
     out = answer["logits"]
     assert out["semantics"] == pb.OUTPUT_SEMANTICS_LOGITS
     assert out["mean"].shape == (7, 4)
-    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
     np.testing.assert_array_equal(out["predicted_class"], out["mean"].argmax(axis=1))
     assert out["predicted_label"] == [
         ["ant", "bee", "cat", "dog"][c] for c in out["predicted_class"]
@@ -127,10 +127,11 @@ def test_one_sample(client: Client) -> None:
     out = answer["logits"]
     assert answer["num_samples"] == 1
     assert np.isnan(out["variance"]).all()  # unbiased variance is undefined at T = 1
-    # H[mean] - mean H over one sample: 0 up to float64 rounding (a few 1e-16).
-    np.testing.assert_allclose(out["mutual_information"], 0.0, atol=1e-12)
+    # H[mean] - mean H over one sample: 0 up to the float32 rounding of the per-sample
+    # entropies (service/engine/summaries.py states the accuracy).
+    np.testing.assert_allclose(out["mutual_information"], 0.0, atol=1e-6)
     np.testing.assert_array_equal(out["variation_ratio"], 0.0)
-    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
 
 
 def test_large_number_of_samples_in_many_chunks(

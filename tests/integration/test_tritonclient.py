@@ -72,7 +72,7 @@ def test_infer_with_raw_inputs(facts: dict[str, Any]) -> None:
     assert raw["dtypes"]["logits_mean"] == "float64"
     assert raw["dtypes"]["logits_predicted_class"] == "int64"
     assert raw["dtypes"]["logits_predicted_label"] == "object"
-    assert all(abs(s - 1) < 1e-9 for s in raw["mean_row_sums"])
+    assert all(abs(s - 1) < 1e-6 for s in raw["mean_row_sums"])  # float32 softmax
     assert raw["classes_are_argmax"]
     assert raw["labels_match"]
     assert raw["mi_is_entropy_gap"]

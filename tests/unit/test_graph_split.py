@@ -1,14 +1,13 @@
-"""The load-time split at the first stochastic node, on hand-built graphs."""
+"""The load-time split at the first stochastic node, on hand-built graphs (the graphs built
+from the plan are tested in tests/unit/test_sampler.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.engine.graph_split import NUM_SAMPLES_INPUT, plan_split, split_models, tiled_model
-from service.engine.onnx_session import SessionConfig, create_session
+from service.engine.graph_split import plan_split
 
 RNG = np.random.default_rng(0)
 W1 = RNG.standard_normal((4, 8)).astype(np.float32)
@@ -118,116 +117,24 @@ def test_control_flow_is_not_split() -> None:
     assert plan_split(model).reason == "control flow or local functions"
 
 
-def _run_tiled(model: onnx.ModelProto, x: np.ndarray, t: int) -> np.ndarray:
-    plan = plan_split(model)
-    session = create_session(
-        tiled_model(model, plan).SerializeToString(), SessionConfig(use_gpu=False)
+def weight_derived_graph() -> onnx.ModelProto:
+    """The LSTM case: the suffix uses a tensor computed from weights only (here w2 transposed
+    twice) whose nodes sit upstream of the cut."""
+    return _model(
+        [
+            helper.make_node("Transpose", ["w2"], ["w2_t"], perm=[1, 0]),
+            helper.make_node("Transpose", ["w2_t"], ["w2_back"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Dropout", ["r", "ratio", "training"], ["d"]),
+            helper.make_node("MatMul", ["d", "w2_back"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
     )
-    out: np.ndarray = session.run(None, {"x": x, NUM_SAMPLES_INPUT: np.array([t], np.int64)})[0]
-    return out
 
 
-def _run_two_sessions(model: onnx.ModelProto, x: np.ndarray, t: int) -> np.ndarray:
-    plan = plan_split(model)
-    prefix, suffix = split_models(model, plan)
-    config = SessionConfig(use_gpu=False)
-    cut = create_session(prefix.SerializeToString(), config).run(None, {"x": x})[0]
-    tiled = np.broadcast_to(cut, (t, *cut.shape)).reshape(t * cut.shape[0], *cut.shape[1:])
-    out: np.ndarray = create_session(suffix.SerializeToString(), config).run(None, {"r": tiled})[0]
-    return out
-
-
-@pytest.mark.parametrize("run", [_run_tiled, _run_two_sessions])
-@pytest.mark.parametrize("make", [head_graph, shape_graph])
-def test_split_forms_compute_the_same_function(run, make) -> None:  # type: ignore[no-untyped-def]
-    """Dropout with p = 0.5 keeps an element as 2x or drops it: the split output must be
-    either 0 or 2 * the exact deterministic value, row t*B + b coming from input row b."""
-    x = RNG.standard_normal((3, 4)).astype(np.float32)
-    t = 200
-    out = run(make(), x, t)
-    relu = np.maximum(x @ W1, 0)  # (B, 8)
-    assert out.shape[0] == t * 3
-    if make is shape_graph:
-        samples = out.reshape(t, 3, 8)
-        expected = 2 * relu
-        kept = samples != 0
-        np.testing.assert_allclose(
-            samples[kept], np.broadcast_to(expected, samples.shape)[kept], rtol=1e-5
-        )
-        # every copy draws its own mask: P(all 200 copies of an element agree) = 2^-199
-        kept_fraction = kept.mean(axis=0)[relu > 0]
-        assert (kept_fraction > 0).all()
-        assert (kept_fraction < 1).all()
-    else:
-        samples = out.reshape(t, 3, 3)
-        # Mean over T samples of d @ W2 has expectation relu @ W2; a 6-sigma band
-        # (false-failure probability < 1e-8 per element, 9 elements).
-        mean = samples.mean(axis=0)
-        se = samples.std(axis=0, ddof=1) / np.sqrt(t)
-        assert (np.abs(mean - relu @ W2) < 6 * se).all()
-
-
-def test_deterministic_outputs_are_tiled_too() -> None:
-    model = _model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
-         helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("Dropout", ["r", "ratio", "training"], ["d"]),
-         helper.make_node("MatMul", ["d", "w2"], ["y"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
-         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch", 8])],
-    )  # fmt: skip
-    plan = plan_split(model)
-    assert plan.tiled_outputs == ("r",)
-    x = RNG.standard_normal((2, 4)).astype(np.float32)
-    session = create_session(
-        tiled_model(model, plan).SerializeToString(), SessionConfig(use_gpu=False)
-    )
-    y, r = session.run(None, {"x": x, NUM_SAMPLES_INPUT: np.array([5], np.int64)})
-    assert y.shape == (10, 3)
-    np.testing.assert_allclose(r, np.tile(np.maximum(x @ W1, 0), (5, 1)), rtol=1e-6)
-
-
-def test_noise_fed_dropout_keeps_where_the_noise_is_at_least_p() -> None:
-    from service.engine.graph_split import noise_fed_model
-
-    model, noise = noise_fed_model(head_graph())
-    assert [(n.name, n.row_shape) for n in noise] == [("mcd_noise_0", (8,))]
-    session = create_session(model.SerializeToString(), SessionConfig(use_gpu=False))
-    x = RNG.standard_normal((2, 4)).astype(np.float32)
-    relu = np.maximum(x @ W1, 0)
-    u = np.tile(np.array([0.2, 0.7], np.float32), (2, 4))  # p = 0.5: drop, keep, drop, keep...
-    (y,) = session.run(None, {"x": x, "mcd_noise_0": u})
-    kept = np.where(u >= 0.5, 2.0 * relu, 0.0)  # inverted dropout: kept values scaled 1/(1-p)
-    np.testing.assert_allclose(y, kept @ W2, rtol=1e-5)
-    (y_again,) = session.run(None, {"x": x, "mcd_noise_0": u})
-    np.testing.assert_array_equal(y, y_again)  # no randomness left inside the graph
-
-
-def test_noise_fed_random_uniform_like_maps_the_noise_to_its_range() -> None:
-    from service.engine.graph_split import noise_fed_model
-
-    model = _model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
-         helper.make_node("RandomUniformLike", ["h"], ["r"], low=2.0, high=6.0),
-         helper.make_node("Add", ["h", "r"], ["y"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-    )  # fmt: skip
-    fed, noise = noise_fed_model(model)
-    session = create_session(fed.SerializeToString(), SessionConfig(use_gpu=False))
-    x = RNG.standard_normal((3, 4)).astype(np.float32)
-    u = np.full((3, 8), 0.25, np.float32)
-    (y,) = session.run(None, {"x": x, noise[0].name: u})
-    np.testing.assert_allclose(y, x @ W1 + 3.0, rtol=1e-5)  # 2 + 0.25 * (6 - 2)
-
-
-def test_random_nodes_that_cannot_be_fed_are_refused_with_the_reason() -> None:
-    from service.engine.graph_split import NoiseRewriteError, noise_fed_model
-
-    model = _model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
-         helper.make_node("RandomNormalLike", ["h"], ["r"]),
-         helper.make_node("Add", ["h", "r"], ["y"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-    )  # fmt: skip
-    with pytest.raises(NoiseRewriteError, match="RandomNormalLike node"):
-        noise_fed_model(model)
+def test_weight_derived_tensors_of_the_suffix_are_constant_nodes() -> None:
+    plan = plan_split(weight_derived_graph())
+    assert plan.is_split
+    assert plan.cut == ("r",)  # only input-dependent tensors are tiled
+    assert plan.constant_nodes == (0, 1)  # both Transposes, which the suffix needs

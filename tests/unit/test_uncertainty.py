@@ -292,7 +292,7 @@ def test_result_without_samples_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        (np.zeros((2, 3)), r"\(t, B, C\) with t >= 1 and C >= 1, got shape \(2, 3\)"),
+        (np.zeros((2, 3)), r"\(t, B, ..., C\) with t >= 1 and C >= 1, got shape \(2, 3\)"),
         (np.zeros((2, 3, 0)), r"got shape \(2, 3, 0\)"),
         (np.zeros((0, 3, 2)), r"got shape \(0, 3, 2\)"),
         (np.array([[[1.5, -0.5]]]), r"probabilities must be >= 0, got minimum -0\.5"),
