@@ -80,3 +80,13 @@ def coin_independence(kept: npt.NDArray[np.bool_], alpha: float = 1e-6) -> Indep
         lag_threshold=hoeffding_threshold(n - 1, k, alpha / 2),
         alpha=alpha,
     )
+
+
+def request_correlations(kept: npt.NDArray[np.bool_], alpha: float = 1e-6) -> tuple[float, float]:
+    """(N, K) keep indicators of N requests (K positions each, p = 0.5): the largest |mean of
+    s_a * s_b| over the K positions for consecutive requests a, b, and its bound (Hoeffding
+    with K terms, Bonferroni over the N - 1 pairs). Requests that shared masks would give 1."""
+    s = 2.0 * kept.astype(np.float64) - 1.0
+    n, k = s.shape
+    largest = float(np.abs((s[1:] * s[:-1]).mean(axis=1)).max())
+    return largest, hoeffding_threshold(k, n - 1, alpha)
