@@ -58,7 +58,7 @@ from service.errors import (
     ResourceExhausted,
     ServiceError,
 )
-from service.maths.uncertainty import RegressionStats
+from service.maths.uncertainty import slice_rows
 from service.repository import DynamicBatchingConfig
 
 __all__ = ["BatchKey", "BatchPolicy", "Batcher", "slice_rows"]
@@ -108,24 +108,6 @@ class BatchKey:
     interval_levels: tuple[float, ...] = ()
     #: seeded requests share runs only with the same seed (each row's noise depends on it)
     seed: int | None = None
-
-
-def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
-    """Rows [start:stop) of every (B, ...) array of a statistics object; num_samples unchanged.
-
-    The arrays are views of the batch's arrays (no copy).
-    """
-    rows: dict[str, Any] = {
-        f.name: value[start:stop]
-        for f in dataclasses.fields(stats)
-        if isinstance(value := getattr(stats, f.name), np.ndarray)
-    }
-    if isinstance(stats, RegressionStats) and stats.intervals:
-        rows["intervals"] = tuple(
-            dataclasses.replace(i, lower=i.lower[start:stop], upper=i.upper[start:stop])
-            for i in stats.intervals
-        )
-    return dataclasses.replace(stats, **rows)
 
 
 class _State(enum.Enum):

@@ -37,6 +37,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.engine.graph_split import SplitPlan, plan_split
+from service.engine.io import DeviceValue, SessionRunner
 from service.engine.noise import NoiseRewriteError, NoiseSource, SeededNoise, StreamNoise
 from service.engine.onnx_session import SessionConfig, create_session, cuda_usable
 from service.engine.sampler import (
@@ -59,7 +60,12 @@ from service.maths.summaries import (
     ValueSummaryAccumulator,
     VarianceSumAccumulator,
 )
-from service.maths.uncertainty import ClassificationStats, RegressionStats
+from service.maths.uncertainty import (
+    ClassificationStats,
+    RegressionStats,
+    concat_rows,
+    slice_rows,
+)
 from service.repository import ModelConfig, Semantics, VersionSource
 from service.settings import EngineKind
 
@@ -87,6 +93,8 @@ _SHAPE_CACHE_SIZE = 256
 #: Bytes of summary intermediates per element of an output on the tile (probabilities,
 #: log-probabilities, their product, deviations and squares, in float32 or float64).
 _SUMMARY_BYTES_PER_ELEMENT = 40
+#: Batch sizes runs are padded to on CUDA (``batch_buckets`` of the engine).
+_POWERS_OF_TWO = tuple(2**k for k in range(16))
 
 
 class CancelToken:
@@ -184,6 +192,7 @@ class _Sampler:
         self.graph = graph
         self.session = session
         self.provider: str = session.get_providers()[0]
+        self.runner = SessionRunner(session, binding=False)
         self.summary_fetches = [f for s in graph.summaries for f in s.fetches]
         self.sample_fetches = [s.samples for s in graph.summaries]
 
@@ -293,6 +302,8 @@ class McEngine:
         session_config: SessionConfig,
         tile_memory_bytes: int,
         kind: EngineKind = "auto",
+        batch_buckets: Sequence[int] | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         self._config = config
         self._where = where
@@ -325,11 +336,30 @@ class McEngine:
         sampler = self._native or self._fed
         assert sampler is not None
         self._provider = sampler.provider
+        on_cuda = self._provider == "CUDAExecutionProvider"
+        # IO binding keeps the prefix's outputs and the tile on the device (CUDA); batch
+        # buckets give the CUDA provider a few shapes instead of one per batch size.
+        self._binding = on_cuda if io_binding is None else io_binding
+        self._device = ("cuda" if on_cuda else "cpu", session_config.gpu_device_id)
+        self._prefix_runner = None if self._prefix is None else self._runner(self._prefix)
+        self._wire(sampler)
+        self.batch_buckets: tuple[int, ...] = tuple(
+            sorted(set(batch_buckets))
+            if batch_buckets is not None
+            else (_POWERS_OF_TWO if on_cuda else ())
+        )
         self._streams = StreamNoise()
         self._sizes: OrderedDict[tuple[tuple[int, ...], ...], tuple[list[int], int]] = OrderedDict()
         self._sizes_lock = threading.Lock()
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _runner(self, session: ort.InferenceSession) -> SessionRunner:
+        device, device_id = self._device
+        return SessionRunner(session, binding=self._binding, device=device, device_id=device_id)
+
+    def _wire(self, sampler: _Sampler) -> None:
+        sampler.runner = self._runner(sampler.session)
 
     def _load_sampler(self, *, native: bool) -> _Sampler:
         try:
@@ -348,7 +378,9 @@ class McEngine:
             with self._fed_lock:
                 if self._fed is None:
                     try:
-                        self._fed = self._load_sampler(native=False)
+                        fed = self._load_sampler(native=False)
+                        self._wire(fed)
+                        self._fed = fed
                     except ModelLoadError as exc:
                         self._fed_error = str(exc)
                         raise InvalidInput(
@@ -410,21 +442,20 @@ class McEngine:
 
     def _prepare(
         self, inputs: Mapping[str, NDArray[Any]], cancel: CancelToken | None
-    ) -> dict[str, NDArray[Any]]:
-        """The sampler's data inputs, B rows each: the prefix's outputs (run once) or the
-        inputs themselves."""
-        if self._prefix is None:
+    ) -> dict[str, DeviceValue]:
+        """The sampler's data inputs, B rows each: the prefix's outputs (run once, left on the
+        device under IO binding) or the inputs themselves."""
+        if self._prefix_runner is None:
             return dict(inputs)
         options = cancel.run_options() if cancel is not None else None
-        computed = self._prefix.run(self._prefix_outputs, dict(inputs), options)
-        values = dict(zip(self._prefix_outputs, computed, strict=True))
+        values = self._prefix_runner.run_on_device(self._prefix_outputs, inputs, options)
         values.update({n: x for n, x in inputs.items() if n in self.plan.cut})
         return values
 
     def _chunks(
         self,
         sampler: _Sampler,
-        data: Mapping[str, NDArray[Any]],
+        data: Mapping[str, DeviceValue],
         rows: int,
         num_samples: int,
         *,
@@ -436,7 +467,7 @@ class McEngine:
     ) -> Iterator[tuple[int, dict[str, NDArray[Any]]]]:
         """Run the sampler chunk by chunk: (t, fetched arrays) per run."""
         graph = sampler.graph
-        feed = {name: data[name] for name in graph.inputs}
+        feed: dict[str, DeviceValue] = {name: data[name] for name in graph.inputs}
         done = 0
         while done < num_samples:
             if cancel is not None and cancel.cancelled:
@@ -446,7 +477,7 @@ class McEngine:
             if noise is not None:
                 feed.update(noise.draw(graph.noise, noise_sizes, t, rows))
             options = cancel.run_options() if cancel is not None else None
-            out = _guarded(partial(sampler.session.run, fetches, feed, options), cancel)
+            out = _guarded(partial(sampler.runner.run, fetches, feed, options), cancel)
             yield t, dict(zip(fetches, out, strict=True))
             done += t
 
@@ -463,6 +494,30 @@ class McEngine:
         if seed is not None:
             return self._run_seeded(inputs, num_samples, cancel, keep_samples=keep_samples,
                                     interval_levels=interval_levels, seed=seed)  # fmt: skip
+        rows = next(iter(inputs.values())).shape[0]
+        padded = self._bucket(rows)
+        if padded > rows:  # repeat the last row: real values, and its results are dropped
+            inputs = {n: np.concatenate([x, np.repeat(x[-1:], padded - rows, axis=0)])
+                      for n, x in inputs.items()}  # fmt: skip
+        results = self._run_unseeded(inputs, num_samples, cancel, keep_samples=keep_samples,
+                                     interval_levels=interval_levels)  # fmt: skip
+        if padded > rows:
+            results = [slice_rows(r, 0, rows) for r in results]
+        return results
+
+    def _bucket(self, rows: int) -> int:
+        """The batch size a run of ``rows`` rows is padded to (itself without buckets)."""
+        return next((b for b in self.batch_buckets if b >= rows), rows)
+
+    def _run_unseeded(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        num_samples: int,
+        cancel: CancelToken | None,
+        *,
+        keep_samples: bool,
+        interval_levels: tuple[float, ...],
+    ) -> list[OutputStats]:
         sampler = self._native or self._fed
         assert sampler is not None
         rows = next(iter(inputs.values())).shape[0]
@@ -604,39 +659,23 @@ def _guarded(call: Callable[[], _T], cancel: CancelToken | None) -> _T:
         raise
 
 
-def concat_rows(parts: list[OutputStats]) -> OutputStats:
-    """Statistics of consecutive row groups joined into one object (rows along axis 0)."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    fields: dict[str, Any] = {
-        f.name: np.concatenate([getattr(p, f.name) for p in parts])
-        for f in dataclasses.fields(first)
-        if isinstance(getattr(first, f.name), np.ndarray)
-    }
-    if isinstance(first, RegressionStats) and first.intervals:
-        fields["intervals"] = tuple(
-            dataclasses.replace(
-                interval,
-                lower=np.concatenate(
-                    [p.intervals[j].lower for p in parts if isinstance(p, RegressionStats)]
-                ),
-                upper=np.concatenate(
-                    [p.intervals[j].upper for p in parts if isinstance(p, RegressionStats)]
-                ),
-            )
-            for j, interval in enumerate(first.intervals)
-        )
-    return dataclasses.replace(first, **fields)
-
-
 def build_engine(
     source: VersionSource,
     session_config: SessionConfig,
     tile_memory_bytes: int,
     kind: EngineKind = "auto",
+    *,
+    batch_buckets: Sequence[int] | None = None,
 ) -> McEngine:
     """The engine for one model version (the one place that decides which engine runs).
+
+    Args:
+        source: the version folder.
+        session_config: how to build its sessions.
+        tile_memory_bytes: the memory budget of one run on the tile.
+        kind: the engine form.
+        batch_buckets: batch sizes runs are padded to; None: powers of two on CUDA, none on
+            the CPU; empty: none.
 
     Raises:
         ModelLoadError: the model cannot be loaded or does not match its config.
@@ -647,7 +686,8 @@ def build_engine(
     except Exception as exc:
         raise ModelLoadError(f"{where}: cannot read model.onnx: {exc}") from exc
     return McEngine(model, source.config, where, session_config=session_config,
-                    tile_memory_bytes=tile_memory_bytes, kind=kind)  # fmt: skip
+                    tile_memory_bytes=tile_memory_bytes, kind=kind,
+                    batch_buckets=batch_buckets)  # fmt: skip
 
 
 def _add_intervals(

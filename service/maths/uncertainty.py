@@ -14,7 +14,9 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,13 +26,16 @@ from service.maths.predictive import Interval
 __all__ = [
     "ClassificationAccumulator",
     "ClassificationStats",
+    "OutputStats",
     "RegressionAccumulator",
     "RegressionStats",
     "chan_merge",
     "classification_result",
     "classification_stats",
+    "concat_rows",
     "count_votes",
     "regression_stats",
+    "slice_rows",
     "softmax",
 ]
 
@@ -478,3 +483,50 @@ def classification_stats(outputs: npt.ArrayLike, *, from_logits: bool) -> Classi
     accumulator = ClassificationAccumulator(from_logits=from_logits)
     accumulator.update(outputs)
     return accumulator.result()
+
+
+OutputStats = RegressionStats | ClassificationStats
+
+
+def slice_rows(stats: OutputStats, start: int, stop: int) -> OutputStats:
+    """Rows [start:stop) of every (B, ...) array of a statistics object; num_samples unchanged.
+
+    The arrays are views of the batch's arrays (no copy).
+    """
+    rows: dict[str, Any] = {
+        f.name: value[start:stop]
+        for f in dataclasses.fields(stats)
+        if isinstance(value := getattr(stats, f.name), np.ndarray)
+    }
+    if isinstance(stats, RegressionStats) and stats.intervals:
+        rows["intervals"] = tuple(
+            dataclasses.replace(i, lower=i.lower[start:stop], upper=i.upper[start:stop])
+            for i in stats.intervals
+        )
+    return dataclasses.replace(stats, **rows)
+
+
+def concat_rows(parts: list[OutputStats]) -> OutputStats:
+    """Statistics of consecutive row groups joined into one object (rows along axis 0)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    fields: dict[str, Any] = {
+        f.name: np.concatenate([getattr(p, f.name) for p in parts])
+        for f in dataclasses.fields(first)
+        if isinstance(getattr(first, f.name), np.ndarray)
+    }
+    if isinstance(first, RegressionStats) and first.intervals:
+        fields["intervals"] = tuple(
+            dataclasses.replace(
+                interval,
+                lower=np.concatenate(
+                    [p.intervals[j].lower for p in parts if isinstance(p, RegressionStats)]
+                ),
+                upper=np.concatenate(
+                    [p.intervals[j].upper for p in parts if isinstance(p, RegressionStats)]
+                ),
+            )
+            for j, interval in enumerate(first.intervals)
+        )
+    return dataclasses.replace(first, **fields)

@@ -260,3 +260,37 @@ def test_chunks_are_sized_from_the_part_on_the_tile() -> None:
     tiled = engine_for(head_graph(), "tiled")
     x = np.ones((1, 4), np.float32)
     assert split.budget_rows({"x": x}) > tiled.budget_rows({"x": x})
+
+
+def test_io_binding_path_gives_the_same_answers() -> None:
+    """The CUDA path (prefix outputs left on the device, bound as the sampler's inputs) run on
+    the CPU: seeded answers are bit-identical to the plain path's."""
+    model = head_graph()
+    plain = engine_for(model, "split-sessions")
+    bound = McEngine(model, config_for(model), "m/1", session_config=CPU,
+                     tile_memory_bytes=2**24, io_binding=True)  # fmt: skip
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    (a,) = plain.run({"x": x}, 70, seed=5)
+    (b,) = bound.run({"x": x}, 70, seed=5)
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.variance, b.variance)
+    (unseeded,) = bound.run({"x": x}, 400)
+    assert unseeded.mean.shape == (3, 3)
+
+
+def test_batch_buckets_pad_runs_and_answer_the_real_rows() -> None:
+    model = head_graph()
+    e = McEngine(model, config_for(model), "m/1", session_config=CPU, tile_memory_bytes=2**24,
+                 batch_buckets=(8, 4))  # fmt: skip
+    assert e.batch_buckets == (4, 8)
+    assert [e._bucket(n) for n in (1, 4, 5, 9)] == [4, 4, 8, 9]
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    (stats,) = e.run({"x": x}, 400, keep_samples=True)
+    assert stats.mean.shape == (3, 3)
+    assert stats.samples is not None
+    assert stats.samples.shape == (3, 400, 3)
+    # 6-sigma band per element as in test_every_form_samples_the_same_function
+    se = np.sqrt(stats.variance / 400)
+    assert (np.abs(stats.mean - np.maximum(x @ W1, 0) @ W2) < 6 * se).all()
+    assert McEngine(model, config_for(model), "m/1", session_config=CPU,
+                    tile_memory_bytes=2**24).batch_buckets == ()  # none on the CPU by default
