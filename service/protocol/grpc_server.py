@@ -4,7 +4,7 @@ errors of unary RPCs become status codes (:class:`StatusInterceptor`, using
 
 Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
 ``inference.GRPCInferenceService`` (the Open Inference Protocol), both thin layers over one
-:class:`InferenceCore`.
+:class:`DataPlane`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import metrics
-from service.core.dataplane import InferenceCore
+from service.core.dataplane import DataPlane
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
@@ -117,22 +117,22 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class GrpcServer:
     """The grpc.aio server with the project's services, health and reflection."""
 
-    def __init__(self, settings: Settings, core: InferenceCore) -> None:
+    def __init__(self, settings: Settings, plane: DataPlane) -> None:
         self._settings = settings
-        self._core = core
+        self._plane = plane
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.aio.server(
-            interceptors=[StatusInterceptor(core.model_label)], options=options
+            interceptors=[StatusInterceptor(plane.model_label)], options=options
         )
         pb_grpc.add_MCDropoutServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            MCDropoutServicer(core), self._server
+            MCDropoutServicer(plane), self._server
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            OpenInferenceServicer(core), self._server
+            OpenInferenceServicer(plane), self._server
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -166,7 +166,7 @@ class GrpcServer:
     async def set_serving(self) -> None:
         """Health SERVING overall, for both services, and per loaded model (service = model
         name)."""
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._core.registry.names()):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._plane.model_names()):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(

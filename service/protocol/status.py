@@ -42,7 +42,7 @@ def record_request(model: str, method: str, code: str, seconds: float) -> None:
     """Record one answered request: its latency, and an error count when ``code`` is not OK.
 
     Args:
-        model: the bounded model label (``InferenceCore.model_label``), "" for none.
+        model: the bounded model label (``DataPlane.model_label``), "" for none.
         method: the RPC name.
         code: the canonical status name, e.g. ``"OK"`` or ``"INVALID_ARGUMENT"``.
         seconds: time from receiving the request to its answer.
