@@ -1,6 +1,6 @@
 """The gRPC server: both protocols on one port, health, reflection, and the one place where
-errors of unary RPCs become status codes (:class:`StatusInterceptor`, using
-``service.protocol.status``), which also records the request metrics.
+errors of unary RPCs become status codes (:class:`StatusInterceptor`, through
+``service.protocol.status.observe``, which also records the request metrics).
 
 Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
 ``inference.GRPCInferenceService`` (the Open Inference Protocol), both thin layers over one
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,14 +18,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import metrics
 from service.core.dataplane import DataPlane
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.protocol.mcdropout_servicer import MCDropoutServicer
 from service.protocol.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
-from service.protocol.status import observe_failure, record_request, status_of
+from service.protocol.status import observe, status_of
 from service.settings import Settings
 
 __all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "GrpcServer", "StatusInterceptor", "status_of"]
@@ -56,7 +54,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     Every unary RPC of both services goes through here, so a handler only raises
     ``ServiceError`` subclasses and never calls ``context.abort`` itself. Streams pass through
-    untouched: ModelStreamInfer maps and records each message itself (``service.protocol.status``).
+    untouched: ModelStreamInfer answers each message through the same
+    ``service.protocol.status.observe``.
     """
 
     def __init__(self, model_label: Callable[[str], str]) -> None:
@@ -84,32 +83,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, behavior: Behavior, method: str) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
             requested = _requested_model(request)
             model = "" if requested is None else self._model_label(requested)
-            in_flight = metrics.IN_FLIGHT.labels(method=method)
-            in_flight.inc()
-
-            def record(code: str) -> None:
-                # Called before the answer leaves (abort sends the status at once), so a client
-                # that scrapes right after its answer always sees its request counted.
-                in_flight.dec()
-                record_request(model, method, code, time.perf_counter() - started)
-
-            try:
-                response = await behavior(request, context)
-            except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                record("DEADLINE_EXCEEDED" if expired else "CANCELLED")
-                raise
-            except Exception as exc:
-                status, message = observe_failure(method, exc)
-                record(status.name)
-                await context.abort(status, message)
-                raise  # unreachable: abort raises
-            record("OK")
-            return response
+            outcome = await observe(
+                method, model, context.time_remaining, lambda: behavior(request, context)
+            )
+            if outcome.status is not grpc.StatusCode.OK:
+                await context.abort(outcome.status, outcome.message)
+            return outcome.response
 
         return wrapped
 

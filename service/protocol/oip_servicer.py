@@ -7,18 +7,17 @@ it translates Open Inference Protocol messages to :class:`PredictInput` and the
 :class:`DataPlane`, so batching, limits, admission and the statistics are shared, not
 duplicated. Unary errors travel up as ``ServiceError`` to
 ``service.protocol.grpc_server.StatusInterceptor``; ModelStreamInfer answers each message on its
-own, so it maps its errors per message with the same ``service.protocol.status``.
+own, through the same ``service.protocol.status.observe``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from service import __version__, metrics
+from service import __version__
 from service.core.dataplane import DataPlane, PredictInput
 from service.gen.inference import grpc_service_pb2 as oip
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
@@ -32,7 +31,7 @@ from service.protocol.oip_codec import (
     tensor_metadata,
     wire_inputs,
 )
-from service.protocol.status import observe_failure, record_request
+from service.protocol.status import observe
 
 __all__ = ["EXTENSIONS", "OIP_SERVICE_NAME", "PLATFORM", "SERVER_NAME", "OpenInferenceServicer"]
 
@@ -142,32 +141,23 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelStreamInferResponse:
-        """One message of a stream, with the metrics and log the interceptor gives unary calls."""
-        started = time.perf_counter()
-        model = self._plane.model_label(request.model_name)
-        code = "OK"
-        in_flight = metrics.IN_FLIGHT.labels(method=_STREAM_METHOD)
-        in_flight.inc()
-        try:
-            response = await self._infer(request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            status, message = observe_failure(_STREAM_METHOD, exc)
-            code = status.name
+        """One message of a stream, with the bookkeeping of a unary call."""
+        outcome = await observe(
+            _STREAM_METHOD,
+            self._plane.model_label(request.model_name),
+            context.time_remaining,
+            lambda: self._infer(request, context),
+        )
+        if outcome.response is None:
             return oip.ModelStreamInferResponse(
-                error_message=f"{code}: {message}",
+                error_message=f"{outcome.status.name}: {outcome.message}",
                 infer_response=oip.ModelInferResponse(
                     model_name=request.model_name,
                     model_version=request.model_version,
                     id=request.id,
                 ),
             )
-        finally:
-            in_flight.dec()
-            record_request(model, _STREAM_METHOD, code, time.perf_counter() - started)
-        return oip.ModelStreamInferResponse(infer_response=response)
+        return oip.ModelStreamInferResponse(infer_response=outcome.response)
 
     async def _infer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
