@@ -4,17 +4,22 @@ collisions, selection of requested outputs, and agreement with the maths' statis
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from service.core.catalogue import SAMPLES_PER_ROW_NAME, Catalogue, statistics_of
+from service.core.dataplane import DataPlane
+from service.core.registry import load_repository
 from service.errors import InvalidInput, ModelLoadError
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.maths.predictive import gaussian_interval
 from service.maths.uncertainty import classification_stats, regression_stats
 from service.repository import ModelConfig, Semantics, TensorSpec, parse_config
+from service.settings import Settings
 
 CLASSES = ["mean", "variance", "std", "predicted_class", "predicted_label", "entropy",
            "expected_entropy", "mutual_information", "variation_ratio"]  # fmt: skip
@@ -151,3 +156,22 @@ def test_every_statistic_reads_from_the_maths_statistics() -> None:
     np.testing.assert_array_equal(lower.statistic.read(reg, ()), interval.lower)
     np.testing.assert_array_equal(upper.statistic.read(reg, ()), interval.upper)
     assert lower.statistic.field in fields
+
+
+def test_loading_refuses_a_version_with_colliding_names_before_building_its_engine(
+    tmp_path: Path,
+) -> None:
+    """The repository loader checks the names first: model.onnx here is not even a model."""
+    folder = tmp_path / "reg" / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"not onnx")
+    outputs = [values("x"), variance("s", of="x"), values("x_total")]
+    config = {"task": "regression", "inputs": X, "outputs": outputs}
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = Settings(model_repository=tmp_path)
+    plane = DataPlane(settings)
+    registry = load_repository(settings, plane.batcher)
+    assert registry.names() == []
+    [(path, reason)] = registry.failed
+    assert path == folder
+    assert "'x_total_variance' would be both" in reason
