@@ -2,9 +2,10 @@
 
 The dtype table (:data:`DTYPES`) names each element type once for every place that needs a
 name for it: numpy, the Open Inference Protocol (``FP32``, also KServe v2 HTTP), the project's
-``mcdropout.v1.DataType`` enum, ONNX Runtime's type strings (``tensor(float)``) and
-``config.json``. A type missing from a column is not accepted there (``config.json`` takes the
-eight types the proto can carry; BYTES is an output type only).
+``mcdropout.v1.DataType`` enum, ONNX's element types (``TensorProto.FLOAT``, what the graph
+declares and ONNX Runtime runs) and ``config.json``. A type missing from a column is not
+accepted there (``config.json`` takes the eight types the proto can carry; BYTES is an output
+type only).
 
 A protocol layer only finds an input's dtype, shape and data in its message and hands them over
 as a :class:`WireTensor`; :func:`decode` checks them and makes the array. Whether the array
@@ -41,7 +42,7 @@ __all__ = [
     "from_config",
     "from_numpy",
     "from_oip",
-    "from_ort",
+    "from_onnx",
     "from_proto",
 ]
 
@@ -54,14 +55,15 @@ class DType:
         numpy: the wire dtype, explicitly little-endian (object for BYTES).
         oip: the Open Inference Protocol datatype (gRPC and KServe v2 HTTP).
         proto: the ``mcdropout.v1.DataType`` enum name; None when that enum lacks the type.
-        ort: ONNX Runtime's type string; None when no model here may use the type.
+        onnx: the ONNX element type (``onnx.TensorProto.DataType``); None when no model here
+            may use the type.
         config: the name in ``config.json`` (numpy's name); None when a model may not use it.
     """
 
     numpy: np.dtype[Any]
     oip: str
     proto: str | None = None
-    ort: str | None = None
+    onnx: int | None = None
     config: str | None = None
 
     @property
@@ -70,31 +72,33 @@ class DType:
         return self.numpy.kind == "O"
 
 
-BOOL = DType(np.dtype("?"), "BOOL", "DATA_TYPE_BOOL", "tensor(bool)", "bool")
-INT64 = DType(np.dtype("<i8"), "INT64", "DATA_TYPE_INT64", "tensor(int64)", "int64")
-FP64 = DType(np.dtype("<f8"), "FP64", "DATA_TYPE_FLOAT64", "tensor(double)", "float64")
+# The ONNX numbers are the spec's (onnx.proto's TensorProto.DataType); a test checks them
+# against the onnx package, which this base module does not import.
+BOOL = DType(np.dtype("?"), "BOOL", "DATA_TYPE_BOOL", 9, "bool")
+INT64 = DType(np.dtype("<i8"), "INT64", "DATA_TYPE_INT64", 7, "int64")
+FP64 = DType(np.dtype("<f8"), "FP64", "DATA_TYPE_FLOAT64", 11, "float64")
 BYTES = DType(np.dtype(object), "BYTES")
 
 #: The one dtype table.
 DTYPES: tuple[DType, ...] = (
     BOOL,
-    DType(np.dtype("u1"), "UINT8", "DATA_TYPE_UINT8", "tensor(uint8)", "uint8"),
+    DType(np.dtype("u1"), "UINT8", "DATA_TYPE_UINT8", 2, "uint8"),
     DType(np.dtype("<u2"), "UINT16"),
     DType(np.dtype("<u4"), "UINT32"),
     DType(np.dtype("<u8"), "UINT64"),
-    DType(np.dtype("i1"), "INT8", "DATA_TYPE_INT8", "tensor(int8)", "int8"),
+    DType(np.dtype("i1"), "INT8", "DATA_TYPE_INT8", 3, "int8"),
     DType(np.dtype("<i2"), "INT16"),
-    DType(np.dtype("<i4"), "INT32", "DATA_TYPE_INT32", "tensor(int32)", "int32"),
+    DType(np.dtype("<i4"), "INT32", "DATA_TYPE_INT32", 6, "int32"),
     INT64,
-    DType(np.dtype("<f2"), "FP16", "DATA_TYPE_FLOAT16", "tensor(float16)", "float16"),
-    DType(np.dtype("<f4"), "FP32", "DATA_TYPE_FLOAT32", "tensor(float)", "float32"),
+    DType(np.dtype("<f2"), "FP16", "DATA_TYPE_FLOAT16", 10, "float16"),
+    DType(np.dtype("<f4"), "FP32", "DATA_TYPE_FLOAT32", 1, "float32"),
     FP64,
     BYTES,
 )
 
 _BY_OIP = {d.oip: d for d in DTYPES}
 _BY_PROTO = {d.proto: d for d in DTYPES if d.proto is not None}
-_BY_ORT = {d.ort: d for d in DTYPES if d.ort is not None}
+_BY_ONNX = {d.onnx: d for d in DTYPES if d.onnx is not None}
 _BY_CONFIG = {d.config: d for d in DTYPES if d.config is not None}
 _BY_NUMPY = {d.numpy.name: d for d in DTYPES if not d.is_bytes}
 
@@ -109,9 +113,10 @@ def from_proto(name: str) -> DType | None:
     return _BY_PROTO.get(name)
 
 
-def from_ort(type_string: str) -> DType | None:
-    """The type of an ONNX Runtime type string (``"tensor(float)"``), or None."""
-    return _BY_ORT.get(type_string)
+def from_onnx(elem_type: int) -> DType | None:
+    """The type of an ONNX element type (``onnx.TensorProto.FLOAT``), or None when no model
+    here may use it."""
+    return _BY_ONNX.get(elem_type)
 
 
 def from_config(name: str) -> DType | None:

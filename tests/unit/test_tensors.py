@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from service import tensors
@@ -41,11 +42,17 @@ def test_every_config_dtype_has_a_name_in_every_column() -> None:
         assert dtype is not None
         assert dtype.numpy == np.dtype(name)
         assert dtype.proto is not None
-        assert dtype.ort is not None
+        assert dtype.onnx is not None
         assert tensors.from_oip(dtype.oip) is dtype
         assert tensors.from_proto(dtype.proto) is dtype
-        assert tensors.from_ort(dtype.ort) is dtype
+        assert tensors.from_onnx(dtype.onnx) is dtype
         assert tensors.from_numpy(np.dtype(name)) is dtype
+
+
+def test_the_onnx_element_types_are_onnxs() -> None:
+    for dtype in tensors.DTYPES:
+        if dtype.onnx is not None:
+            assert onnx.helper.tensor_dtype_to_np_dtype(dtype.onnx) == dtype.numpy
 
 
 def test_the_proto_enum_and_the_table_agree() -> None:
@@ -72,7 +79,7 @@ def test_wire_dtypes_are_little_endian_and_any_byte_order_finds_its_row() -> Non
     assert tensors.from_numpy(np.dtype(object)) is tensors.BYTES
     assert tensors.from_numpy(np.dtype("complex64")) is None
     assert tensors.from_oip("BF16") is None
-    assert tensors.from_ort("tensor(string)") is None
+    assert tensors.from_onnx(onnx.TensorProto.STRING) is None
 
 
 # -- decoding bytes -----------------------------------------------------------------------------
