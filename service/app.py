@@ -1,4 +1,4 @@
-"""Composition root: builds the core, the gRPC server and the metrics endpoint, and runs them.
+"""Composition root: builds the data plane, the gRPC server and the metrics endpoint, and runs them.
 
 Start-up order matters for orchestrators: the gRPC port opens first with health NOT_SERVING,
 models load off the event loop, then health turns SERVING. Shutdown (SIGTERM/SIGINT) turns
@@ -19,7 +19,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from service import metrics
-from service.core.dataplane import InferenceCore, load_registry
+from service.core.dataplane import DataPlane
 from service.protocol.grpc_server import GrpcServer
 from service.settings import Settings
 
@@ -34,8 +34,8 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.core = InferenceCore(settings)
-        self.grpc = GrpcServer(settings, self.core)
+        self.plane = DataPlane(settings)
+        self.grpc = GrpcServer(settings, self.plane)
         self._metrics_server: WSGIServer | None = None
         self._metrics_thread: threading.Thread | None = None
         self.grpc_port = 0
@@ -53,8 +53,8 @@ class App:
             "gRPC on %s:%d, metrics on %s:%s; loading models from %s",
             s.host, self.grpc_port, s.host, self.metrics_port, s.model_repository,
         )  # fmt: skip
-        registry = await asyncio.get_running_loop().run_in_executor(None, load_registry, s)
-        self.core.set_registry(registry)
+        registry = await asyncio.get_running_loop().run_in_executor(None, self.plane.load)
+        self.plane.serve(registry)
         await self.grpc.set_serving()
         if not registry.names():
             log.warning(
@@ -72,7 +72,7 @@ class App:
             s.drain_period_s, s.grace_period_s,
         )  # fmt: skip
         await self.grpc.stop(s.grace_period_s, s.drain_period_s, self._end_drain)
-        await self.core.close()
+        await self.plane.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

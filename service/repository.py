@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from service import tensors
 from service.errors import ModelLoadError
 
 __all__ = [
     "DEFAULT_MAX_QUEUE_DELAY_US",
-    "DTYPES",
     "DynamicBatchingConfig",
     "ModelConfig",
     "ProvenanceInfo",
@@ -34,12 +34,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-#: dtype names accepted in config.json, as numpy names.
-DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(name)
-    for name in ("float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool")
-}
+#: dtype names config.json accepts (the dtype table's config column), for messages.
+_CONFIG_DTYPES = sorted(d.config for d in tensors.DTYPES if d.config is not None)
 
 
 class Task(StrEnum):
@@ -177,8 +173,14 @@ def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
     _require(isinstance(raw, dict), where, f"must be an object, got {raw!r}")
     name = raw.get("name")
     _require(isinstance(name, str) and bool(name), where, "needs a non-empty 'name'")
-    dtype = raw.get("dtype")
-    _require(dtype in DTYPES, where, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype_name = raw.get("dtype")
+    dtype = tensors.from_config(dtype_name) if isinstance(dtype_name, str) else None
+    _require(
+        dtype is not None,
+        where,
+        f"dtype must be one of {', '.join(_CONFIG_DTYPES)}, got {dtype_name!r}",
+    )
+    assert dtype is not None
     shape = raw.get("shape")
     _require(
         isinstance(shape, list) and len(shape) >= 1 and all(isinstance(d, int) for d in shape),
@@ -213,7 +215,7 @@ def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
             _require("of" not in raw, where, "'of' is only for variance and log_variance outputs")
     return TensorSpec(
         name=name,
-        dtype=DTYPES[dtype],
+        dtype=np.dtype(dtype.numpy.name),  # native byte order, as arrays are decoded
         shape=tuple(shape),
         semantics=semantics,
         variance_of=variance_of,

@@ -3,10 +3,16 @@ one engine run.
 
 ::
 
-    submit() --admit--> _Queue per (model, version, T) --dispatcher--> _Batch --executor--> run
-       ^                 waiting requests, arrival order     when rows >= cap, or the oldest
-       |                                                     waited max_queue_delay, and a
-       +---------- rows [start:stop) of every output <------ compute worker is free
+    VersionQueue.submit() --admit--> _Queue per RunKey (T, ...) --dispatcher--> _Batch --> run
+       ^                              waiting requests,              when rows >= cap, or the
+       |                              arrival order                  oldest waited the delay,
+       |                                                             and a worker is free
+       +---------- rows [start:stop) of every output <------ _deliver (the one place answers
+                                                             are cut per request)
+
+Each loaded version owns a :class:`VersionQueue`, built at load time with its engine and its
+:class:`BatchPolicy`; a request is submitted with its own data only. The :class:`Batcher` holds
+what every version shares: admission, the compute workers and their executor.
 
 Merging cannot change an answer's distribution: the engine tiles the merged rows to
 [T*B_total, ...] and draws dropout masks per element, so every row gets T independent masks
@@ -61,7 +67,7 @@ from service.errors import (
 from service.maths.uncertainty import slice_rows
 from service.repository import DynamicBatchingConfig
 
-__all__ = ["BatchKey", "BatchPolicy", "Batcher", "slice_rows"]
+__all__ = ["BatchPolicy", "Batcher", "RunKey", "VersionQueue", "slice_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +102,9 @@ class BatchPolicy:
 
 
 @dataclass(frozen=True)
-class BatchKey:
-    """Requests can share a run only with the same model version and the same T."""
+class RunKey:
+    """Requests of one version can share a run only with equal keys: the same T and options."""
 
-    model: str
-    version: int
     num_samples: int
     #: requests that want their raw samples run apart: keeping samples costs memory.
     return_samples: bool = False
@@ -144,12 +148,13 @@ class _Batch:
 
 
 class _Queue:
-    """The waiting requests of one :class:`BatchKey`, with the task that cuts their batches."""
+    """The waiting requests of one version and one :class:`RunKey`, with the task that cuts
+    their batches."""
 
-    def __init__(self, key: BatchKey, engine: Engine, policy: BatchPolicy, cap_rows: int) -> None:
-        self.key = key
-        self.engine = engine
-        self.policy = policy
+    def __init__(self, version: VersionQueue, run: RunKey, cap_rows: int) -> None:
+        self.version = version
+        self.run = run
+        self.policy = version.policy
         self.cap_rows = cap_rows
         self.pending: deque[_Request] = deque()
         self.pending_rows = 0
@@ -176,8 +181,107 @@ class _Queue:
         return self.policy.enabled and rows + request.rows <= self.cap_rows
 
 
+class VersionQueue:
+    """One loaded version's batching: its engine, its policy, and its waiting requests.
+
+    Built once, at load time, by :meth:`Batcher.version_queue`; requests are submitted with
+    their own data only. Waiting requests are kept per :class:`RunKey` (only equal keys merge),
+    in queues made when a key is first seen and forgotten when they empty.
+
+    Attributes:
+        model: the model's name (metrics label).
+        version: the version number.
+        engine: the version's engine; the only caller of its ``run`` is the batcher.
+        policy: the version's batching policy.
+    """
+
+    def __init__(
+        self, batcher: Batcher, model: str, version: int, engine: Engine, policy: BatchPolicy
+    ) -> None:
+        self._batcher = batcher
+        self.model = model
+        self.version = version
+        self.engine = engine
+        self.policy = policy
+        self._queues: dict[RunKey, _Queue] = {}
+
+    async def submit(
+        self,
+        inputs: Mapping[str, NDArray[Any]],
+        rows: int,
+        run: RunKey,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[OutputStats]:
+        """Admit one validated request, wait for its batch to run, return its rows.
+
+        Args:
+            inputs: one (B, ...) array per model input.
+            rows: B.
+            run: T and the options; only requests with equal keys are merged.
+            timeout_s: time left until the caller's deadline; None for none.
+
+        Returns:
+            One statistics object per model output, each with this request's B rows.
+
+        Raises:
+            ResourceExhausted: the queue is full.
+            DeadlineExceeded: the deadline passed before the answer was ready.
+            ModelNotReady: the batcher is closed.
+            ServiceError: the run failed (InternalError, with the details in the log).
+        """
+        batcher = self._batcher
+        if batcher._closed:
+            raise ModelNotReady(self.model, str(self.version))
+        batcher._admit()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        request = _Request(
+            inputs=inputs,
+            rows=rows,
+            future=loop.create_future(),
+            arrived_s=time.perf_counter(),
+            arrived_at=now,
+            expires_at=None if timeout_s is None else now + timeout_s,
+        )
+        queue = self._queue(run)
+        request.future.add_done_callback(lambda _: batcher._on_caller_done(queue, request))
+        queue.add(request)
+        if queue.dispatcher is None:
+            queue.dispatcher = asyncio.create_task(batcher._dispatch(queue))
+        try:
+            # Cancelling the caller (or its deadline) cancels only this future: the batch
+            # runs in its own task and goes on for the others.
+            return await asyncio.wait_for(request.future, timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the deadline passed before the answer was ready ({run.num_samples} samples)"
+            ) from None
+
+    def _queue(self, run: RunKey) -> _Queue:
+        queue = self._queues.get(run)
+        if queue is None:
+            cap = max(1, self._batcher._max_row_samples // run.num_samples)
+            queue = self._queues[run] = _Queue(self, run, min(self.policy.max_batch_rows, cap))
+        return queue
+
+    def _forget(self, queue: _Queue) -> None:
+        """Drop an empty queue (its dispatcher ended)."""
+        if not queue.pending and self._queues.get(queue.run) is queue:
+            del self._queues[queue.run]
+
+    def _close(self) -> list[_Queue]:
+        """Hand over the waiting queues and forget them (the batcher is closing)."""
+        queues = list(self._queues.values())
+        self._queues.clear()
+        return queues
+
+
 class Batcher:
-    """Merges concurrent requests into engine runs; owned by the core, protocol-neutral.
+    """Merges concurrent requests into engine runs; owned by the data plane, protocol-neutral.
+
+    It holds what every version shares; each version's queue comes from
+    :meth:`version_queue`, at load time.
 
     Args:
         executor: runs the engine (its thread count should be ``compute_workers``).
@@ -200,86 +304,42 @@ class Batcher:
         self._max_row_samples = max_row_samples
         self._workers = asyncio.Semaphore(compute_workers)
         self._admitted = 0
-        self._queues: dict[BatchKey, _Queue] = {}
+        self._versions: list[VersionQueue] = []
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def submit(
-        self,
-        key: BatchKey,
-        engine: Engine,
-        policy: BatchPolicy,
-        inputs: Mapping[str, NDArray[Any]],
-        rows: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> list[OutputStats]:
-        """Admit one validated request, wait for its batch to run, return its rows.
+    def version_queue(
+        self, model: str, version: int, engine: Engine, policy: BatchPolicy
+    ) -> VersionQueue:
+        """The queue of one loaded version (call once per version, when it loads).
 
-        Args:
-            key: the model version and T; only requests with equal keys are merged.
-            engine: the version's engine.
-            policy: the version's batching policy.
-            inputs: one (B, ...) array per model input.
-            rows: B.
-            timeout_s: time left until the caller's deadline; None for none.
-
-        Returns:
-            One statistics object per model output, each with this request's B rows.
-
-        Raises:
-            ResourceExhausted: the queue is full.
-            DeadlineExceeded: the deadline passed before the answer was ready.
-            ModelNotReady: the batcher is closed.
-            ServiceError: the run failed (InternalError, with the details in the log).
+        Its requests share this batcher's admission limit and compute workers.
         """
-        if self._closed:
-            raise ModelNotReady(key.model, str(key.version))
-        self._admit()
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        request = _Request(
-            inputs=inputs,
-            rows=rows,
-            future=loop.create_future(),
-            arrived_s=time.perf_counter(),
-            arrived_at=now,
-            expires_at=None if timeout_s is None else now + timeout_s,
-        )
-        queue = self._queue(key, engine, policy)
-        request.future.add_done_callback(lambda _: self._on_caller_done(queue, request))
-        queue.add(request)
-        if queue.dispatcher is None:
-            queue.dispatcher = asyncio.create_task(self._dispatch(queue))
-        try:
-            # Cancelling the caller (or its deadline) cancels only this future: the batch
-            # runs in its own task and goes on for the others.
-            return await asyncio.wait_for(request.future, timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"the deadline passed before the answer was ready ({key.num_samples} samples)"
-            ) from None
+        queue = VersionQueue(self, model, version, engine, policy)
+        self._versions.append(queue)
+        return queue
 
     async def close(self) -> None:
         """Refuse new requests, answer waiting ones UNAVAILABLE, let running batches finish."""
         self._closed = True
-        dispatchers = [q.dispatcher for q in self._queues.values() if q.dispatcher is not None]
+        queues = [q for version in self._versions for q in version._close()]
+        dispatchers = [q.dispatcher for q in queues if q.dispatcher is not None]
         for dispatcher in dispatchers:
             dispatcher.cancel()
-        for queue in list(self._queues.values()):
+        for queue in queues:
             while queue.pending:
                 request = queue.pending[0]
                 self._drop(queue, request)
                 if not request.future.done():
                     request.future.set_exception(
-                        ModelNotReady(queue.key.model, str(queue.key.version))
+                        ModelNotReady(queue.version.model, str(queue.version.version))
                     )
-        self._queues.clear()
         await asyncio.gather(*dispatchers, *self._running, return_exceptions=True)
 
     # -- admission ---------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        """Take an admission slot for a new request, or refuse it (ResourceExhausted)."""
         if self._admitted >= self._limit:
             raise ResourceExhausted(
                 f"the server is at its limit of {self._limit} queued and running requests; "
@@ -312,13 +372,6 @@ class Batcher:
 
     # -- batches -----------------------------------------------------------------------------
 
-    def _queue(self, key: BatchKey, engine: Engine, policy: BatchPolicy) -> _Queue:
-        queue = self._queues.get(key)
-        if queue is None:
-            cap_rows = min(policy.max_batch_rows, max(1, self._max_row_samples // key.num_samples))
-            queue = self._queues[key] = _Queue(key, engine, policy, cap_rows)
-        return queue
-
     async def _dispatch(self, queue: _Queue) -> None:
         """Cut and start the queue's batches until it is empty, then forget the queue."""
         try:
@@ -333,8 +386,7 @@ class Batcher:
         finally:
             # No await between the empty check and here: a new request cannot slip in unseen.
             queue.dispatcher = None
-            if not queue.pending and self._queues.get(queue.key) is queue:
-                del self._queues[queue.key]
+            queue.version._forget(queue)
 
     async def _wait_for_more(self, queue: _Queue) -> None:
         """Wait until the rows reach the cap or the oldest request waited the maximum delay."""
@@ -377,8 +429,8 @@ class Batcher:
     def _start(self, queue: _Queue, batch: _Batch) -> None:
         for request in batch.requests:
             request.batch = batch
-        metrics.BATCH_ROWS.labels(model=queue.key.model).observe(batch.rows)
-        metrics.BATCH_REQUESTS.labels(model=queue.key.model).observe(len(batch.requests))
+        metrics.BATCH_ROWS.labels(model=queue.version.model).observe(batch.rows)
+        metrics.BATCH_REQUESTS.labels(model=queue.version.model).observe(len(batch.requests))
         task = asyncio.create_task(self._run(queue, batch))
         self._running.add(task)  # a strong reference until it ends
         task.add_done_callback(self._running.discard)
@@ -387,12 +439,12 @@ class Batcher:
         """Run one batch and give every request its outcome; owns one worker slot."""
         try:
             try:
-                future = self._executor.submit(_run_engine, queue.engine, queue.key, batch)
+                future = self._executor.submit(_run_engine, queue.version, queue.run, batch)
             except RuntimeError:  # the executor is shut down
-                raise ModelNotReady(queue.key.model, str(queue.key.version)) from None
+                raise ModelNotReady(queue.version.model, str(queue.version.version)) from None
             stats = await asyncio.wrap_future(future)
         except BaseException as exc:
-            _fail(queue.key, batch, exc)
+            _fail(queue.version, queue.run, batch, exc)
             if not isinstance(exc, Exception):
                 raise
         else:
@@ -421,32 +473,37 @@ def _check_rows(stats: Sequence[OutputStats], rows: int) -> None:
                 )
 
 
-def _run_engine(engine: Engine, key: BatchKey, batch: _Batch) -> list[OutputStats]:
-    """One engine run over the merged rows. Runs on a worker thread."""
+def _run_engine(version: VersionQueue, run: RunKey, batch: _Batch) -> list[OutputStats]:
+    """One engine run over the merged rows: the one call of ``Engine.run``. Runs on a worker
+    thread."""
     started = time.perf_counter()
-    queue_seconds = metrics.QUEUE_SECONDS.labels(model=key.model)
+    queue_seconds = metrics.QUEUE_SECONDS.labels(model=version.model)
     for request in batch.requests:
         queue_seconds.observe(started - request.arrived_s)
     if batch.token.cancelled:  # every caller left while the run was handed over
         raise Cancelled("every caller of the batch gave up before it ran")
     inputs = _concatenate([r.inputs for r in batch.requests])
-    stats = engine.run(
+    stats = version.engine.run(
         inputs,
-        key.num_samples,
+        run.num_samples,
         batch.token,
-        keep_samples=key.return_samples,
-        interval_levels=key.interval_levels,
-        seed=key.seed,
+        keep_samples=run.return_samples,
+        interval_levels=run.interval_levels,
+        seed=run.seed,
     )
     _check_rows(stats, batch.rows)
-    metrics.COMPUTE_SECONDS.labels(model=key.model, version=str(key.version)).observe(
+    metrics.COMPUTE_SECONDS.labels(model=version.model, version=str(version.version)).observe(
         time.perf_counter() - started
     )
     return stats
 
 
 def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
-    """Give each live request its own rows of every output."""
+    """Give each live request its own rows of every output.
+
+    The one place a batch's answer is cut per request: a per-request outcome (say, an error for
+    the rows of one request that came out non-finite) belongs here.
+    """
     batch.finished = True
     start = 0
     for request in batch.requests:
@@ -456,7 +513,7 @@ def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
         start = stop
 
 
-def _fail(key: BatchKey, batch: _Batch, exc: BaseException) -> None:
+def _fail(version: VersionQueue, run: RunKey, batch: _Batch, exc: BaseException) -> None:
     """Give every live request of a failed batch an error, so none hangs."""
     batch.finished = True
     live = [r for r in batch.requests if not r.future.done()]
@@ -465,7 +522,7 @@ def _fail(key: BatchKey, batch: _Batch, exc: BaseException) -> None:
     if not isinstance(exc, ServiceError):
         log.error(
             "model %s version %d failed (batch of %d requests, %d rows, T = %d)",
-            key.model, key.version, len(batch.requests), batch.rows, key.num_samples,
+            version.model, version.version, len(batch.requests), batch.rows, run.num_samples,
             exc_info=exc,
         )  # fmt: skip
     for request in live:

@@ -1,79 +1,65 @@
-"""The protocol-neutral core: model registry, request validation, admission and execution.
+"""The protocol-neutral data plane: every operation a protocol layer offers, in one object.
 
-Protocol layers (service.protocol) translate wire messages into :class:`PredictInput` and call
-:meth:`InferenceCore.predict`; they never touch numpy maths or ONNX Runtime. Validated requests
-go to the cross-request batcher (service.core.batching), which merges concurrent requests for
-the same version and T into one engine run on a bounded thread pool, so the event loop never
-blocks; its bounded admission answers RESOURCE_EXHAUSTED instead of letting a queue grow.
+Protocol layers (``service.protocol``; a KServe v2 HTTP layer next) translate messages and call
+:class:`DataPlane` only: liveness and readiness, model listing, metadata, and predict. They
+never see the registry, the engines or the batcher.
+
+A predict request arrives with its inputs as found on the wire (``service.tensors.WireTensor``):
+the data plane resolves the version, picks the answer's outputs from the version's statistics
+catalogue, decodes and validates the inputs, and hands the arrays to the version's batching
+queue, which merges concurrent requests into one engine run on a bounded thread pool, so the
+event loop never blocks; its bounded admission answers RESOURCE_EXHAUSTED instead of letting a
+queue grow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service import metrics
-from service.core.batching import Batcher, BatchKey, BatchPolicy
-from service.engine.onnx_session import SessionConfig
-from service.engine.runtime import Engine, OutputStats, build_engine
+from service import metrics, tensors
+from service.core.batching import Batcher, RunKey
+from service.core.catalogue import Answer, Statistic
+from service.core.registry import LoadedVersion, ModelRegistry, load_repository
+from service.engine.runtime import OutputStats
 from service.errors import (
     DeadlineExceeded,
     InvalidInput,
-    ModelLoadError,
-    ModelNotFound,
     ModelNotReady,
+    NotFound,
     ResourceExhausted,
-    VersionNotFound,
 )
 from service.maths.adaptive import RowMerger, next_round
-from service.repository import ModelConfig, Task, TensorSpec, VersionSource, scan_repository
+from service.repository import ModelConfig, ProvenanceInfo, Task, TensorSpec
 from service.settings import Settings
 
 __all__ = [
-    "InferenceCore",
-    "LoadedVersion",
-    "ModelRegistry",
+    "MAX_INTERVAL_LEVELS",
+    "DataPlane",
+    "ModelMetadata",
+    "ModelSummary",
     "OutputResult",
     "PredictInput",
     "PredictResult",
+    "decode_inputs",
     "validate_inputs",
 ]
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadedVersion:
-    """A version that is loaded and can serve."""
-
-    source: VersionSource
-    engine: Engine
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.source.config
-
-    @property
-    def version(self) -> int:
-        return self.source.version
 
 
 @dataclass(frozen=True)
 class PredictInput:
-    """A decoded Predict request.
+    """A predict request, as a protocol layer found it.
 
     Attributes:
         model: model name.
         version: version number as sent ("" or None for the newest).
-        inputs: one (B, ...) array per model input.
+        inputs: one wire tensor per model input, each (B, ...), not yet decoded.
         num_samples: T; None or 0 for the model's default.
         return_samples: also answer every sample, (B, T, ...) per output.
         interval_levels: prediction interval levels for regression outputs, each in (0, 1).
@@ -81,131 +67,136 @@ class PredictInput:
             Carlo standard error of the mean is at most this; ``num_samples`` (default: the
             model's maximum) is then the cap on T.
         seed: reproducible sampling (see the engine's ``run``); None for the fast path.
+        outputs: the answer's outputs by name (``<output>_<statistic>``), in answer order;
+            None or empty for all of them.
     """
 
     model: str
     version: str | None
-    inputs: Mapping[str, NDArray[Any]]
+    inputs: Sequence[tensors.WireTensor]
     num_samples: int | None = None
     return_samples: bool = False
     interval_levels: tuple[float, ...] = ()
     target_standard_error: float | None = None
     seed: int | None = None
+    outputs: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
 class OutputResult:
+    """The statistics of one model output.
+
+    Attributes:
+        spec: the output.
+        stats: its statistics, (B, ...) arrays.
+        statistics: those every answer gives for it (the catalogue's), in answer order.
+    """
+
     spec: TensorSpec
     stats: OutputStats
+    statistics: tuple[Statistic, ...]
 
 
 @dataclass(frozen=True)
 class PredictResult:
+    """The answer to a predict request.
+
+    Attributes:
+        model: the model's name.
+        version: the version that answered.
+        num_samples: T (adaptive sampling: the largest T of any row).
+        outputs: every model output's statistics, in the config's order.
+        labels: the class labels (empty without).
+        answer: the named outputs the request asked for, in answer order.
+        num_samples_per_row: adaptive sampling only: the T each row used (B,).
+    """
+
     model: str
     version: int
     num_samples: int
     outputs: tuple[OutputResult, ...]
     labels: tuple[str, ...]
-    #: adaptive sampling only: the T each row used (B,); ``num_samples`` is the largest
+    answer: tuple[Answer, ...] = ()
     num_samples_per_row: NDArray[np.int64] | None = None
 
-
-class ModelRegistry:
-    """The loaded versions, by model name and version number."""
-
-    def __init__(self) -> None:
-        self._models: dict[str, dict[int, LoadedVersion]] = {}
-        self.failed: list[tuple[Path, str]] = []
-
-    def add(self, loaded: LoadedVersion) -> None:
-        self._models.setdefault(loaded.source.name, {})[loaded.version] = loaded
-
-    def names(self) -> list[str]:
-        return sorted(self._models)
-
-    def has_model(self, name: str) -> bool:
-        return name in self._models
-
-    def versions(self, name: str) -> list[int]:
-        """Loaded versions of ``name``, newest first."""
-        return sorted(self._models.get(name, {}), reverse=True)
-
-    def get(self, name: str, version: str | None = None) -> LoadedVersion:
-        """The requested version, or the newest when ``version`` is empty.
-
-        Raises:
-            ModelNotFound / VersionNotFound.
-        """
-        versions = self._models.get(name)
-        if not versions:
-            raise ModelNotFound(name)
-        if not version:
-            return versions[max(versions)]
-        try:
-            number = int(version)
-        except ValueError:
-            raise InvalidInput(f"version must be a positive integer, got {version!r}") from None
-        if number not in versions:
-            raise VersionNotFound(name, version, [str(v) for v in self.versions(name)])
-        return versions[number]
+    def read(self, answer: Answer) -> NDArray[Any]:
+        """The values of one named output (an entry of :attr:`answer`)."""
+        if answer.output is None:  # the one statistic of the request: the per-row T
+            if self.num_samples_per_row is None:
+                raise ValueError(f"{answer.name} exists only with adaptive sampling")
+            return self.num_samples_per_row
+        stats = next(o.stats for o in self.outputs if o.spec.name == answer.output.name)
+        return answer.statistic.read(stats, self.labels)
 
 
-def load_registry(settings: Settings) -> ModelRegistry:
-    """Load every version of the repository. Blocking: call it off the event loop.
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model in a listing.
 
-    A version that cannot be served (bad config, graph mismatch, dropout not stochastic) is
-    skipped and logged; it never takes the others down.
+    Attributes:
+        name: its name.
+        versions: loaded versions, newest first.
+        task: the newest version's task.
+        ready: whether it serves now.
     """
-    session_config = SessionConfig(
-        use_gpu=settings.device != "cpu",
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        allow_spinning=settings.allow_spinning,
-        graph_optimization_level=settings.graph_optimization_level,
-        gpu_device_id=settings.gpu_device_id,
-        cuda_conv_algo_search=settings.cuda_conv_algo_search,
-    )
-    registry = ModelRegistry()
-    sources, problems = scan_repository(settings.model_repository)
-    registry.failed.extend(problems)
-    for source in sources:
-        try:
-            engine = build_engine(
-                source, session_config, settings.tile_memory_bytes, settings.engine
-            )
-            if settings.device == "gpu" and engine.provider != "CUDAExecutionProvider":
-                raise ModelLoadError(
-                    f"{source.name}/{source.version}: device=gpu but CUDA did not load "
-                    f"(running on {engine.provider})"
-                )
-            if not engine.is_stochastic():
-                raise ModelLoadError(
-                    f"{source.name}/{source.version}: copies of one row gave identical outputs: "
-                    "the graph has no active dropout (was it exported with dropout in eval "
-                    "mode, or were its Dropout nodes optimised away?)"
-                )
-        except ModelLoadError as exc:
-            registry.failed.append((source.path, str(exc)))
-            continue
-        registry.add(LoadedVersion(source=source, engine=engine))
-        metrics.MODEL_INFO.labels(model=source.name, version=str(source.version)).info(
-            {
-                "provider": engine.provider,
-                "opset": str(source.provenance.opset),
-                "task": source.config.task.value,
-            }
+
+    name: str
+    versions: tuple[int, ...]
+    task: Task
+    ready: bool
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a protocol may say about one model version.
+
+    Attributes:
+        name: the model's name.
+        version: the version described.
+        versions: every loaded version, newest first.
+        config: its parsed config (task, description, inputs, outputs, labels, T limits).
+        provider: the execution provider that really runs it.
+        provenance: what its ``metadata.json`` says.
+        statistics: the named outputs every answer has (the catalogue), in answer order.
+    """
+
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    config: ModelConfig
+    provider: str
+    provenance: ProvenanceInfo
+    statistics: tuple[Answer, ...]
+
+
+def decode_inputs(
+    config: ModelConfig, inputs: Sequence[tensors.WireTensor]
+) -> dict[str, NDArray[Any]]:
+    """Decode a request's inputs, after checking their names against the model's.
+
+    Raises:
+        InvalidInput: an input given twice, missing or unexpected; any decoding error
+            (``service.tensors.decode``).
+    """
+    names: set[str] = set()
+    for tensor in inputs:
+        if tensor.name in names:
+            raise InvalidInput(f"input {tensor.name!r} is given twice")
+        names.add(tensor.name)
+    expected = {spec.name for spec in config.inputs}
+    missing = sorted(expected - names)
+    unexpected = sorted(names - expected)
+    if missing or unexpected:
+        raise InvalidInput(
+            f"model {config.name!r} takes inputs {sorted(expected)}; missing {missing}, "
+            f"unexpected {unexpected}"
         )
-        log.info(
-            "loaded %s version %d on %s (T default %d, max %d)",
-            source.name,
-            source.version,
-            engine.provider,
-            source.config.default_num_samples,
-            source.config.max_num_samples,
-        )
-    for path, reason in registry.failed:
-        log.error("not serving %s: %s", path, reason)
-    return registry
+    return {tensor.name: tensors.decode(tensor) for tensor in inputs}
+
+
+def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether ``shape`` matches a config shape (-1 matches any size)."""
+    return all(e in (-1, d) for e, d in zip(expected, shape, strict=True))
 
 
 def validate_inputs(
@@ -217,17 +208,15 @@ def validate_inputs(
         B, the number of rows.
 
     Raises:
-        InvalidInput: missing or unexpected input, wrong dtype, rank or row shape, differing
+        InvalidInput: missing or unexpected input, wrong dtype, rank or shape, differing
             batch sizes, empty batch, NaN or infinite values.
         ResourceExhausted: more rows than ``max_batch_rows``.
     """
     expected = {spec.name for spec in config.inputs}
-    missing = sorted(expected - set(inputs))
-    unexpected = sorted(set(inputs) - expected)
-    if missing or unexpected:
+    if set(inputs) != expected:
         raise InvalidInput(
-            f"model {config.name!r} takes inputs {sorted(expected)}; missing {missing}, "
-            f"unexpected {unexpected}"
+            f"model {config.name!r} takes inputs {sorted(expected)}; missing "
+            f"{sorted(expected - set(inputs))}, unexpected {sorted(set(inputs) - expected)}"
         )
     rows: int | None = None
     for spec in config.inputs:
@@ -239,7 +228,7 @@ def validate_inputs(
                 f"input {spec.name!r} must have rank {len(spec.shape)} (shape {list(spec.shape)}),"
                 f" got shape {list(x.shape)}"
             )
-        if tuple(x.shape[1:]) != spec.row_shape:
+        if not _fits(spec.shape, x.shape):
             raise InvalidInput(
                 f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(x.shape)}"
             )
@@ -271,86 +260,152 @@ def _check_adaptive(request: PredictInput) -> None:
         )
 
 
-def _check_interval_levels(
-    config: ModelConfig, levels: tuple[float, ...], num_samples: int
-) -> None:
-    """Intervals are for regression models, at 1..8 levels in (0, 1), with T >= 2."""
+def _check_interval_levels(loaded: LoadedVersion, levels: tuple[float, ...], samples: int) -> None:
+    """Intervals are for values outputs, at 1..8 levels in (0, 1), with T >= 2."""
     if not levels:
         return
-    if config.task is not Task.REGRESSION:
+    if not loaded.catalogue.has_intervals:
         raise InvalidInput(
-            f"prediction intervals are for regression models; {config.name!r} classifies"
+            f"prediction intervals are for regression models; {loaded.name!r} has no values output"
         )
     if len(levels) > MAX_INTERVAL_LEVELS:
         raise InvalidInput(f"at most {MAX_INTERVAL_LEVELS} interval levels, got {len(levels)}")
     bad = [level for level in levels if not 0.0 < level < 1.0]
     if bad:
         raise InvalidInput(f"interval levels must be in (0, 1), got {bad}")
-    if num_samples < 2:
+    if samples < 2:
         raise InvalidInput("prediction intervals need num_samples >= 2")
 
 
-class InferenceCore:
-    """Serves Predict, model listing and metadata for every protocol layer.
+class DataPlane:
+    """Serves predict, model listing, metadata and readiness for every protocol layer.
 
     Args:
         settings: the server settings.
-        registry: the loaded models; set later with :meth:`set_registry` when loading
-            happens after the server started (it answers UNAVAILABLE until then).
+
+    The plane starts empty and not ready (everything answers UNAVAILABLE or "not ready"):
+    :meth:`load` the repository off the event loop, then :meth:`serve` the result.
     """
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._registry = registry or ModelRegistry()
-        self._ready = registry is not None
+        self._registry = ModelRegistry()
+        self._ready = False
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_workers, thread_name_prefix="mcd-compute"
         )
-        self._batcher = Batcher(
+        #: the compute every version shares; versions get their queues from it at load time
+        self.batcher = Batcher(
             self._executor,
             compute_workers=settings.compute_workers,
             max_queue_size=settings.max_queue_size,
             max_row_samples=settings.max_row_samples,
         )
 
-    @property
-    def registry(self) -> ModelRegistry:
-        return self._registry
+    # -- lifecycle (the composition root) ------------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        return self._ready
+    def load(self) -> ModelRegistry:
+        """Load the repository's versions (blocking: call it off the event loop)."""
+        return load_repository(self._settings, self.batcher)
 
-    def set_registry(self, registry: ModelRegistry) -> None:
+    def serve(self, registry: ModelRegistry) -> None:
+        """Serve these versions from now on (call on the event loop)."""
         self._registry = registry
         self._ready = True
 
     def set_not_ready(self) -> None:
-        """Stop admitting Predict requests (shutdown): they get UNAVAILABLE."""
+        """Stop admitting predict requests (shutdown): they get UNAVAILABLE."""
         self._ready = False
+
+    async def close(self) -> None:
+        """Answer waiting requests UNAVAILABLE, let running batches finish, then stop the
+        compute workers (off the event loop)."""
+        self._ready = False
+        await self.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
+        )
+
+    # -- health and metadata -------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether the server serves (models loaded, not shutting down)."""
+        return self._ready
+
+    def model_names(self) -> list[str]:
+        """The names of the loaded models, sorted."""
+        return self._registry.names()
 
     def model_label(self, name: str) -> str:
         """A bounded metrics label: the name of a loaded model, else ``_unknown``."""
         return name if self._registry.has_model(name) else metrics.UNKNOWN_MODEL
 
-    def get(self, model: str, version: str | None = None) -> LoadedVersion:
-        if not self._ready:
-            raise ModelNotReady(model, version or "newest")
-        return self._registry.get(model, version)
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether the version serves now; an unknown model or version is not ready.
+
+        Raises:
+            InvalidInput: ``version`` is not a number.
+        """
+        try:
+            self._registry.get(name, version)
+        except NotFound:
+            return False
+        return self._ready
+
+    def list_models(self) -> list[ModelSummary]:
+        """Every loaded model, by name."""
+        return [
+            ModelSummary(
+                name=name,
+                versions=tuple(self._registry.versions(name)),
+                task=self._registry.get(name).config.task,
+                ready=self._ready,
+            )
+            for name in self._registry.names()
+        ]
+
+    def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        """Describe one version (the newest when ``version`` is empty).
+
+        Raises:
+            ModelNotFound / VersionNotFound; InvalidInput: ``version`` is not a number.
+        """
+        loaded = self._registry.get(name, version)
+        return ModelMetadata(
+            name=loaded.name,
+            version=loaded.version,
+            versions=tuple(self._registry.versions(loaded.name)),
+            config=loaded.config,
+            provider=loaded.engine.provider,
+            provenance=loaded.source.provenance,
+            statistics=loaded.catalogue.answers,
+        )
+
+    # -- predict -------------------------------------------------------------------------------
 
     async def predict(self, request: PredictInput, timeout_s: float | None = None) -> PredictResult:
-        """Validate, admit and run one request.
+        """Resolve, validate, admit and run one request.
 
         Args:
-            request: the decoded request.
+            request: the request.
             timeout_s: time left until the client's deadline; None for no deadline.
 
         Raises:
             ServiceError: every failure a client may see (subclasses name the status).
         """
-        loaded = self.get(request.model, request.version)
+        if not self._ready:
+            raise ModelNotReady(request.model, request.version or "newest")
+        loaded = self._registry.get(request.model, request.version)
         config = loaded.config
         adaptive = request.target_standard_error is not None
+        answer = loaded.catalogue.select(
+            request.outputs,
+            return_samples=request.return_samples,
+            interval_levels=request.interval_levels,
+            adaptive=adaptive,
+        )
+        inputs = decode_inputs(config, request.inputs)
         if adaptive:
             _check_adaptive(request)
         default = config.max_num_samples if adaptive else config.default_num_samples
@@ -360,13 +415,13 @@ class InferenceCore:
                 f"num_samples must be in 1..{config.max_num_samples} for model "
                 f"{config.name!r}, got {num_samples}"
             )
-        rows = validate_inputs(config, request.inputs, self._settings.max_batch_rows)
+        rows = validate_inputs(config, inputs, self._settings.max_batch_rows)
         if rows * num_samples > self._settings.max_row_samples:
             raise ResourceExhausted(
                 f"rows x samples = {rows} x {num_samples} = {rows * num_samples} is more than "
                 f"the limit of {self._settings.max_row_samples}"
             )
-        _check_interval_levels(config, request.interval_levels, num_samples)
+        _check_interval_levels(loaded, request.interval_levels, num_samples)
         if request.return_samples or request.interval_levels:
             # Intervals are computed from every sample, which are then held like raw samples.
             values = rows * num_samples * sum(o.row_size for o in config.outputs)
@@ -380,7 +435,7 @@ class InferenceCore:
         if request.target_standard_error is not None:
             stats, per_row = await self._adaptive(
                 loaded,
-                request.inputs,
+                inputs,
                 rows,
                 num_samples,
                 target=request.target_standard_error,
@@ -388,27 +443,25 @@ class InferenceCore:
             )
             num_samples = int(per_row.max())
         else:
-            stats = await self._execute(
-                loaded,
-                request.inputs,
-                rows,
-                num_samples,
-                timeout_s,
+            run = RunKey(
+                num_samples=num_samples,
                 return_samples=request.return_samples,
                 interval_levels=request.interval_levels,
                 seed=request.seed,
             )
+            stats = await self._submit(loaded, inputs, rows, run, timeout_s)
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
         return PredictResult(
             model=config.name,
             version=loaded.version,
-            num_samples_per_row=per_row,
             num_samples=num_samples,
             outputs=tuple(
-                OutputResult(spec=spec, stats=s)
+                OutputResult(spec=spec, stats=s, statistics=loaded.catalogue.statistics(spec.name))
                 for spec, s in zip(config.outputs, stats, strict=True)
             ),
             labels=config.labels,
+            answer=answer,
+            num_samples_per_row=per_row,
         )
 
     async def _adaptive(
@@ -435,7 +488,9 @@ class InferenceCore:
                 break
             remaining = None if deadline is None else deadline - loop.time()
             subset = {name: x[pending] for name, x in inputs.items()}
-            last = await self._execute(loaded, subset, int(pending.size), samples, remaining)
+            last = await self._submit(
+                loaded, subset, int(pending.size), RunKey(num_samples=samples), remaining
+            )
             for merger, stats in zip(mergers, last, strict=True):
                 merger.add(pending, stats)
             error = np.max([m.standard_error() for m in mergers], axis=0)
@@ -445,43 +500,15 @@ class InferenceCore:
         results = [m.result(t) for m, t in zip(mergers, last, strict=True)]
         return results, mergers[0].counts.copy()
 
-    async def _execute(
-        self,
+    @staticmethod
+    async def _submit(
         loaded: LoadedVersion,
         inputs: Mapping[str, NDArray[Any]],
         rows: int,
-        num_samples: int,
+        run: RunKey,
         timeout_s: float | None,
-        *,
-        return_samples: bool = False,
-        interval_levels: tuple[float, ...] = (),
-        seed: int | None = None,
     ) -> list[OutputStats]:
-        """Run a validated request through the batcher (which admits it or refuses it)."""
+        """Run validated rows through the version's queue (which admits or refuses them)."""
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("the deadline passed before the request was run")
-        config = loaded.config
-        return await self._batcher.submit(
-            BatchKey(
-                model=config.name,
-                version=loaded.version,
-                num_samples=num_samples,
-                return_samples=return_samples,
-                interval_levels=interval_levels,
-                seed=seed,
-            ),
-            loaded.engine,
-            BatchPolicy.from_config(config.dynamic_batching, self._settings.max_batch_rows),
-            inputs,
-            rows,
-            timeout_s=timeout_s,
-        )
-
-    async def close(self) -> None:
-        """Answer waiting requests UNAVAILABLE, let running batches finish, then stop the
-        compute workers (off the event loop)."""
-        self._ready = False
-        await self._batcher.close()
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
-        )
+        return await loaded.queue.submit(inputs, rows, run, timeout_s=timeout_s)

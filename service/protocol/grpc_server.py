@@ -1,17 +1,16 @@
 """The gRPC server: both protocols on one port, health, reflection, and the one place where
-errors of unary RPCs become status codes (:class:`StatusInterceptor`, using
-``service.protocol.status``), which also records the request metrics.
+errors of unary RPCs become status codes (:class:`StatusInterceptor`, through
+``service.protocol.status.observe``, which also records the request metrics).
 
 Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
 ``inference.GRPCInferenceService`` (the Open Inference Protocol), both thin layers over one
-:class:`InferenceCore`.
+:class:`DataPlane`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,14 +18,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import metrics
-from service.core.dataplane import InferenceCore
+from service.core.dataplane import DataPlane
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.protocol.mcdropout_servicer import MCDropoutServicer
 from service.protocol.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
-from service.protocol.status import observe_failure, record_request, status_of
+from service.protocol.status import observe, status_of
 from service.settings import Settings
 
 __all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "GrpcServer", "StatusInterceptor", "status_of"]
@@ -56,7 +54,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     Every unary RPC of both services goes through here, so a handler only raises
     ``ServiceError`` subclasses and never calls ``context.abort`` itself. Streams pass through
-    untouched: ModelStreamInfer maps and records each message itself (``service.protocol.status``).
+    untouched: ModelStreamInfer answers each message through the same
+    ``service.protocol.status.observe``.
     """
 
     def __init__(self, model_label: Callable[[str], str]) -> None:
@@ -84,32 +83,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, behavior: Behavior, method: str) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
             requested = _requested_model(request)
             model = "" if requested is None else self._model_label(requested)
-            in_flight = metrics.IN_FLIGHT.labels(method=method)
-            in_flight.inc()
-
-            def record(code: str) -> None:
-                # Called before the answer leaves (abort sends the status at once), so a client
-                # that scrapes right after its answer always sees its request counted.
-                in_flight.dec()
-                record_request(model, method, code, time.perf_counter() - started)
-
-            try:
-                response = await behavior(request, context)
-            except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                record("DEADLINE_EXCEEDED" if expired else "CANCELLED")
-                raise
-            except Exception as exc:
-                status, message = observe_failure(method, exc)
-                record(status.name)
-                await context.abort(status, message)
-                raise  # unreachable: abort raises
-            record("OK")
-            return response
+            outcome = await observe(
+                method, model, context.time_remaining, lambda: behavior(request, context)
+            )
+            if outcome.status is not grpc.StatusCode.OK:
+                await context.abort(outcome.status, outcome.message)
+            return outcome.response
 
         return wrapped
 
@@ -117,22 +98,22 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class GrpcServer:
     """The grpc.aio server with the project's services, health and reflection."""
 
-    def __init__(self, settings: Settings, core: InferenceCore) -> None:
+    def __init__(self, settings: Settings, plane: DataPlane) -> None:
         self._settings = settings
-        self._core = core
+        self._plane = plane
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.aio.server(
-            interceptors=[StatusInterceptor(core.model_label)], options=options
+            interceptors=[StatusInterceptor(plane.model_label)], options=options
         )
         pb_grpc.add_MCDropoutServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            MCDropoutServicer(core), self._server
+            MCDropoutServicer(plane), self._server
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            OpenInferenceServicer(core), self._server
+            OpenInferenceServicer(plane), self._server
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -166,7 +147,7 @@ class GrpcServer:
     async def set_serving(self) -> None:
         """Health SERVING overall, for both services, and per loaded model (service = model
         name)."""
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._core.registry.names()):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._plane.model_names()):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(

@@ -1,6 +1,6 @@
-"""``mcdropout.v1.MCDropoutService``: translates wire messages to and from the core.
+"""``mcdropout.v1.MCDropoutService``: translates wire messages to and from the data plane.
 
-No numpy maths and no ONNX Runtime here: errors raised by the core travel up as
+No numpy maths and no ONNX Runtime here: errors raised by the data plane travel up as
 ``ServiceError`` and are mapped to status codes by ``service.protocol.grpc_server``.
 """
 
@@ -12,12 +12,10 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.dataplane import InferenceCore, OutputResult, PredictInput, PredictResult
-from service.errors import InvalidInput
+from service.core.dataplane import DataPlane, OutputResult, PredictInput, PredictResult
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
-from service.maths.uncertainty import ClassificationStats, RegressionStats
-from service.protocol.codec import PB_DTYPE_OF, decode_tensor, encode_tensor
+from service.protocol.codec import PB_DTYPE_OF, encode_tensor, wire_tensor
 from service.repository import Semantics, Task, TensorSpec
 
 __all__ = ["MCDropoutServicer", "encode_result"]
@@ -37,34 +35,25 @@ def _f64(array: NDArray[Any]) -> pb.Tensor:
 
 
 def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputStatistics:
+    """One output's message: the catalogue's statistics (each in the field of its name), then
+    the samples and intervals when the request asked for them."""
     stats = result.stats
-    semantics = result.spec.semantics or Semantics.VALUES
     message = pb.OutputStatistics(
-        name=result.spec.name,
-        semantics=_SEMANTICS[semantics],
-        mean=_f64(stats.mean),
-        variance=_f64(stats.variance),
-        std=_f64(stats.std),
+        name=result.spec.name, semantics=_SEMANTICS[result.spec.semantics or Semantics.VALUES]
     )
+    for statistic in result.statistics:
+        value = statistic.read(stats, labels)
+        field = getattr(message, statistic.field)
+        if statistic.dtype.is_bytes:
+            field.extend(value.tolist())
+        else:
+            field.CopyFrom(encode_tensor(np.asarray(value, dtype=statistic.dtype.numpy)))
     if stats.samples is not None:
         message.samples.CopyFrom(_f64(stats.samples))
-    if isinstance(stats, RegressionStats):
-        message.intervals.extend(
-            pb.Interval(level=i.level, method=i.method, lower=_f64(i.lower), upper=_f64(i.upper))
-            for i in stats.intervals
-        )
-    if isinstance(stats, RegressionStats) and stats.aleatoric_variance is not None:
-        message.aleatoric_variance.CopyFrom(_f64(stats.aleatoric_variance))
-        if stats.total_variance is not None:
-            message.total_variance.CopyFrom(_f64(stats.total_variance))
-    if isinstance(stats, ClassificationStats):
-        message.predicted_class.CopyFrom(encode_tensor(stats.predicted_class.astype(np.int64)))
-        if labels:
-            message.predicted_label.extend(labels[int(c)] for c in stats.predicted_class)
-        message.predictive_entropy.CopyFrom(_f64(stats.predictive_entropy))
-        message.expected_entropy.CopyFrom(_f64(stats.expected_entropy))
-        message.mutual_information.CopyFrom(_f64(stats.mutual_information))
-        message.variation_ratio.CopyFrom(_f64(stats.variation_ratio))
+    message.intervals.extend(
+        pb.Interval(level=i.level, method=i.method, lower=_f64(i.lower), upper=_f64(i.upper))
+        for i in getattr(stats, "intervals", ())
+    )
     return message
 
 
@@ -93,24 +82,19 @@ def _spec(spec: TensorSpec) -> pb.TensorSpec:
 
 
 class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
-    """The project's own API, backed by :class:`InferenceCore`."""
+    """The project's own API, over :class:`DataPlane`."""
 
-    def __init__(self, core: InferenceCore) -> None:
-        self._core = core
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
 
     async def Predict(  # noqa: N802 (gRPC method name)
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        inputs: dict[str, NDArray[Any]] = {}
-        for named in request.inputs:
-            if named.name in inputs:
-                raise InvalidInput(f"input {named.name!r} is given twice")
-            inputs[named.name] = decode_tensor(named.tensor, named.name)
-        result = await self._core.predict(
+        result = await self._plane.predict(
             PredictInput(
                 model=request.model,
                 version=request.version or None,
-                inputs=inputs,
+                inputs=[wire_tensor(named.tensor, named.name) for named in request.inputs],
                 num_samples=request.num_samples or None,
                 return_samples=request.return_samples,
                 interval_levels=tuple(request.interval_levels),
@@ -124,29 +108,27 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
     async def ListModels(  # noqa: N802
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        registry = self._core.registry
-        models = []
-        for name in registry.names():
-            newest = registry.get(name)
-            models.append(
+        return pb.ListModelsResponse(
+            models=[
                 pb.ModelSummary(
-                    name=name,
-                    versions=[str(v) for v in registry.versions(name)],
-                    task=_TASK[newest.config.task],
-                    ready=self._core.ready,
+                    name=model.name,
+                    versions=[str(v) for v in model.versions],
+                    task=_TASK[model.task],
+                    ready=model.ready,
                 )
-            )
-        return pb.ListModelsResponse(models=models)
+                for model in self._plane.list_models()
+            ]
+        )
 
     async def GetModelMetadata(  # noqa: N802
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadata:
-        loaded = self._core.registry.get(request.model, request.version or None)
-        config, provenance = loaded.config, loaded.source.provenance
+        metadata = self._plane.metadata(request.model, request.version or None)
+        config, provenance = metadata.config, metadata.provenance
         return pb.ModelMetadata(
-            name=config.name,
-            version=str(loaded.version),
-            versions=[str(v) for v in self._core.registry.versions(config.name)],
+            name=metadata.name,
+            version=str(metadata.version),
+            versions=[str(v) for v in metadata.versions],
             task=_TASK[config.task],
             description=config.description,
             inputs=[_spec(s) for s in config.inputs],
@@ -154,7 +136,7 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
             labels=list(config.labels),
             default_num_samples=config.default_num_samples,
             max_num_samples=config.max_num_samples,
-            provider=loaded.engine.provider,
+            provider=metadata.provider,
             opset=provenance.opset,
             dropout=[
                 pb.DropoutLayer(module=d.module, type=d.type, p=d.p) for d in provenance.dropout

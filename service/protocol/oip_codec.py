@@ -1,91 +1,49 @@
-"""Open Inference Protocol tensors <-> numpy, and the statistic outputs of a Predict result.
+"""Open Inference Protocol messages <-> the data plane's requests and answers.
 
 Inputs arrive either raw (one little-endian, row-major blob per input, in the order of
-``inputs``) or as typed contents; never both in one request. Outputs always leave raw:
-tritonclient decodes only ``raw_output_contents``.
+``inputs``) or as typed contents; never both in one request. This module only finds each
+input's datatype, shape and data (``service.tensors.WireTensor``); decoding and every check
+against the model are the data plane's. Outputs always leave raw: tritonclient decodes only
+``raw_output_contents``.
 
-Output naming: every model output ``<out>`` gives the statistic outputs
-
-==============================  ========  ================  ==================================
-name                            datatype  shape             what
-==============================  ========  ================  ==================================
-``<out>_mean``                  FP64      the output's      mean over the T samples
-``<out>_variance``              FP64      the output's      unbiased variance (ddof = 1)
-``<out>_std``                   FP64      the output's      its square root
-``<out>_aleatoric_variance``    FP64      the output's      mean predicted variance (models
-                                                            with a variance output for <out>)
-``<out>_total_variance``        FP64      the output's      variance + aleatoric_variance
-``<out>_predicted_class``       INT64     [B]               argmax of the mean (classifiers)
-``<out>_predicted_label``       BYTES     [B]               its label (classifiers with labels)
-``<out>_entropy``               FP64      [B]               predictive entropy, nats
-``<out>_expected_entropy``      FP64      [B]               mean per-sample entropy (aleatoric)
-``<out>_mutual_information``    FP64      [B]               their difference (BALD, epistemic)
-``<out>_variation_ratio``       FP64      [B]               1 - modal votes / T
-==============================  ========  ================  ==================================
-
-Names cannot collide: a classification model has exactly one output, and the regression
-suffixes all end differently.
+Output names, datatypes and shapes are the statistics catalogue's (``service.core.catalogue``):
+every model output ``<out>`` gives ``<out>_<statistic>`` outputs, plus ``<out>_samples``,
+``<out>_interval_<method>_<level>_<bound>`` and ``mc_samples_per_row`` when the request's
+parameters ask for them.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
-from service.core.dataplane import OutputResult, PredictResult
+from service import tensors
+from service.core.catalogue import Answer
+from service.core.dataplane import PredictResult
 from service.errors import InvalidInput
 from service.gen.inference import grpc_service_pb2 as oip
-from service.maths.uncertainty import RegressionStats
-from service.repository import ModelConfig, Semantics, Task, TensorSpec
+from service.repository import TensorSpec
 
 __all__ = [
-    "DTYPE_OF",
     "MC_INTERVAL_LEVELS",
     "MC_RETURN_SAMPLES",
     "MC_SAMPLES",
     "MC_SEED",
     "MC_TARGET_STANDARD_ERROR",
-    "OIP_DATATYPE_OF",
-    "SAMPLES_PER_ROW",
     "McOptions",
     "OutputTensor",
-    "decode_inputs",
-    "encode_extra_outputs",
     "encode_outputs",
-    "extra_output_names",
     "mc_options_of",
     "mc_samples_of",
     "output_metadata",
-    "requested_outputs",
+    "requested_output_names",
     "tensor_metadata",
+    "wire_inputs",
 ]
 
 #: The request parameter that sets T (int64; 0 or absent: the model's default).
 MC_SAMPLES = "mc_samples"
-
-#: OIP datatype -> numpy dtype (little-endian: the wire order). BYTES and BF16 are not inputs
-#: any model here takes.
-DTYPE_OF: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-#: numpy dtype name -> OIP datatype.
-OIP_DATATYPE_OF: dict[str, str] = {dtype.name: name for name, dtype in DTYPE_OF.items()}
 
 #: OIP datatype -> the typed-contents field that carries it (FP16 travels only raw).
 _CONTENTS_FIELD: dict[str, str] = {
@@ -108,6 +66,8 @@ _UNSUPPORTED_TENSOR_PARAMETERS = {
     "classification": "the classification extension is not supported; request "
     "<out>_predicted_class or <out>_predicted_label instead",
 }
+#: The datatypes an input may have (BYTES and BF16 are not inputs any model here takes).
+_INPUT_DATATYPES = tuple(d.oip for d in tensors.DTYPES if not d.is_bytes)
 
 
 def _has_typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bool:
@@ -120,48 +80,18 @@ def _check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, Any]
             raise InvalidInput(f"{kind} {name!r}: parameter {key!r}: {reason}")
 
 
-def _input_shape(tensor: oip.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
-    shape = tuple(tensor.shape)
-    if not shape:
-        raise InvalidInput(
-            f"input {tensor.name!r}: shape is empty; a batch needs at least one dimension"
-        )
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {tensor.name!r}: negative dimension in shape {list(shape)}")
-    return shape
-
-
-def _dtype_of(tensor: oip.ModelInferRequest.InferInputTensor) -> np.dtype[Any]:
-    dtype = DTYPE_OF.get(tensor.datatype)
-    if dtype is None:
+def _dtype_of(tensor: oip.ModelInferRequest.InferInputTensor) -> tensors.DType:
+    dtype = tensors.from_oip(tensor.datatype)
+    if dtype is None or dtype.is_bytes:
         raise InvalidInput(
             f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r} (supported: "
-            f"{', '.join(DTYPE_OF)})"
+            f"{', '.join(_INPUT_DATATYPES)})"
         )
     return dtype
 
 
-def _decode_raw(
-    tensor: oip.ModelInferRequest.InferInputTensor, blob: bytes, dtype: np.dtype[Any]
-) -> NDArray[Any]:
-    shape = _input_shape(tensor)
-    count = int(np.prod(shape, dtype=np.int64))
-    expected = count * dtype.itemsize
-    if len(blob) != expected:
-        raise InvalidInput(
-            f"input {tensor.name!r}: {len(blob)} bytes of raw contents for shape {list(shape)} "
-            f"of {tensor.datatype} (expected {expected})"
-        )
-    if dtype == np.dtype("?") and count and np.frombuffer(blob, np.uint8).max() > 1:
-        raise InvalidInput(f"input {tensor.name!r}: BOOL bytes must be 0 or 1")
-    array = np.frombuffer(blob, dtype=dtype, count=count).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=False)
-
-
-def _decode_typed(
-    tensor: oip.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any]
-) -> NDArray[Any]:
-    shape = _input_shape(tensor)
+def _typed_values(tensor: oip.ModelInferRequest.InferInputTensor) -> tuple[str, Sequence[Any]]:
+    """The typed-contents field of the tensor's datatype and its values."""
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
         raise InvalidInput(
@@ -174,35 +104,17 @@ def _decode_typed(
             f"input {tensor.name!r}: {tensor.datatype} goes in contents.{field}, got "
             f"{', '.join(present)}"
         )
-    values = getattr(tensor.contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(values) != count:
-        raise InvalidInput(
-            f"input {tensor.name!r}: {len(values)} values in contents.{field} for shape "
-            f"{list(shape)} (expected {count})"
-        )
-    wide = np.asarray(list(values), dtype=np.float64 if dtype.kind == "f" else None)
-    if dtype.kind in "iu" and count:
-        # int_contents / uint_contents are 32 bits wide: narrower types must be range-checked.
-        info = np.iinfo(dtype)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidInput(
-                f"input {tensor.name!r}: values outside the range of {tensor.datatype} "
-                f"({info.min}..{info.max})"
-            )
-    return wide.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    values: Sequence[Any] = getattr(tensor.contents, field)
+    return field, values
 
 
-def decode_inputs(request: oip.ModelInferRequest) -> dict[str, NDArray[Any]]:
-    """The input tensors of a ModelInfer request, by name, in native byte order.
-
-    Datatype and shape are decoded as sent; whether they fit the model is the core's check.
+def wire_inputs(request: oip.ModelInferRequest) -> list[tensors.WireTensor]:
+    """The input tensors of a ModelInfer request, as found (decoded by the data plane).
 
     Raises:
         InvalidInput: raw and typed contents mixed, a raw blob count that is not one per
-            input, a repeated input name, an unknown datatype (BYTES included), a negative or
-            empty shape, a byte length or value count that does not match the shape, typed
-            values out of range, or an unsupported tensor parameter (shared memory).
+            input, an unknown datatype (BYTES included), typed values in another field than
+            the datatype's, or an unsupported tensor parameter (shared memory).
     """
     raw = request.raw_input_contents
     typed = [t.name for t in request.inputs if _has_typed_contents(t)]
@@ -216,16 +128,78 @@ def decode_inputs(request: oip.ModelInferRequest) -> dict[str, NDArray[Any]]:
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs (one per input, "
             "in order)"
         )
-    inputs: dict[str, NDArray[Any]] = {}
+    found: list[tensors.WireTensor] = []
     for index, tensor in enumerate(request.inputs):
-        if tensor.name in inputs:
-            raise InvalidInput(f"input {tensor.name!r} is given twice")
         _check_tensor_parameters("input", tensor.name, tensor.parameters)
         dtype = _dtype_of(tensor)
-        inputs[tensor.name] = (
-            _decode_raw(tensor, raw[index], dtype) if raw else _decode_typed(tensor, dtype)
+        data: bytes | Sequence[Any]
+        if raw:
+            data_name, data = "raw contents", raw[index]
+        else:
+            field, data = _typed_values(tensor)
+            data_name = f"contents.{field}"
+        found.append(
+            tensors.WireTensor(
+                name=tensor.name,
+                dtype=dtype,
+                shape=tuple(tensor.shape),
+                data=data,
+                dtype_name=tensor.datatype,
+                data_name=data_name,
+            )
         )
-    return inputs
+    return found
+
+
+def requested_output_names(
+    requested: Sequence[oip.ModelInferRequest.InferRequestedOutputTensor],
+) -> list[str]:
+    """The names of the requested outputs (the data plane checks them against the model).
+
+    Raises:
+        InvalidInput: an unsupported output parameter (classification, shared memory).
+    """
+    for output in requested:
+        _check_tensor_parameters("output", output.name, output.parameters)
+    return [output.name for output in requested]
+
+
+def tensor_metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
+    """Metadata of a model input: OIP datatype, shape with -1 for the batch."""
+    dtype = tensors.from_numpy(spec.dtype)
+    assert dtype is not None  # config.json dtypes are all in the table
+    return oip.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=dtype.oip, shape=list(spec.shape)
+    )
+
+
+def output_metadata(answer: Answer) -> oip.ModelMetadataResponse.TensorMetadata:
+    """Metadata of one statistic output (from the catalogue)."""
+    return oip.ModelMetadataResponse.TensorMetadata(
+        name=answer.name, datatype=answer.statistic.dtype.oip, shape=list(answer.shape)
+    )
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One encoded output: metadata plus its raw contents."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes
+
+
+def encode_outputs(result: PredictResult) -> list[OutputTensor]:
+    """The outputs the request asked for (``result.answer``), in answer order."""
+    encoded = []
+    for answer in result.answer:
+        value = result.read(answer)
+        dtype = answer.statistic.dtype
+        encoded.append(
+            OutputTensor(answer.name, dtype.oip, tuple(value.shape), tensors.encode(value, dtype))
+        )
+    return encoded
 
 
 def mc_samples_of(parameters: Mapping[str, oip.InferParameter]) -> int | None:
@@ -249,79 +223,10 @@ def mc_samples_of(parameters: Mapping[str, oip.InferParameter]) -> int | None:
     return value or None
 
 
-@dataclass(frozen=True)
-class _Statistic:
-    """One statistic output: its name suffix, datatype, and where it is read from."""
-
-    suffix: str
-    datatype: str
-    #: the attribute of the output's stats (RegressionStats / ClassificationStats)
-    attribute: str
-    #: shape [B] rather than the model output's shape
-    per_row: bool = False
-    classification_only: bool = False
-    #: only for values outputs with a declared variance output (heteroscedastic models)
-    heteroscedastic_only: bool = False
-
-
-_STATISTICS: tuple[_Statistic, ...] = (
-    _Statistic("mean", "FP64", "mean"),
-    _Statistic("variance", "FP64", "variance"),
-    _Statistic("std", "FP64", "std"),
-    _Statistic("aleatoric_variance", "FP64", "aleatoric_variance", heteroscedastic_only=True),
-    _Statistic("total_variance", "FP64", "total_variance", heteroscedastic_only=True),
-    _Statistic("predicted_class", "INT64", "predicted_class", True, True),
-    # Read from predicted_class and the model's labels.
-    _Statistic("predicted_label", "BYTES", "predicted_class", True, True),
-    _Statistic("entropy", "FP64", "predictive_entropy", True, True),
-    _Statistic("expected_entropy", "FP64", "expected_entropy", True, True),
-    _Statistic("mutual_information", "FP64", "mutual_information", True, True),
-    _Statistic("variation_ratio", "FP64", "variation_ratio", True, True),
-)
-
-
-def _read(stat: _Statistic, result: OutputResult, labels: tuple[str, ...]) -> NDArray[Any]:
-    value: NDArray[Any] = getattr(result.stats, stat.attribute)
-    if stat.datatype == "BYTES":
-        return np.array([labels[int(c)].encode() for c in value], dtype=object)
-    return value
-
-
-def _statistics_of(config: ModelConfig) -> list[tuple[str, TensorSpec, _Statistic]]:
-    """(output name, model output, statistic) for every statistic output, in order."""
-    classifier = config.task is Task.CLASSIFICATION
-    return [
-        (f"{spec.name}_{stat.suffix}", spec, stat)
-        for spec in config.outputs
-        for stat in _STATISTICS
-        if (classifier or not stat.classification_only)
-        and (stat.suffix != "predicted_label" or config.labels)
-        and (not stat.heteroscedastic_only or config.variance_output(spec.name) is not None)
-    ]
-
-
-def tensor_metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
-    """Metadata of a model input: OIP datatype, shape with -1 for the batch."""
-    return oip.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=OIP_DATATYPE_OF[spec.dtype.name], shape=list(spec.shape)
-    )
-
-
-def output_metadata(config: ModelConfig) -> list[oip.ModelMetadataResponse.TensorMetadata]:
-    """Metadata of every statistic output of a model, in answer order."""
-    return [
-        oip.ModelMetadataResponse.TensorMetadata(
-            name=name, datatype=stat.datatype, shape=[-1] if stat.per_row else list(spec.shape)
-        )
-        for name, spec, stat in _statistics_of(config)
-    ]
-
-
 MC_RETURN_SAMPLES = "mc_return_samples"
 MC_INTERVAL_LEVELS = "mc_interval_levels"
 MC_TARGET_STANDARD_ERROR = "mc_target_standard_error"
 MC_SEED = "mc_seed"
-SAMPLES_PER_ROW = "mc_samples_per_row"
 
 
 @dataclass(frozen=True)
@@ -354,7 +259,7 @@ def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> McOptions:
 
     Raises:
         InvalidInput: a parameter of the wrong type or an unparsable level list (the values
-            themselves are checked by the core).
+            themselves are checked by the data plane).
     """
     levels_text = _parameter(parameters, MC_INTERVAL_LEVELS, ("string_param",))
     try:
@@ -375,116 +280,3 @@ def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> McOptions:
         interval_levels=levels,
         target_standard_error=None if target is None else float(target),
     )
-
-
-def _interval_name(output: str, method: str, level: float, bound: str) -> str:
-    return f"{output}_interval_{method}_{level:g}_{bound}"
-
-
-def extra_output_names(config: ModelConfig, options: McOptions) -> list[str]:
-    """The outputs that exist only when the request asks for them, in answer order: raw
-    samples, interval bounds, and the per-row T of adaptive sampling."""
-    names: list[str] = []
-    for spec in config.outputs:
-        if options.return_samples:
-            names.append(f"{spec.name}_samples")
-        if spec.semantics is Semantics.VALUES:
-            for level in options.interval_levels:
-                for method in ("gaussian", "empirical"):
-                    names += [
-                        _interval_name(spec.name, method, level, b) for b in ("lower", "upper")
-                    ]
-    if options.target_standard_error is not None:
-        names.append(SAMPLES_PER_ROW)
-    return names
-
-
-def encode_extra_outputs(result: PredictResult, names: Sequence[str]) -> list[OutputTensor]:
-    """The outputs ``names`` among :func:`extra_output_names` of a Predict result."""
-    arrays: dict[str, NDArray[Any]] = {}
-    for out in result.outputs:
-        if out.stats.samples is not None:
-            arrays[f"{out.spec.name}_samples"] = out.stats.samples
-        if isinstance(out.stats, RegressionStats):
-            for interval in out.stats.intervals:
-                arrays[_interval_name(out.spec.name, interval.method, interval.level, "lower")] = (
-                    interval.lower
-                )
-                arrays[_interval_name(out.spec.name, interval.method, interval.level, "upper")] = (
-                    interval.upper
-                )
-    if result.num_samples_per_row is not None:
-        arrays[SAMPLES_PER_ROW] = result.num_samples_per_row
-    encoded = []
-    for name in names:
-        array = arrays[name]
-        datatype = "INT64" if name == SAMPLES_PER_ROW else "FP64"
-        encoded.append(
-            OutputTensor(name, datatype, tuple(array.shape), _raw_bytes(array, datatype))
-        )
-    return encoded
-
-
-def requested_outputs(
-    config: ModelConfig,
-    requested: Sequence[oip.ModelInferRequest.InferRequestedOutputTensor],
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The statistic outputs to answer, in answer order: all of them when none is requested.
-
-    Raises:
-        InvalidInput: an unknown or repeated name, or an unsupported output parameter.
-    """
-    available = [name for name, _, _ in _statistics_of(config)] + list(extra)
-    if not requested:
-        return available
-    names: list[str] = []
-    for output in requested:
-        if output.name not in available:
-            raise InvalidInput(
-                f"model {config.name!r} has no output {output.name!r} (outputs: "
-                f"{', '.join(available)})"
-            )
-        if output.name in names:
-            raise InvalidInput(f"output {output.name!r} is requested twice")
-        _check_tensor_parameters("output", output.name, output.parameters)
-        names.append(output.name)
-    return names
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One encoded output: metadata plus its raw contents."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    raw: bytes
-
-
-def _raw_bytes(array: NDArray[Any], datatype: str) -> bytes:
-    if datatype == "BYTES":
-        # Each element: a 4-byte little-endian length, then the bytes.
-        return b"".join(struct.pack("<I", len(item)) + item for item in array.ravel())
-    dtype = DTYPE_OF[datatype]
-    return np.ascontiguousarray(array, dtype=dtype).tobytes()
-
-
-def encode_outputs(
-    result: PredictResult, config: ModelConfig, names: Sequence[str]
-) -> list[OutputTensor]:
-    """The outputs ``names`` (from :func:`requested_outputs`) of a Predict result."""
-    by_output = {r.spec.name: r for r in result.outputs}
-    table = {name: (spec, stat) for name, spec, stat in _statistics_of(config)}
-    extras = {t.name: t for t in encode_extra_outputs(result, [n for n in names if n not in table])}
-    encoded = []
-    for name in names:
-        if name in extras:
-            encoded.append(extras[name])
-            continue
-        spec, stat = table[name]
-        array = _read(stat, by_output[spec.name], result.labels)
-        encoded.append(
-            OutputTensor(name, stat.datatype, tuple(array.shape), _raw_bytes(array, stat.datatype))
-        )
-    return encoded

@@ -1,39 +1,37 @@
-"""``inference.GRPCInferenceService``: the Open Inference Protocol (KServe v2) over the core.
+"""``inference.GRPCInferenceService``: the Open Inference Protocol (KServe v2) over the data
+plane.
 
 A second protocol layer next to ``service.protocol.mcdropout_servicer``, as thin as the first:
 it translates Open Inference Protocol messages to :class:`PredictInput` and the
 :class:`PredictResult` back (``service.protocol.oip_codec``), and calls the same
-:class:`InferenceCore`, so batching, limits, admission and the statistics are shared, not
+:class:`DataPlane`, so batching, limits, admission and the statistics are shared, not
 duplicated. Unary errors travel up as ``ServiceError`` to
 ``service.protocol.grpc_server.StatusInterceptor``; ModelStreamInfer answers each message on its
-own, so it maps its errors per message with the same ``service.protocol.status``.
+own, through the same ``service.protocol.status.observe``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from service import __version__, metrics
-from service.core.dataplane import InferenceCore, PredictInput
-from service.errors import NotFound
+from service import __version__
+from service.core.dataplane import DataPlane, PredictInput
 from service.gen.inference import grpc_service_pb2 as oip
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from service.protocol.oip_codec import (
     MC_SAMPLES,
-    decode_inputs,
     encode_outputs,
-    extra_output_names,
     mc_options_of,
     mc_samples_of,
     output_metadata,
-    requested_outputs,
+    requested_output_names,
     tensor_metadata,
+    wire_inputs,
 )
-from service.protocol.status import observe_failure, record_request
+from service.protocol.status import observe
 
 __all__ = ["EXTENSIONS", "OIP_SERVICE_NAME", "PLATFORM", "SERVER_NAME", "OpenInferenceServicer"]
 
@@ -53,10 +51,10 @@ _STREAM_METHOD = "ModelStreamInfer"
 
 
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol, backed by :class:`InferenceCore`."""
+    """The Open Inference Protocol, over :class:`DataPlane`."""
 
-    def __init__(self, core: InferenceCore) -> None:
-        self._core = core
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
 
     async def ServerLive(  # noqa: N802 (gRPC method name)
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -66,18 +64,16 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(  # noqa: N802
         self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self._core.ready)
+        return oip.ServerReadyResponse(ready=self._plane.ready)
 
     async def ModelReady(  # noqa: N802
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
         # Like Triton: an unknown model or version is "not ready", not an error (tritonclient's
         # is_model_ready returns the bool). A malformed version is still INVALID_ARGUMENT.
-        try:
-            self._core.registry.get(request.name, request.version or None)
-        except NotFound:
-            return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=self._core.ready)
+        return oip.ModelReadyResponse(
+            ready=self._plane.model_ready(request.name, request.version or None)
+        )
 
     async def ServerMetadata(  # noqa: N802
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -89,14 +85,13 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        loaded = self._core.registry.get(request.name, request.version or None)
-        config = loaded.config
+        metadata = self._plane.metadata(request.name, request.version or None)
         return oip.ModelMetadataResponse(
-            name=config.name,
-            versions=[str(v) for v in self._core.registry.versions(config.name)],
+            name=metadata.name,
+            versions=[str(v) for v in metadata.versions],
             platform=PLATFORM,
-            inputs=[tensor_metadata(spec) for spec in config.inputs],
-            outputs=output_metadata(config),
+            inputs=[tensor_metadata(spec) for spec in metadata.config.inputs],
+            outputs=[output_metadata(answer) for answer in metadata.statistics],
         )
 
     async def ModelInfer(  # noqa: N802
@@ -146,51 +141,39 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelStreamInferResponse:
-        """One message of a stream, with the metrics and log the interceptor gives unary calls."""
-        started = time.perf_counter()
-        model = self._core.model_label(request.model_name)
-        code = "OK"
-        in_flight = metrics.IN_FLIGHT.labels(method=_STREAM_METHOD)
-        in_flight.inc()
-        try:
-            response = await self._infer(request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            status, message = observe_failure(_STREAM_METHOD, exc)
-            code = status.name
+        """One message of a stream, with the bookkeeping of a unary call."""
+        outcome = await observe(
+            _STREAM_METHOD,
+            self._plane.model_label(request.model_name),
+            context.time_remaining,
+            lambda: self._infer(request, context),
+        )
+        if outcome.response is None:
             return oip.ModelStreamInferResponse(
-                error_message=f"{code}: {message}",
+                error_message=f"{outcome.status.name}: {outcome.message}",
                 infer_response=oip.ModelInferResponse(
                     model_name=request.model_name,
                     model_version=request.model_version,
                     id=request.id,
                 ),
             )
-        finally:
-            in_flight.dec()
-            record_request(model, _STREAM_METHOD, code, time.perf_counter() - started)
-        return oip.ModelStreamInferResponse(infer_response=response)
+        return oip.ModelStreamInferResponse(infer_response=outcome.response)
 
     async def _infer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
-        version = request.model_version or None
-        # Resolve the version first: unknown model or output names fail before any decoding.
-        config = self._core.get(request.model_name, version).config
         options = mc_options_of(request.parameters)
-        names = requested_outputs(config, request.outputs, extra_output_names(config, options))
-        result = await self._core.predict(
+        result = await self._plane.predict(
             PredictInput(
                 model=request.model_name,
-                version=version,
-                inputs=decode_inputs(request),
+                version=request.model_version or None,
+                inputs=wire_inputs(request),
                 num_samples=mc_samples_of(request.parameters),
                 return_samples=options.return_samples,
                 interval_levels=options.interval_levels,
                 target_standard_error=options.target_standard_error,
                 seed=options.seed,
+                outputs=requested_output_names(request.outputs),
             ),
             timeout_s=context.time_remaining(),
         )
@@ -198,7 +181,7 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             model_name=result.model, model_version=str(result.version), id=request.id
         )
         response.parameters[MC_SAMPLES].int64_param = result.num_samples
-        for tensor in encode_outputs(result, config, names):
+        for tensor in encode_outputs(result):
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
             response.raw_output_contents.append(tensor.raw)
         return response

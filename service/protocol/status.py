@@ -1,26 +1,41 @@
-"""The one mapping from the error tree to gRPC status codes, and the per-request metrics.
+"""The one mapping from the error tree to gRPC status codes, and the one bookkeeping of a
+request: in-flight gauge, latency and error metrics, the log of unexpected failures.
 
-Unary RPCs reach it through ``service.protocol.grpc_server.StatusInterceptor``; streams answer each
-message separately (a failed message must not close the stream), so their handlers call
-:func:`observe_failure` and :func:`record_request` themselves, per message. Either way a
-client sees the same code and message for the same error, and the metrics and the log are
-fed the same way.
+Every request goes through :func:`observe`, once: unary RPCs from
+``service.protocol.grpc_server.StatusInterceptor``, each message of a stream from its handler
+(a failed message must not close the stream). Either way a client sees the same code and
+message for the same error, and the metrics and the log are fed the same way: a call cut off by
+its deadline counts as DEADLINE_EXCEEDED, one cancelled by the client as CANCELLED.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 
 from service import metrics
 from service.errors import ServiceError
 
-__all__ = ["GENERIC_INTERNAL", "observe_failure", "record_request", "status_of"]
+__all__ = [
+    "GENERIC_INTERNAL",
+    "Outcome",
+    "observe",
+    "observe_failure",
+    "record_request",
+    "status_of",
+]
 
 log = logging.getLogger(__name__)
 
 GENERIC_INTERNAL = "internal error (see the server log)"
+
+_T = TypeVar("_T")
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -42,7 +57,7 @@ def record_request(model: str, method: str, code: str, seconds: float) -> None:
     """Record one answered request: its latency, and an error count when ``code`` is not OK.
 
     Args:
-        model: the bounded model label (``InferenceCore.model_label``), "" for none.
+        model: the bounded model label (``DataPlane.model_label``), "" for none.
         method: the RPC name.
         code: the canonical status name, e.g. ``"OK"`` or ``"INVALID_ARGUMENT"``.
         seconds: time from receiving the request to its answer.
@@ -50,3 +65,66 @@ def record_request(model: str, method: str, code: str, seconds: float) -> None:
     metrics.REQUEST_SECONDS.labels(model=model, method=method, code=code).observe(seconds)
     if code != "OK":
         metrics.ERRORS.labels(model=model, method=method, code=code).inc()
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[_T]):
+    """How one request ended: its response, or the status and message to answer.
+
+    Attributes:
+        response: the handler's response; None when it failed.
+        status: OK, or the failure's status.
+        message: the client-safe message of a failure ("" when OK).
+    """
+
+    response: _T | None
+    status: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+
+async def observe(
+    method: str,
+    model: str,
+    time_remaining: Callable[[], float | None],
+    call: Callable[[], Awaitable[_T]],
+) -> Outcome[_T]:
+    """Run one request with the bookkeeping every request gets.
+
+    Records the request before returning, so that a client that scrapes the metrics right
+    after its answer always sees its request counted.
+
+    Args:
+        method: the RPC name (metrics label).
+        model: the bounded model label; "" for none.
+        time_remaining: seconds left until the request's deadline (None: no deadline); read
+            when the call is cancelled, to tell a passed deadline from a client's cancel.
+        call: the handler.
+
+    Returns:
+        The response, or the status and message of the failure (logged when it is not a
+        client's error).
+
+    Raises:
+        asyncio.CancelledError: the call was cancelled (recorded as DEADLINE_EXCEEDED when
+            its deadline had passed, else CANCELLED).
+    """
+    started = time.perf_counter()
+    in_flight = metrics.IN_FLIGHT.labels(method=method)
+    in_flight.inc()
+
+    def record(code: str) -> None:
+        in_flight.dec()
+        record_request(model, method, code, time.perf_counter() - started)
+
+    try:
+        response = await call()
+    except asyncio.CancelledError:
+        remaining = time_remaining()
+        record("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+        raise
+    except Exception as exc:
+        status, message = observe_failure(method, exc)
+        record(status.name)
+        return Outcome(None, status, message)
+    record("OK")
+    return Outcome(response)

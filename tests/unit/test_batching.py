@@ -1,5 +1,5 @@
-"""The cross-request batcher through the core, with a fake engine: merging, limits, drops,
-failures, cancellation, and the config section.
+"""The cross-request batcher through the data plane, with a fake engine: merging, limits, drops,
+failures, cancellation, per-version queues, and the config section.
 
 The engine answers every row with its own first input value as the mean, so a caller can check
 that it got exactly its rows back. Runs are held at a threading.Event gate, never with sleeps:
@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from numpy.typing import NDArray
 
 from service import metrics
 from service.core.batching import slice_rows
-from service.core.dataplane import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.core.dataplane import DataPlane, PredictInput
 from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
     Cancelled,
@@ -34,14 +33,8 @@ from service.errors import (
     ResourceExhausted,
 )
 from service.maths.uncertainty import RegressionStats, classification_stats
-from service.repository import (
-    DEFAULT_MAX_QUEUE_DELAY_US,
-    DynamicBatchingConfig,
-    ProvenanceInfo,
-    VersionSource,
-    parse_config,
-)
-from service.settings import Settings
+from service.repository import DEFAULT_MAX_QUEUE_DELAY_US, DynamicBatchingConfig, parse_config
+from tests.unit.plane import make_plane, source, wire
 
 CONFIG: dict[str, Any] = {
     "task": "regression",
@@ -111,24 +104,15 @@ class RowEngine:
         assert started, "the engine never started a run"
 
 
+def config(batching: dict[str, Any] | None) -> dict[str, Any]:
+    return CONFIG if batching is None else dict(CONFIG, dynamic_batching=batching)
+
+
 def make_core(
     engine: RowEngine, batching: dict[str, Any] | None = None, **settings: Any
-) -> InferenceCore:
+) -> DataPlane:
     """Versions 1 and 2 of model "m", both on ``engine``."""
-    raw = dict(CONFIG, name="m")
-    if batching is not None:
-        raw["dynamic_batching"] = batching
-    registry = ModelRegistry()
-    for version in (1, 2):
-        source = VersionSource(
-            name="m",
-            version=version,
-            path=Path(f"/nowhere/m/{version}"),
-            config=parse_config(raw, "m"),
-            provenance=ProvenanceInfo(),
-        )
-        registry.add(LoadedVersion(source=source, engine=engine))
-    return InferenceCore(Settings(**settings), registry)
+    return make_plane([(source(config(batching), version=v), engine) for v in (1, 2)], **settings)
 
 
 def rows(first: float, count: int) -> NDArray[np.float32]:
@@ -139,7 +123,7 @@ def rows(first: float, count: int) -> NDArray[np.float32]:
 
 
 def request(x: NDArray[Any], **kw: Any) -> PredictInput:
-    return PredictInput(**{"model": "m", "version": None, "inputs": {"x": x}, **kw})
+    return PredictInput(**{"model": "m", "version": None, "inputs": [wire("x", x)], **kw})
 
 
 def means(result: Any) -> list[float]:
@@ -158,11 +142,11 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def start(core: InferenceCore, x: NDArray[Any], **kw: Any) -> asyncio.Future[Any]:
+def start(core: DataPlane, x: NDArray[Any], **kw: Any) -> asyncio.Future[Any]:
     return asyncio.ensure_future(core.predict(request(x, **kw)))
 
 
-async def occupy_the_worker(core: InferenceCore, engine: RowEngine) -> asyncio.Future[Any]:
+async def occupy_the_worker(core: DataPlane, engine: RowEngine) -> asyncio.Future[Any]:
     """Start a request with T = 1 and wait until its run holds the only compute worker."""
     blocker = start(core, rows(-1, 1), num_samples=1)
     await engine.wait_started()
@@ -288,6 +272,45 @@ def test_disabled_batching_runs_every_request_alone(loop: asyncio.AbstractEventL
     results = loop.run_until_complete(scenario())
     assert engine.run_rows() == [[-1], [0], [10], [20]]
     assert [means(r) for r in results[1:]] == [[0], [10], [20]]
+
+
+def test_each_version_runs_on_its_own_engine_with_its_own_policy(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Engine and policy are the version's, fixed when it loads: version 1 batches nothing,
+    version 2 merges, and neither sees the other's rows."""
+    gate = threading.Event()
+    blocking, one, two = RowEngine(gate), RowEngine(), RowEngine()
+    core = make_plane(
+        [
+            (source(config(NO_DELAY), name="b"), blocking),
+            (source(config({"enabled": False}), version=1), one),
+            (source(config({"max_batch_rows": 2, **LONG_DELAY}), version=2), two),
+        ],
+        compute_workers=1,
+    )
+
+    async def scenario() -> list[Any]:
+        blocker = asyncio.ensure_future(
+            core.predict(PredictInput("b", None, [wire("x", rows(-1, 1))], num_samples=1))
+        )
+        await blocking.wait_started()
+        tasks = [
+            start(core, rows(0, 1), version="1"),
+            start(core, rows(10, 1), version="2"),
+            start(core, rows(20, 1), version="1"),
+            start(core, rows(30, 1), version="2"),
+        ]
+        await asyncio.sleep(0)
+        gate.set()
+        return list(await asyncio.wait_for(asyncio.gather(blocker, *tasks), SAFETY_TIMEOUT_S))
+
+    results = loop.run_until_complete(scenario())
+    assert one.run_rows() == [[0], [20]]
+    assert two.run_rows() == [[10, 30]]
+    assert [(r.version, means(r)) for r in results[1:]] == [
+        (1, [0]), (2, [10]), (1, [20]), (2, [30])
+    ]  # fmt: skip
 
 
 # -- requests that leave before their run -----------------------------------------------------

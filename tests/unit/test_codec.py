@@ -3,9 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service import tensors
+from service.core.catalogue import Catalogue
+from service.core.dataplane import OutputResult, PredictResult
 from service.errors import InvalidInput
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.maths.uncertainty import classification_stats
 from service.protocol.codec import decode_tensor, encode_tensor
+from service.protocol.mcdropout_servicer import encode_result
+from service.protocol.oip_codec import encode_outputs
+from service.repository import parse_config
 
 
 @pytest.mark.parametrize(
@@ -53,3 +60,50 @@ def test_malformed_tensors(tensor: pb.Tensor, fragment: str) -> None:
 def test_zero_rows_decode_to_an_empty_batch() -> None:
     x = decode_tensor(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[0, 4], data=b""), "x")
     assert x.shape == (0, 4)
+
+
+def test_shapes_that_overflow_or_exceed_numpy_are_invalid_not_internal() -> None:
+    """int64 arithmetic made [2^32, 2^32] count 0 elements, so an empty blob passed the byte
+    check and numpy's reshape failed (INTERNAL)."""
+    huge = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2**32, 2**32], data=b"")
+    with pytest.raises(InvalidInput, match="too large for any array"):
+        decode_tensor(huge, "x")
+    deep = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1] * 65, data=b"\0" * 4)
+    with pytest.raises(InvalidInput, match="65 dimensions"):
+        decode_tensor(deep, "x")
+
+
+@pytest.mark.parametrize("labels", [["ant", "bee", "cat", "dog"], []])
+def test_predict_and_oip_answer_the_catalogues_statistics_alike(labels: list[str]) -> None:
+    """Both encoders read one catalogue: Predict sets exactly the catalogue's fields, and each
+    holds the bytes of the OIP output of the same statistic."""
+    config = parse_config(
+        {
+            "task": "classification",
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+            "outputs": [{"name": "p", "dtype": "float32", "shape": [-1, 4], "semantics": "logits"}],
+            "labels": labels,
+        },
+        "cls",
+    )
+    catalogue = Catalogue(config)
+    logits = np.random.default_rng(1).standard_normal((20, 3, 4))
+    stats = classification_stats(logits, from_logits=True)
+    result = PredictResult(
+        model="cls",
+        version=1,
+        num_samples=20,
+        outputs=(OutputResult(config.outputs[0], stats, catalogue.statistics("p")),),
+        labels=config.labels,
+        answer=catalogue.answers,
+    )
+    [message] = encode_result(result).outputs
+    fields = {f.name for f, _ in message.ListFields()} - {"name", "semantics"}
+    assert fields == {s.field for s in catalogue.statistics("p")}
+    for output in encode_outputs(result):
+        statistic = next(a.statistic for a in catalogue.answers if a.name == output.name)
+        if statistic.dtype.is_bytes:
+            expected = tensors.encode(np.array(list(message.predicted_label), dtype=object))
+            assert output.raw == expected
+        else:
+            assert getattr(message, statistic.field).data == output.raw

@@ -1,4 +1,5 @@
-"""The core with a fake engine: validation, limits, admission, cancellation, deadlines.
+"""The data plane with a fake engine: validation, limits, admission, cancellation, deadlines,
+listing and metadata.
 
 Engines are gated with threading.Event, never with sleeps, so the tests do not depend on
 timing.
@@ -7,16 +8,16 @@ timing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.core.dataplane import InferenceCore, LoadedVersion, ModelRegistry, PredictInput
+from service.core.dataplane import DataPlane, PredictInput, validate_inputs
 from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
     Cancelled,
@@ -29,8 +30,9 @@ from service.errors import (
     VersionNotFound,
 )
 from service.maths.uncertainty import regression_stats
-from service.repository import ProvenanceInfo, VersionSource, parse_config
+from service.repository import Task, parse_config
 from service.settings import Settings
+from tests.unit.plane import make_plane, source, wire
 
 CONFIG = {
     "task": "regression",
@@ -75,23 +77,13 @@ class FakeEngine:
         return [regression_stats(samples)]
 
 
-def make_core(engine: FakeEngine, **settings: Any) -> InferenceCore:
-    registry = ModelRegistry()
-    for version in (1, 2):
-        source = VersionSource(
-            name="m",
-            version=version,
-            path=Path(f"/nowhere/m/{version}"),
-            config=parse_config(dict(CONFIG, name="m"), "m"),
-            provenance=ProvenanceInfo(),
-        )
-        registry.add(LoadedVersion(source=source, engine=engine))
-    return InferenceCore(Settings(**settings), registry)
+def make_core(engine: FakeEngine, **settings: Any) -> DataPlane:
+    return make_plane([(source(CONFIG, version=v), engine) for v in (1, 2)], **settings)
 
 
 def request(x: NDArray[Any] | None = None, **kw: Any) -> PredictInput:
     x = np.ones((2, 3), np.float32) if x is None else x
-    return PredictInput(**{"model": "m", "version": None, "inputs": {"x": x}, **kw})
+    return PredictInput(**{"model": "m", "version": None, "inputs": [wire("x", x)], **kw})
 
 
 @pytest.fixture
@@ -126,7 +118,19 @@ def test_predict_uses_newest_version_and_default_samples(loop: asyncio.AbstractE
         (request(np.ones((0, 3), np.float32)), InvalidInput, "the batch is empty"),
         (request(np.array([[1, np.nan, 0]], np.float32)), InvalidInput, "NaN or infinite"),
         (request(np.array([[1, np.inf, 0]], np.float32)), InvalidInput, "NaN or infinite"),
-        (PredictInput("m", None, {"z": np.ones((1, 3), np.float32)}), InvalidInput, "missing"),
+        (
+            PredictInput("m", None, [wire("z", np.ones((1, 3), np.float32))]),
+            InvalidInput,
+            "missing",
+        ),
+        (
+            PredictInput("m", None, [wire("x", np.ones((1, 3), np.float32))] * 2),
+            InvalidInput,
+            "input 'x' is given twice",
+        ),
+        (request(outputs=["y_mean", "y_std", "y_mean"]), InvalidInput, "requested twice"),
+        (request(outputs=["y_entropy"]), InvalidInput, "has no output 'y_entropy'"),
+        (request(interval_levels=(0.9,), num_samples=1), InvalidInput, "num_samples >= 2"),
         (
             request(np.ones((9, 3), np.float32)),
             ResourceExhausted,
@@ -151,7 +155,7 @@ def test_bad_requests_raise_the_right_error(
 
 
 def test_not_ready_core_answers_unavailable(loop: asyncio.AbstractEventLoop) -> None:
-    core = InferenceCore(Settings())
+    core = DataPlane(Settings())
     with pytest.raises(ModelNotReady):
         loop.run_until_complete(core.predict(request()))
 
@@ -228,3 +232,79 @@ def test_cancelled_queued_request_is_dropped_before_it_runs(
     loop.run_until_complete(scenario())
     loop.run_until_complete(core.close())
     assert engine.runs == 1  # the cancelled request never reached the engine
+
+
+# -- what protocol layers ask besides predict ---------------------------------------------------
+
+
+def test_listing_metadata_and_readiness(loop: asyncio.AbstractEventLoop) -> None:
+    core = make_core(FakeEngine())
+    [summary] = core.list_models()
+    assert (summary.name, summary.versions, summary.task, summary.ready) == (
+        "m", (2, 1), Task.REGRESSION, True
+    )  # fmt: skip
+    metadata = core.metadata("m", "1")
+    assert (metadata.name, metadata.version, metadata.versions) == ("m", 1, (2, 1))
+    assert metadata.provider == "FakeExecutionProvider"
+    assert [(a.name, a.statistic.dtype.oip, a.shape) for a in metadata.statistics] == [
+        ("y_mean", "FP64", (-1, 1)),
+        ("y_variance", "FP64", (-1, 1)),
+        ("y_std", "FP64", (-1, 1)),
+    ]
+    assert core.metadata("m").version == 2
+    assert core.model_ready("m")
+    assert core.model_ready("m", "1")
+    assert not core.model_ready("m", "7")
+    assert not core.model_ready("zzz")
+    with pytest.raises(InvalidInput, match="version must be a positive integer"):
+        core.model_ready("m", "x")
+    with pytest.raises(ModelNotFound):
+        core.metadata("zzz")
+    assert core.model_label("m") == "m"
+    assert core.model_label("zzz") == "_unknown"
+    core.set_not_ready()
+    assert not core.model_ready("m")
+    assert not core.list_models()[0].ready
+
+
+def test_requested_outputs_are_answered_in_the_requested_order(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    result = loop.run_until_complete(
+        make_core(FakeEngine()).predict(request(outputs=["y_std", "y_mean"]))
+    )
+    assert [a.name for a in result.answer] == ["y_std", "y_mean"]
+    stats = result.outputs[0].stats
+    np.testing.assert_array_equal(result.read(result.answer[0]), stats.std)
+    np.testing.assert_array_equal(result.read(result.answer[1]), stats.mean)
+    everything = loop.run_until_complete(make_core(FakeEngine()).predict(request()))
+    assert [a.name for a in everything.answer] == ["y_mean", "y_variance", "y_std"]
+
+
+def test_wire_errors_are_invalid_input_and_nothing_runs(loop: asyncio.AbstractEventLoop) -> None:
+    engine = FakeEngine()
+    short = dataclasses.replace(wire("x", np.ones((2, 3), np.float32)), data=b"\0" * 23)
+    with pytest.raises(InvalidInput, match=r"23 bytes of data for shape \[2, 3\] of float32"):
+        loop.run_until_complete(make_core(engine).predict(request(inputs=[short])))
+    assert engine.runs == 0
+
+
+def test_unknown_model_is_reported_before_the_inputs_are_decoded(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    short = dataclasses.replace(wire("x", np.ones((2, 3), np.float32)), data=b"")
+    with pytest.raises(ModelNotFound):
+        loop.run_until_complete(
+            make_core(FakeEngine()).predict(request(model="zzz", inputs=[short]))
+        )
+
+
+def test_a_dynamic_axis_beyond_the_batch_takes_any_size() -> None:
+    """The shape check reads -1 as "any size" on every axis, not only the first."""
+    config = parse_config(dict(CONFIG, name="m"), "m")
+    spec = dataclasses.replace(config.inputs[0], shape=(-1, -1, 3))
+    dynamic = dataclasses.replace(config, inputs=(spec,))
+    assert validate_inputs(dynamic, {"x": np.ones((2, 5, 3), np.float32)}, 8) == 2
+    assert validate_inputs(dynamic, {"x": np.ones((2, 1, 3), np.float32)}, 8) == 2
+    with pytest.raises(InvalidInput, match=r"must have shape \[-1, -1, 3\], got \[2, 5, 4\]"):
+        validate_inputs(dynamic, {"x": np.ones((2, 5, 4), np.float32)}, 8)

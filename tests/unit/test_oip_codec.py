@@ -1,6 +1,8 @@
-"""The Open Inference Protocol codec: raw and typed inputs, parameters, output names, encoding.
+"""The Open Inference Protocol codec: raw and typed inputs, parameters, output metadata,
+encoding (the output names themselves are the catalogue's: test_catalogue.py).
 
-No socket: messages are built and decoded in memory.
+No socket: messages are built and decoded in memory; inputs go through the data plane's
+decoding, as a request's would.
 """
 
 from __future__ import annotations
@@ -13,20 +15,21 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.core.dataplane import OutputResult, PredictResult
+from service import tensors
+from service.core.catalogue import Catalogue
+from service.core.dataplane import OutputResult, PredictResult, decode_inputs
 from service.errors import InvalidInput
 from service.gen.inference import grpc_service_pb2 as oip
 from service.maths.uncertainty import classification_stats, regression_stats
 from service.protocol.oip_codec import (
-    DTYPE_OF,
-    decode_inputs,
     encode_outputs,
     mc_samples_of,
     output_metadata,
-    requested_outputs,
+    requested_output_names,
     tensor_metadata,
+    wire_inputs,
 )
-from service.repository import DTYPES, ModelConfig, parse_config
+from service.repository import ModelConfig, parse_config
 
 Input = oip.ModelInferRequest.InferInputTensor
 Requested = oip.ModelInferRequest.InferRequestedOutputTensor
@@ -54,6 +57,23 @@ REGRESSOR = parse_config(
 )  # fmt: skip
 
 
+ONE_INPUT = parse_config(
+    {
+        "task": "regression",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 1]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]}],
+    },
+    "one",
+)
+#: OIP datatype -> its numpy dtype (the table's), for the inputs a model may take.
+DTYPE_OF = {d.oip: d.numpy for d in tensors.DTYPES if not d.is_bytes}
+
+
+def decode(request: oip.ModelInferRequest) -> dict[str, NDArray[Any]]:
+    """What the data plane makes of a request's inputs (for a model with one input, "x")."""
+    return decode_inputs(ONE_INPUT, wire_inputs(request))
+
+
 def raw_request(*arrays: tuple[str, str, NDArray[Any]]) -> oip.ModelInferRequest:
     request = oip.ModelInferRequest(model_name="m")
     for name, datatype, array in arrays:
@@ -69,7 +89,7 @@ def raw_request(*arrays: tuple[str, str, NDArray[Any]]) -> oip.ModelInferRequest
 def test_raw_inputs_round_trip_every_datatype(datatype: str) -> None:
     rng = np.random.default_rng(0)
     x = (rng.random((3, 2)) * 100).astype(DTYPE_OF[datatype])
-    decoded = decode_inputs(raw_request(("x", datatype, x)))["x"]
+    decoded = decode(raw_request(("x", datatype, x)))["x"]
     assert decoded.dtype == DTYPE_OF[datatype].newbyteorder("=")
     np.testing.assert_array_equal(decoded, x)
 
@@ -79,7 +99,7 @@ def test_raw_inputs_are_read_little_endian() -> None:
         inputs=[Input(name="x", datatype="INT32", shape=[1, 2])],
         raw_input_contents=[struct.pack("<2i", 1, -2)],
     )
-    np.testing.assert_array_equal(decode_inputs(request)["x"], [[1, -2]])
+    np.testing.assert_array_equal(decode(request)["x"], [[1, -2]])
 
 
 @pytest.mark.parametrize(
@@ -98,7 +118,7 @@ def test_raw_inputs_are_read_little_endian() -> None:
 def test_typed_inputs(datatype: str, field: str, values: list[Any], expected_dtype: Any) -> None:
     tensor = Input(name="x", datatype=datatype, shape=[1, 2])
     getattr(tensor.contents, field).extend(values)
-    decoded = decode_inputs(oip.ModelInferRequest(inputs=[tensor]))["x"]
+    decoded = decode(oip.ModelInferRequest(inputs=[tensor]))["x"]
     assert decoded.dtype == np.dtype(expected_dtype)
     np.testing.assert_array_equal(decoded, np.array([values], dtype=expected_dtype))
 
@@ -183,20 +203,20 @@ def _typed(datatype: str, field: str, values: list[Any], shape: list[int]) -> In
 )
 def test_malformed_inputs_are_invalid(request_: oip.ModelInferRequest, message: str) -> None:
     with pytest.raises(InvalidInput, match=re.escape(message)):
-        decode_inputs(request_)
+        decode(request_)
 
 
 def test_shared_memory_inputs_are_refused() -> None:
     request = raw_request(("x", "FP32", np.zeros((1, 1))))
     request.inputs[0].parameters["shared_memory_region"].string_param = "region"
     with pytest.raises(InvalidInput, match="shared memory is not supported"):
-        decode_inputs(request)
+        decode(request)
 
 
 def test_zero_rows_decode_to_an_empty_batch() -> None:
     """The core refuses empty batches; the codec only decodes them."""
     request = oip.ModelInferRequest(inputs=[Input(name="x", datatype="FP32", shape=[0, 3])])
-    assert decode_inputs(request)["x"].shape == (0, 3)
+    assert decode(request)["x"].shape == (0, 3)
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -245,7 +265,8 @@ CLASSIFIER_OUTPUTS = [
 
 
 def _metadata(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
-    return [(t.name, t.datatype, list(t.shape)) for t in output_metadata(config)]
+    outputs = [output_metadata(a) for a in Catalogue(config).answers]
+    return [(t.name, t.datatype, list(t.shape)) for t in outputs]
 
 
 def test_output_names_of_a_classifier() -> None:
@@ -287,35 +308,35 @@ def test_input_metadata_uses_oip_datatypes() -> None:
     ]
 
 
-def test_every_model_dtype_has_an_oip_datatype() -> None:
-    for dtype in DTYPES.values():
-        assert any(d == dtype for d in DTYPE_OF.values()), dtype
-
-
-def test_requested_outputs() -> None:
-    assert requested_outputs(REGRESSOR, []) == [n for n, _, _ in _metadata(REGRESSOR)]
+def test_requested_output_names_refuse_unsupported_parameters() -> None:
     asked = [Requested(name="z_std"), Requested(name="y_mean")]
-    assert requested_outputs(REGRESSOR, asked) == ["z_std", "y_mean"]
-    with pytest.raises(InvalidInput, match="has no output 'y'"):
-        requested_outputs(REGRESSOR, [Requested(name="y")])
-    with pytest.raises(InvalidInput, match="requested twice"):
-        requested_outputs(REGRESSOR, [Requested(name="y_mean")] * 2)
+    assert requested_output_names(asked) == ["z_std", "y_mean"]
+    assert requested_output_names([]) == []
     classification = Requested(name="logits_mean")
     classification.parameters["classification"].int64_param = 2
     with pytest.raises(InvalidInput, match="classification extension is not supported"):
-        requested_outputs(CLASSIFIER, [classification])
+        requested_output_names([classification])
+
+
+def _result(config: ModelConfig, stats: list[Any], outputs: list[str] | None) -> PredictResult:
+    catalogue = Catalogue(config)
+    return PredictResult(
+        model=config.name,
+        version=1,
+        num_samples=stats[0].num_samples,
+        outputs=tuple(
+            OutputResult(spec=spec, stats=s, statistics=catalogue.statistics(spec.name))
+            for spec, s in zip(config.outputs, stats, strict=True)
+        ),
+        labels=config.labels,
+        answer=catalogue.select(outputs, return_samples=False, interval_levels=(), adaptive=False),
+    )
 
 
 def _classifier_result() -> PredictResult:
     rng = np.random.default_rng(1)
     stats = classification_stats(rng.standard_normal((20, 3, 4)), from_logits=True)
-    return PredictResult(
-        model="cls",
-        version=1,
-        num_samples=20,
-        outputs=(OutputResult(spec=CLASSIFIER.outputs[0], stats=stats),),
-        labels=CLASSIFIER.labels,
-    )
+    return _result(CLASSIFIER, [stats], None)
 
 
 def _decode_bytes(raw: bytes) -> list[bytes]:
@@ -330,9 +351,8 @@ def _decode_bytes(raw: bytes) -> list[bytes]:
 def test_encode_every_classifier_output() -> None:
     result = _classifier_result()
     stats = result.outputs[0].stats
-    names = requested_outputs(CLASSIFIER, [])
-    encoded = {t.name: t for t in encode_outputs(result, CLASSIFIER, names)}
-    assert list(encoded) == names
+    encoded = {t.name: t for t in encode_outputs(result)}
+    assert list(encoded) == [name for name, _, _ in CLASSIFIER_OUTPUTS]
     expected = {
         "logits_mean": stats.mean,
         "logits_variance": stats.variance,
@@ -358,16 +378,7 @@ def test_encode_every_classifier_output() -> None:
 def test_encode_a_subset_in_the_requested_order() -> None:
     stats = regression_stats(np.random.default_rng(2).standard_normal((10, 2, 2)))
     z_stats = regression_stats(np.random.default_rng(3).standard_normal((10, 2, 1)))
-    result = PredictResult(
-        model="reg",
-        version=3,
-        num_samples=10,
-        outputs=(
-            OutputResult(spec=REGRESSOR.outputs[0], stats=stats),
-            OutputResult(spec=REGRESSOR.outputs[1], stats=z_stats),
-        ),
-        labels=(),
-    )
-    encoded = encode_outputs(result, REGRESSOR, ["z_variance", "y_mean"])
+    result = _result(REGRESSOR, [stats, z_stats], ["z_variance", "y_mean"])
+    encoded = encode_outputs(result)
     assert [(t.name, t.shape) for t in encoded] == [("z_variance", (2, 1)), ("y_mean", (2, 2))]
     np.testing.assert_array_equal(np.frombuffer(encoded[1].raw, "<f8").reshape(2, 2), stats.mean)
