@@ -60,6 +60,7 @@ from service.errors import (
     Cancelled,
     DeadlineExceeded,
     InternalError,
+    InvalidInput,
     ModelNotReady,
     ResourceExhausted,
     ServiceError,
@@ -67,7 +68,7 @@ from service.errors import (
 from service.maths.uncertainty import slice_rows
 from service.repository import DynamicBatchingConfig
 
-__all__ = ["BatchPolicy", "Batcher", "RunKey", "VersionQueue", "slice_rows"]
+__all__ = ["BatchPolicy", "Batcher", "RunKey", "VersionQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -501,16 +502,38 @@ def _run_engine(version: VersionQueue, run: RunKey, batch: _Batch) -> list[Outpu
 def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
     """Give each live request its own rows of every output.
 
-    The one place a batch's answer is cut per request: a per-request outcome (say, an error for
-    the rows of one request that came out non-finite) belongs here.
+    The one place a batch's answer is cut per request. A row whose outputs were not finite
+    comes back from the engine with a NaN mean (``Engine.run``): only the request it belongs to
+    fails, with INVALID_ARGUMENT naming the row; the others get their answers.
     """
     batch.finished = True
     start = 0
     for request in batch.requests:
         stop = start + request.rows
         if not request.future.done():
-            request.future.set_result([slice_rows(s, start, stop) for s in stats])
+            rows = [slice_rows(s, start, stop) for s in stats]
+            bad = _failed_rows(rows)
+            if bad:
+                shown = ", ".join(str(b) for b in bad[:8]) + (", ..." if len(bad) > 8 else "")
+                plural = "s" if len(bad) > 1 else ""
+                request.future.set_exception(
+                    InvalidInput(
+                        f"the model produced non-finite outputs for row{plural} {shown} (inputs "
+                        "too large for the model, or a model that divides by zero?)"
+                    )
+                )
+            else:
+                request.future.set_result(rows)
         start = stop
+
+
+def _failed_rows(stats: Sequence[OutputStats]) -> list[int]:
+    """Rows (of one request) whose mean is not finite in some output."""
+    bad: set[int] = set()
+    for s in stats:
+        flat = np.asarray(s.mean).reshape(s.mean.shape[0], -1)
+        bad.update(np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist())
+    return sorted(bad)
 
 
 def _fail(version: VersionQueue, run: RunKey, batch: _Batch, exc: BaseException) -> None:

@@ -21,18 +21,18 @@ import pytest
 from numpy.typing import NDArray
 
 from service import metrics
-from service.core.batching import slice_rows
 from service.core.dataplane import DataPlane, PredictInput
 from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
     InternalError,
+    InvalidInput,
     ModelLoadError,
     ModelNotReady,
     ResourceExhausted,
 )
-from service.maths.uncertainty import RegressionStats, classification_stats
+from service.maths.uncertainty import RegressionStats, classification_stats, slice_rows
 from service.repository import DEFAULT_MAX_QUEUE_DELAY_US, DynamicBatchingConfig, parse_config
 from tests.unit.plane import make_plane, source, wire
 
@@ -90,6 +90,8 @@ class RowEngine:
         if self.fail:
             raise RuntimeError("secret internal detail")
         mean = x[: len(x) - self.drop_a_row, :1].astype(np.float64)
+        # What the engine does with a row whose outputs overflow: its mean comes back NaN.
+        mean[x[: len(mean), 1] > 1e30] = np.nan
         zeros = np.zeros_like(mean)
         return [RegressionStats(num_samples=num_samples, mean=mean, variance=zeros, std=zeros)]
 
@@ -154,6 +156,29 @@ async def occupy_the_worker(core: DataPlane, engine: RowEngine) -> asyncio.Futur
 
 
 # -- merging ----------------------------------------------------------------------------------
+
+
+def test_a_row_with_non_finite_outputs_fails_only_its_request(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Three requests merged into one run; row 1 of the second overflows the model. That
+    request gets INVALID_ARGUMENT naming its row; the others get their answers."""
+    engine = RowEngine()
+    core = make_core(engine, {"max_batch_rows": 6, **LONG_DELAY})
+    poisoned = rows(10, 2)
+    poisoned[1, 1] = 3e38
+
+    async def scenario() -> list[Any]:
+        tasks = [start(core, rows(0, 2)), start(core, poisoned), start(core, rows(20, 2))]
+        return list(await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), SAFETY_TIMEOUT_S))  # fmt: skip
+
+    first, second, third = loop.run_until_complete(scenario())
+    assert engine.run_rows() == [[0, 1, 10, 11, 20, 21]]  # they did share the run
+    assert means(first) == [0, 1]
+    assert means(third) == [20, 21]
+    assert isinstance(second, InvalidInput)
+    assert "non-finite outputs for row 1 " in second.message
 
 
 def test_concurrent_requests_with_the_same_t_share_one_run(

@@ -292,5 +292,9 @@ def test_batch_buckets_pad_runs_and_answer_the_real_rows() -> None:
     # 6-sigma band per element as in test_every_form_samples_the_same_function
     se = np.sqrt(stats.variance / 400)
     assert (np.abs(stats.mean - np.maximum(x @ W1, 0) @ W2) < 6 * se).all()
-    assert McEngine(model, config_for(model), "m/1", session_config=CPU,
-                    tile_memory_bytes=2**24).batch_buckets == ()  # none on the CPU by default
+    assert (
+        McEngine(
+            model, config_for(model), "m/1", session_config=CPU, tile_memory_bytes=2**24
+        ).batch_buckets
+        == ()
+    )  # none on the CPU by default
