@@ -5,6 +5,7 @@ Layout and file formats: docs/model-repository.md. Nothing here touches ONNX Run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -39,8 +40,13 @@ _CONFIG_DTYPES = sorted(d.config for d in tensors.DTYPES if d.config is not None
 
 
 class Task(StrEnum):
+    """What a model's outputs are, derived from their semantics when config.json omits it."""
+
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
+    #: class outputs and values outputs in one model (say, a classifier head beside a
+    #: regression head), each answered with its own statistics
+    MIXED = "mixed"
 
 
 class Semantics(StrEnum):
@@ -63,7 +69,11 @@ class Semantics(StrEnum):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output. ``shape[0]`` is -1, the batch dimension."""
+    """One graph input or output.
+
+    ``shape[0]`` is -1, the batch dimension; -1 elsewhere marks a dynamic axis (a sequence
+    length, say), whose largest size an input gives in ``max_shape``.
+    """
 
     name: str
     dtype: np.dtype[Any]
@@ -71,20 +81,30 @@ class TensorSpec:
     semantics: Semantics | None = None
     #: variance / log_variance outputs: the values output whose aleatoric variance this is
     variance_of: str | None = None
+    #: inputs with dynamic axes: ``shape`` with each dynamic axis's maximum (-1 at axis 0)
+    max_shape: tuple[int, ...] | None = None
+    #: class outputs: one name per class (the last axis), or empty
+    labels: tuple[str, ...] = ()
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        """The shape of one row (without the batch dimension)."""
+        """The shape of one row (without the batch dimension); -1 at dynamic axes."""
         return self.shape[1:]
 
     @property
+    def dynamic_axes(self) -> tuple[int, ...]:
+        """The axes (beyond the batch axis) whose size a request chooses."""
+        return tuple(i for i, d in enumerate(self.shape) if i > 0 and d == -1)
+
+    @property
     def row_size(self) -> int:
-        """Elements in one row."""
-        return int(np.prod(self.row_shape, dtype=np.int64))
+        """Elements in one row at the largest shape (the shape itself without dynamic axes)."""
+        dims = (self.max_shape or self.shape)[1:]
+        return int(np.prod([max(d, 1) for d in dims], dtype=np.int64))
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        return self.row_size * self.dtype.itemsize
 
 
 #: Batching delay when config.json does not set one: long enough to merge requests that
@@ -120,11 +140,17 @@ class ModelConfig:
     description: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    labels: tuple[str, ...]
     default_num_samples: int
     max_num_samples: int
     activation_bytes_per_row: int | None
     dynamic_batching: DynamicBatchingConfig = DynamicBatchingConfig()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels of the model's class output when it has exactly one (the model-level
+        labels of the metadata); empty otherwise."""
+        classes = [o for o in self.outputs if o.semantics and o.semantics.is_classification]
+        return classes[0].labels if len(classes) == 1 else ()
 
     def variance_output(self, name: str) -> TensorSpec | None:
         """The variance (or log-variance) output describing values output ``name``, if any:
@@ -189,12 +215,14 @@ def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
     )
     _require(shape[0] == -1, where, f"the first dimension must be -1 (batch), got {shape!r}")
     _require(
-        all(d >= 1 for d in shape[1:]),
+        all(d >= 1 or d == -1 for d in shape[1:]),
         where,
-        f"only the batch dimension may be dynamic, got {shape!r}",
+        f"sizes must be >= 1, or -1 for a dynamic axis, got {shape!r}",
     )
+    max_shape = _max_shape(raw.get("max_shape"), shape, where, output=output)
     semantics: Semantics | None = None
     variance_of: str | None = None
+    labels: tuple[str, ...] = ()
     if output:
         raw_semantics = raw.get("semantics", "values")
         _require(
@@ -213,13 +241,64 @@ def _tensor_spec(raw: Any, where: str, *, output: bool) -> TensorSpec:
             )
         else:
             _require("of" not in raw, where, "'of' is only for variance and log_variance outputs")
+        if semantics.is_classification:
+            _require(
+                len(shape) >= 2 and shape[-1] >= 1,
+                where,
+                f"a class output has its classes on a fixed last axis, [-1, ..., C], got {shape}",
+            )
+        labels = _labels(raw.get("labels"), where)
+        _require(
+            not labels or (semantics.is_classification and len(labels) == shape[-1]),
+            where,
+            f"labels name the {shape[-1]} classes of a class output, got {len(labels)} labels"
+            if semantics.is_classification
+            else "labels are for class outputs (logits or probabilities)",
+        )
     return TensorSpec(
         name=name,
         dtype=np.dtype(dtype.numpy.name),  # native byte order, as arrays are decoded
         shape=tuple(shape),
         semantics=semantics,
         variance_of=variance_of,
+        max_shape=max_shape,
+        labels=labels,
     )
+
+
+def _max_shape(raw: Any, shape: list[int], where: str, *, output: bool) -> tuple[int, ...] | None:
+    """An input's ``max_shape``: required with dynamic axes, the largest size of each."""
+    dynamic = [i for i, d in enumerate(shape) if i > 0 and d == -1]
+    if raw is None:
+        _require(
+            output or not dynamic,
+            where,
+            f"an input with dynamic axes {dynamic} gives their largest sizes in 'max_shape'",
+        )
+        return None
+    _require(not output, where, "max_shape is for inputs")
+    _require(
+        isinstance(raw, list)
+        and len(raw) == len(shape)
+        and all(_is_int(d) for d in raw)
+        and raw[0] == -1
+        and all(m >= 1 and d in (-1, m) for d, m in zip(shape[1:], raw[1:], strict=True)),
+        where,
+        f"max_shape must be the shape {shape} with each -1 beyond the batch axis replaced by its "
+        f"largest size (>= 1), got {raw!r}",
+    )
+    return tuple(raw)
+
+
+def _labels(raw: Any, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    _require(
+        isinstance(raw, list) and all(isinstance(x, str) for x in raw),
+        where,
+        "labels must be a list of strings",
+    )
+    return tuple(raw)
 
 
 def _is_int(value: Any) -> bool:
@@ -276,13 +355,6 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         where,
         f"name {raw.get('name')!r} differs from the folder name {model_name!r}",
     )
-    task_raw = raw.get("task")
-    _require(
-        task_raw in {t.value for t in Task},
-        where,
-        f"task must be classification or regression, got {task_raw!r}",
-    )
-    task = Task(task_raw)
     raw_inputs, raw_outputs = raw.get("inputs"), raw.get("outputs")
     _require(isinstance(raw_inputs, list) and bool(raw_inputs), where, "needs inputs[]")
     _require(isinstance(raw_outputs, list) and bool(raw_outputs), where, "needs outputs[]")
@@ -294,38 +366,44 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
     )
     names = [t.name for t in inputs + outputs]
     _require(len(set(names)) == len(names), where, f"tensor names must be unique, got {names}")
-    labels = raw.get("labels") or []
-    _require(
-        isinstance(labels, list) and all(isinstance(x, str) for x in labels),
-        where,
-        "labels must be a list of strings",
+    classes = [o for o in outputs if o.semantics and o.semantics.is_classification]
+    derived = (
+        Task.CLASSIFICATION
+        if len(classes) == len(outputs)
+        else Task.REGRESSION
+        if not classes
+        else Task.MIXED
     )
-    if task is Task.CLASSIFICATION:
-        _require(len(outputs) == 1, where, "a classification model has exactly one output")
-        out = outputs[0]
+    task_raw = raw.get("task", derived.value)
+    _require(
+        task_raw in {t.value for t in Task},
+        where,
+        f"task must be classification, regression or mixed, got {task_raw!r}",
+    )
+    _require(
+        Task(task_raw) is derived,
+        where,
+        f"task {task_raw!r} does not match the outputs' semantics, which make it "
+        f"{derived.value!r} (class outputs: {[o.name for o in classes]})",
+    )
+    task = derived
+    labels = _labels(raw.get("labels"), where) if raw.get("labels") else ()
+    if labels:  # the model-level labels of a model with one class output
         _require(
-            out.semantics is not None and out.semantics.is_classification,
+            len(classes) == 1 and not classes[0].labels,
             where,
-            "a classification output has semantics logits or probabilities",
+            "top-level labels are for a model with exactly one class output (give each class "
+            "output its own 'labels' instead)",
         )
-        _require(len(out.shape) == 2, where, f"a classification output is [-1, C], got {out.shape}")
         _require(
-            not labels or len(labels) == out.shape[1],
+            len(labels) == classes[0].shape[-1],
             where,
-            f"labels has {len(labels)} entries for {out.shape[1]} classes",
+            f"labels has {len(labels)} entries for {classes[0].shape[-1]} classes",
         )
-    else:
-        _require(
-            all(
-                o.semantics is Semantics.VALUES or o.semantics.is_variance
-                for o in outputs
-                if o.semantics
-            ),
-            where,
-            "regression outputs have semantics 'values', 'variance' or 'log_variance'",
+        outputs = tuple(
+            dataclasses.replace(o, labels=labels) if o is classes[0] else o for o in outputs
         )
-        _check_variance_outputs(outputs, where)
-        _require(not labels, where, "labels are for classification models")
+    _check_variance_outputs(outputs, where)
     samples = raw.get("num_samples", {})
     _require(isinstance(samples, dict), where, "num_samples must be an object")
     default = samples.get("default", 100)
@@ -348,7 +426,6 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         description=description if isinstance(description, str) else "",
         inputs=inputs,
         outputs=outputs,
-        labels=tuple(labels),
         default_num_samples=default,
         max_num_samples=maximum,
         activation_bytes_per_row=activation,

@@ -113,6 +113,9 @@ class RunKey:
     interval_levels: tuple[float, ...] = ()
     #: seeded requests share runs only with the same seed (each row's noise depends on it)
     seed: int | None = None
+    #: models with dynamic axes: the inputs' row shapes (rows of different lengths cannot be
+    #: stacked into one run); empty for models without
+    row_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 class _State(enum.Enum):

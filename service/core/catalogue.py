@@ -4,27 +4,29 @@ dtypes and shapes. Both protocols' encoders and metadata read it; nothing else d
 What exists depends on an output's semantics, never on the model's task, so a model may mix
 heads (a classifier's logits beside a regressor's values, each with its own statistics):
 
-==============================  ========  ======  ============================================
-statistic (answer name suffix)  dtype     shape   exists for
-==============================  ========  ======  ============================================
-``mean``                        FP64      output  every output
-``variance``                    FP64      output  every output (unbiased, ddof = 1)
-``std``                         FP64      output  every output
-``aleatoric_variance``          FP64      output  values outputs that a variance output
-                                                  describes (heteroscedastic)
-``total_variance``              FP64      output  the same
-``predicted_class``             INT64     [B]     logits and probabilities outputs
-``predicted_label``             BYTES     [B]     the same, when the model has labels
-``entropy``                     FP64      [B]     logits and probabilities outputs
-``expected_entropy``            FP64      [B]     the same
-``mutual_information``          FP64      [B]     the same
-``variation_ratio``             FP64      [B]     the same
-==============================  ========  ======  ============================================
+==============================  ========  =======  ============================================
+statistic (answer name suffix)  dtype     shape    exists for
+==============================  ========  =======  ============================================
+``mean``                        FP64      output   every output
+``variance``                    FP64      output   every output (unbiased, ddof = 1)
+``std``                         FP64      output   every output
+``aleatoric_variance``          FP64      output   values outputs that a variance output
+                                                   describes (heteroscedastic)
+``total_variance``              FP64      output   the same
+``predicted_class``             INT64     [B, ..]  logits and probabilities outputs
+``predicted_label``             BYTES     [B, ..]  the same, when the output has labels
+``entropy``                     FP64      [B, ..]  logits and probabilities outputs
+``expected_entropy``            FP64      [B, ..]  the same
+``mutual_information``          FP64      [B, ..]  the same
+``variation_ratio``             FP64      [B, ..]  the same
+==============================  ========  =======  ============================================
 
-and, only when a request asks for them: ``samples`` (FP64, (B, T, ...), every output, for
-``return_samples``), ``interval_<method>_<level>_<bound>`` (FP64, output's shape, values
-outputs, for each interval level; methods gaussian then empirical, bounds lower then upper),
-and the request's per-row T ``mc_samples_per_row`` (INT64, [B], adaptive sampling).
+Class statistics have the output's shape without its last (class) axis: (B,) for a (B, C)
+classifier, (B, L) for a token classifier's (B, L, C). And, only when a request asks for them:
+``samples`` (FP64, (B, T, ...), every output, for ``return_samples``),
+``interval_<method>_<level>_<bound>`` (FP64, output's shape, values outputs, for each interval
+level; methods gaussian then empirical, bounds lower then upper), and the request's per-row T
+``mc_samples_per_row`` (INT64, [B], adaptive sampling).
 
 Answers name a statistic ``<output>_<statistic>`` (the Open Inference Protocol's and KServe
 v2's outputs); ``mcdropout.v1`` answers one ``OutputStatistics`` message per model output whose
@@ -72,7 +74,8 @@ class Statistic:
             ``ClassificationStats``) it is read from, except for the labels (read from
             ``predicted_class``) and the interval bounds (from ``intervals``).
         dtype: its wire type.
-        per_row: shape (B,) rather than the output's shape.
+        per_row: one value per position of a class output (its shape without the class
+            axis) rather than the output's shape.
     """
 
     name: str
@@ -93,7 +96,7 @@ class Statistic:
 
     def shape(self, output: TensorSpec) -> tuple[int, ...]:
         """Its shape for ``output``, with -1 for the batch axis."""
-        return (-1,) if self.per_row else output.shape
+        return output.shape[:-1] if self.per_row else output.shape
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ class _Label(Statistic):
 
     def read(self, stats: OutputStats, labels: tuple[str, ...]) -> NDArray[Any]:
         classes = PREDICTED_CLASS.read(stats, labels)
-        return np.array([labels[int(c)] for c in classes], dtype=object)
+        named: NDArray[Any] = np.array(labels, dtype=object)[classes]
+        return named
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def statistics_of(output: TensorSpec, config: ModelConfig) -> tuple[Statistic, .
     return tuple(
         s
         for s in _BY_SEMANTICS[semantics]
-        if (s is not PREDICTED_LABEL or config.labels)
+        if (s is not PREDICTED_LABEL or output.labels)
         and (s not in (ALEATORIC_VARIANCE, TOTAL_VARIANCE) or heteroscedastic)
     )
 

@@ -106,7 +106,6 @@ class PredictResult:
         version: the version that answered.
         num_samples: T (adaptive sampling: the largest T of any row).
         outputs: every model output's statistics, in the config's order.
-        labels: the class labels (empty without).
         answer: the named outputs the request asked for, in answer order.
         num_samples_per_row: adaptive sampling only: the T each row used (B,).
     """
@@ -115,7 +114,6 @@ class PredictResult:
     version: int
     num_samples: int
     outputs: tuple[OutputResult, ...]
-    labels: tuple[str, ...]
     answer: tuple[Answer, ...] = ()
     num_samples_per_row: NDArray[np.int64] | None = None
 
@@ -126,7 +124,7 @@ class PredictResult:
                 raise ValueError(f"{answer.name} exists only with adaptive sampling")
             return self.num_samples_per_row
         stats = next(o.stats for o in self.outputs if o.spec.name == answer.output.name)
-        return answer.statistic.read(stats, self.labels)
+        return answer.statistic.read(stats, answer.output.labels)
 
 
 @dataclass(frozen=True)
@@ -232,6 +230,13 @@ def validate_inputs(
             raise InvalidInput(
                 f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(x.shape)}"
             )
+        for axis in spec.dynamic_axes:
+            largest = spec.max_shape[axis] if spec.max_shape else None
+            if x.shape[axis] < 1 or (largest is not None and x.shape[axis] > largest):
+                raise InvalidInput(
+                    f"input {spec.name!r} axis {axis} must have size 1..{largest}, got "
+                    f"{x.shape[axis]} (shape {list(x.shape)})"
+                )
         if rows is not None and x.shape[0] != rows:
             raise InvalidInput(f"inputs have different batch sizes ({rows} and {x.shape[0]})")
         rows = x.shape[0]
@@ -243,6 +248,16 @@ def validate_inputs(
     if rows > max_batch_rows:
         raise ResourceExhausted(f"{rows} rows is more than the limit of {max_batch_rows}")
     return rows
+
+
+def _row_shapes(
+    config: ModelConfig, inputs: Mapping[str, NDArray[Any]]
+) -> tuple[tuple[int, ...], ...]:
+    """The row shapes of a model with dynamic axes (requests of different shapes never share a
+    run); empty for a model without (every request has the same)."""
+    if not any(spec.dynamic_axes for spec in config.inputs):
+        return ()
+    return tuple(tuple(inputs[spec.name].shape[1:]) for spec in config.inputs)
 
 
 MAX_INTERVAL_LEVELS = 8
@@ -424,7 +439,7 @@ class DataPlane:
         _check_interval_levels(loaded, request.interval_levels, num_samples)
         if request.return_samples or request.interval_levels:
             # Intervals are computed from every sample, which are then held like raw samples.
-            values = rows * num_samples * sum(o.row_size for o in config.outputs)
+            values = rows * num_samples * sum(loaded.engine.output_elements(inputs))
             if values > self._settings.max_returned_samples:
                 raise ResourceExhausted(
                     f"returning the samples means {values} values (rows x samples x output "
@@ -448,6 +463,7 @@ class DataPlane:
                 return_samples=request.return_samples,
                 interval_levels=request.interval_levels,
                 seed=request.seed,
+                row_shapes=_row_shapes(config, inputs),
             )
             stats = await self._submit(loaded, inputs, rows, run, timeout_s)
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)
@@ -459,7 +475,6 @@ class DataPlane:
                 OutputResult(spec=spec, stats=s, statistics=loaded.catalogue.statistics(spec.name))
                 for spec, s in zip(config.outputs, stats, strict=True)
             ),
-            labels=config.labels,
             answer=answer,
             num_samples_per_row=per_row,
         )
@@ -488,9 +503,8 @@ class DataPlane:
                 break
             remaining = None if deadline is None else deadline - loop.time()
             subset = {name: x[pending] for name, x in inputs.items()}
-            last = await self._submit(
-                loaded, subset, int(pending.size), RunKey(num_samples=samples), remaining
-            )
+            run = RunKey(num_samples=samples, row_shapes=_row_shapes(loaded.config, inputs))
+            last = await self._submit(loaded, subset, int(pending.size), run, remaining)
             for merger, stats in zip(mergers, last, strict=True):
                 merger.add(pending, stats)
             error = np.max([m.standard_error() for m in mergers], axis=0)

@@ -137,6 +137,10 @@ class Engine(Protocol):
         """Load-time probe: do copies of one row differ (through the path requests take)?"""
         ...
 
+    def output_elements(self, inputs: Mapping[str, NDArray[Any]]) -> list[int]:
+        """Elements of one row of each output at this request's shape."""
+        ...
+
     def run(
         self,
         inputs: Mapping[str, NDArray[Any]],
@@ -431,6 +435,20 @@ class McEngine:
             if len(self._sizes) > _SHAPE_CACHE_SIZE:
                 self._sizes.popitem(last=False)
         return sizes
+
+    def output_elements(self, inputs: Mapping[str, NDArray[Any]]) -> list[int]:
+        """Elements of one row of each output at this request's shape (outputs with dynamic
+        axes follow the inputs'); an output shape inference cannot tell counts as its config
+        shape with each dynamic axis at 1."""
+        row_shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
+        try:
+            symbols = self._shapes.symbols(row_shapes)
+        except UnknownShape as exc:
+            raise InvalidInput(f"model {self._config.name!r}: {exc}") from None
+        return [
+            _row_elements_or_zero(self._shapes, o.name, symbols) or o.row_size
+            for o in self._config.outputs
+        ]
 
     def budget_rows(self, inputs: Mapping[str, NDArray[Any]]) -> int:
         """Tile rows (samples x rows) one run may hold at this request's shape."""

@@ -20,7 +20,11 @@ from service.repository import Semantics, Task, TensorSpec
 
 __all__ = ["MCDropoutServicer", "encode_result"]
 
-_TASK = {Task.CLASSIFICATION: pb.TASK_CLASSIFICATION, Task.REGRESSION: pb.TASK_REGRESSION}
+_TASK = {
+    Task.CLASSIFICATION: pb.TASK_CLASSIFICATION,
+    Task.REGRESSION: pb.TASK_REGRESSION,
+    Task.MIXED: pb.TASK_MIXED,
+}
 _SEMANTICS = {
     Semantics.LOGITS: pb.OUTPUT_SEMANTICS_LOGITS,
     Semantics.PROBABILITIES: pb.OUTPUT_SEMANTICS_PROBABILITIES,
@@ -34,7 +38,7 @@ def _f64(array: NDArray[Any]) -> pb.Tensor:
     return encode_tensor(np.asarray(array, dtype=np.float64))
 
 
-def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputStatistics:
+def _encode_output(result: OutputResult) -> pb.OutputStatistics:
     """One output's message: the catalogue's statistics (each in the field of its name), then
     the samples and intervals when the request asked for them."""
     stats = result.stats
@@ -42,10 +46,10 @@ def _encode_output(result: OutputResult, labels: tuple[str, ...]) -> pb.OutputSt
         name=result.spec.name, semantics=_SEMANTICS[result.spec.semantics or Semantics.VALUES]
     )
     for statistic in result.statistics:
-        value = statistic.read(stats, labels)
+        value = statistic.read(stats, result.spec.labels)
         field = getattr(message, statistic.field)
         if statistic.dtype.is_bytes:
-            field.extend(value.tolist())
+            field.extend(np.ravel(value).tolist())
         else:
             field.CopyFrom(encode_tensor(np.asarray(value, dtype=statistic.dtype.numpy)))
     if stats.samples is not None:
@@ -63,7 +67,7 @@ def encode_result(result: PredictResult) -> pb.PredictResponse:
         model=result.model,
         version=str(result.version),
         num_samples=result.num_samples,
-        outputs=[_encode_output(o, result.labels) for o in result.outputs],
+        outputs=[_encode_output(o) for o in result.outputs],
     )
     if result.num_samples_per_row is not None:
         response.num_samples_per_row.CopyFrom(encode_tensor(result.num_samples_per_row))
@@ -78,6 +82,8 @@ def _spec(spec: TensorSpec) -> pb.TensorSpec:
         semantics=(
             _SEMANTICS[spec.semantics] if spec.semantics else pb.OUTPUT_SEMANTICS_UNSPECIFIED
         ),
+        max_shape=list(spec.max_shape or ()),
+        labels=list(spec.labels),
     )
 
 

@@ -68,11 +68,11 @@ def test_values_outputs_and_their_variance_output() -> None:
 
 
 def test_statistics_follow_the_output_semantics_not_the_task() -> None:
-    """A model mixing a classification head and a regression head (coming soon): each output
-    gets its own semantics' statistics."""
+    """A model mixing a classification head and a regression head: each output gets its own
+    semantics' statistics."""
     config = regressor(values("y"))
-    logits = TensorSpec("p", np.dtype("float32"), (-1, 3), Semantics.LOGITS)
-    mixed = dataclasses.replace(config, outputs=(logits, *config.outputs), labels=("a", "b", "c"))
+    logits = TensorSpec("p", np.dtype("float32"), (-1, 3), Semantics.LOGITS, labels=("a", "b", "c"))
+    mixed = dataclasses.replace(config, outputs=(logits, *config.outputs))
     catalogue = Catalogue(mixed)
     assert names(catalogue) == [f"p_{s}" for s in CLASSES] + ["y_mean", "y_variance", "y_std"]
     assert [s.name for s in statistics_of(logits, mixed)] == CLASSES

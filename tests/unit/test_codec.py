@@ -94,7 +94,6 @@ def test_predict_and_oip_answer_the_catalogues_statistics_alike(labels: list[str
         version=1,
         num_samples=20,
         outputs=(OutputResult(config.outputs[0], stats, catalogue.statistics("p")),),
-        labels=config.labels,
         answer=catalogue.answers,
     )
     [message] = encode_result(result).outputs

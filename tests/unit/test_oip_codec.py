@@ -328,7 +328,6 @@ def _result(config: ModelConfig, stats: list[Any], outputs: list[str] | None) ->
             OutputResult(spec=spec, stats=s, statistics=catalogue.statistics(spec.name))
             for spec, s in zip(config.outputs, stats, strict=True)
         ),
-        labels=config.labels,
         answer=catalogue.select(outputs, return_samples=False, interval_levels=(), adaptive=False),
     )
 

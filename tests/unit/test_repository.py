@@ -51,18 +51,21 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("path", "value", "fragment"),
     [
-        ("task", "ranking", "task must be classification or regression"),
+        ("task", "ranking", "task must be classification, regression or mixed"),
         ("name", "other", "differs from the folder name"),
         ("inputs.0.dtype", "complex64", "dtype must be one of"),
         ("inputs.0.shape", [1, 1, 8, 8], "first dimension must be -1"),
-        ("inputs.0.shape", [-1, -1, 8, 8], "only the batch dimension may be dynamic"),
+        ("inputs.0.shape", [-1, -1, 8, 8], "gives their largest sizes in 'max_shape'"),
+        ("inputs.0.shape", [-1, 0, 8, 8], "sizes must be >= 1, or -1 for a dynamic axis"),
+        ("inputs.0.max_shape", [-1, 2, 8, 8], "max_shape must be the shape"),
         (
             "outputs.0.semantics",
             "scores",
             "semantics must be logits, probabilities, values, variance",
         ),
-        ("outputs.0.semantics", "values", "classification output has semantics logits"),
-        ("outputs.0.shape", [-1, 10, 2], "classification output is"),
+        ("outputs.0.semantics", "values", "does not match the outputs' semantics"),
+        ("outputs.0.shape", [-1], "classes on a fixed last axis"),
+        ("outputs.0.shape", [-1, 10, 2], "labels has 10 entries for 2 classes"),
         ("labels", ["a", "b"], "labels has 2 entries for 10 classes"),
         ("num_samples", {"default": 0, "max": 10}, "1 <= default <= max"),
         ("num_samples", {"default": 20, "max": 10}, "1 <= default <= max"),
@@ -76,13 +79,64 @@ def test_config_errors_name_the_problem(path: str, value: Any, fragment: str) ->
         parse_config(_broken(path, value), "digits")
 
 
-def test_regression_outputs_must_be_values() -> None:
+def test_the_task_must_match_the_outputs() -> None:
     raw = _broken("task", "regression")
     raw["labels"] = []
-    with pytest.raises(ModelLoadError, match="regression outputs have semantics 'values'"):
+    with pytest.raises(ModelLoadError, match="make it 'classification'"):
         parse_config(raw, "digits")
     raw["outputs"][0]["semantics"] = "values"
     assert parse_config(raw, "digits").task is Task.REGRESSION
+    del raw["task"]  # optional: derived from the outputs
+    assert parse_config(raw, "digits").task is Task.REGRESSION
+
+
+MIXED: dict[str, Any] = {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+    "outputs": [
+        {"name": "kind", "dtype": "float32", "shape": [-1, 3], "semantics": "logits",
+         "labels": ["cat", "dog", "eel"]},
+        {"name": "size", "dtype": "float32", "shape": [-1, 1], "semantics": "values"},
+    ],
+}  # fmt: skip
+
+
+def test_a_model_may_mix_class_and_values_heads() -> None:
+    config = parse_config(MIXED, "pets")
+    assert config.task is Task.MIXED
+    assert config.outputs[0].labels == ("cat", "dog", "eel")
+    assert config.labels == ("cat", "dog", "eel")  # the one class output's
+    assert parse_config({**MIXED, "task": "mixed"}, "pets").task is Task.MIXED
+    with pytest.raises(ModelLoadError, match="make it 'mixed'"):
+        parse_config({**MIXED, "task": "classification"}, "pets")
+
+
+def test_labels_belong_to_class_outputs() -> None:
+    raw = copy.deepcopy(MIXED)
+    raw["outputs"][1]["labels"] = ["small"]
+    with pytest.raises(ModelLoadError, match="labels are for class outputs"):
+        parse_config(raw, "pets")
+    two = copy.deepcopy(MIXED)
+    two["outputs"][1] = {**two["outputs"][0], "name": "colour"}
+    del two["outputs"][0]["labels"], two["outputs"][1]["labels"]
+    with pytest.raises(ModelLoadError, match="exactly one class output"):
+        parse_config({**two, "labels": ["a", "b", "c"]}, "pets")
+
+
+def test_dynamic_axes_carry_their_largest_size() -> None:
+    raw = {
+        "inputs": [{"name": "ids", "dtype": "int64", "shape": [-1, -1], "max_shape": [-1, 128]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, -1, 4],
+                     "semantics": "logits"}],
+    }  # fmt: skip
+    config = parse_config(raw, "tagger")
+    ids = config.inputs[0]
+    assert ids.dynamic_axes == (1,)
+    assert ids.max_shape == (-1, 128)
+    assert ids.row_size == 128  # at the largest shape
+    assert config.outputs[0].dynamic_axes == (1,)
+    raw["inputs"][0]["max_shape"] = [-1, 0]
+    with pytest.raises(ModelLoadError, match="largest size"):
+        parse_config(raw, "tagger")
 
 
 def _version(root: Path, name: str, version: str, config: dict[str, Any] | None) -> Path:

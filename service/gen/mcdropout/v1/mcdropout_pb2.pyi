@@ -24,6 +24,7 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_UNSPECIFIED: _ClassVar[Task]
     TASK_CLASSIFICATION: _ClassVar[Task]
     TASK_REGRESSION: _ClassVar[Task]
+    TASK_MIXED: _ClassVar[Task]
 
 class OutputSemantics(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ DATA_TYPE_BOOL: DataType
 TASK_UNSPECIFIED: Task
 TASK_CLASSIFICATION: Task
 TASK_REGRESSION: Task
+TASK_MIXED: Task
 OUTPUT_SEMANTICS_UNSPECIFIED: OutputSemantics
 OUTPUT_SEMANTICS_LOGITS: OutputSemantics
 OUTPUT_SEMANTICS_PROBABILITIES: OutputSemantics
@@ -181,16 +183,20 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "semantics")
+    __slots__ = ("name", "dtype", "shape", "semantics", "max_shape", "labels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SEMANTICS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     semantics: OutputSemantics
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ...) -> None: ...
+    max_shape: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., semantics: _Optional[_Union[OutputSemantics, str]] = ..., max_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DropoutLayer(_message.Message):
     __slots__ = ("module", "type", "p")
