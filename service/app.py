@@ -98,7 +98,9 @@ class App:
 
 
 def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
-    """Write the bound ports atomically, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}))
+    """Write the bound ports, and this process's PID (so that a script can stop exactly this
+    server), atomically, so a reader never sees half a file."""
+    pid = os.getpid()
+    tmp = path.with_name(path.name + f".{pid}.tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": pid}))
     tmp.replace(path)
