@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.export]
 
 
 def test_engine_benchmark_harness_runs_one_minimal_cell(tmp_path: Path) -> None:
