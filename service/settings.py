@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=f.name.upper(),
                 choices=_choices(f.type) or None,
                 # --log-level debug as well as DEBUG, as MCD_LOG_LEVEL accepts (_parse).
-                type=str.upper if f.name == "log_level" else None,
+                type=str.upper if f.name == "log_level" else str,
                 help=help_text,
             )
     return parser

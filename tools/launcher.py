@@ -191,12 +191,13 @@ def _health_serving(target: str, timeout_s: float) -> bool:
 
 
 class ServiceProcess(ChildProcess):
-    """``python -m service`` started by :func:`start_service`, ready to serve.
+    """A server that writes its ports to a port file once it serves: ``python -m service``
+    (:func:`start_service`), or the benchmark's own servers.
 
     Attributes:
-        grpc_port: the bound gRPC port on 127.0.0.1.
-        metrics_port: the bound metrics port (-1 when metrics are off).
-        port_file: where the server wrote its ports.
+        grpc_port: the bound gRPC port on 127.0.0.1 (0 until :meth:`port_file_ready`).
+        metrics_port: the bound metrics port (-1 when metrics are off or not reported).
+        port_file: where the server writes its ports.
     """
 
     def __init__(
@@ -218,13 +219,19 @@ class ServiceProcess(ChildProcess):
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def _port_file_is_ours(self) -> bool:
+    def port_file_ready(self) -> bool:
+        """Whether the port file is there (then its ports are read in).
+
+        Raises:
+            LaunchError: another process wrote it (its ``pid`` is not this child's).
+        """
         if not self.port_file.exists():
             return False
         ports = read_port_file(self.port_file)
         if ports.get("pid", self.pid) != self.pid:
             raise self.failed(f"{self.port_file} was written by pid {ports['pid']}")
-        self.grpc_port, self.metrics_port = ports["grpc_port"], ports["metrics_port"]
+        self.grpc_port = ports["grpc_port"]
+        self.metrics_port = ports.get("metrics_port", -1)
         return True
 
 
@@ -262,7 +269,7 @@ def start_service(
         name, command, port_file=port_file, log_path=workdir / f"{stem}.log", env=env
     )
     try:
-        server.wait_until(server._port_file_is_ours, start_timeout_s)
+        server.wait_until(server.port_file_ready, start_timeout_s)
         deadline = time.monotonic() + start_timeout_s
         server.wait_until(
             lambda: _health_serving(server.target, max(0.1, deadline - time.monotonic())),

@@ -104,7 +104,7 @@ def test_a_port_file_written_by_another_process_is_refused(tmp_path: Path) -> No
     server = ServiceProcess("t", python(code), port_file=port_file, log_path=tmp_path / "log")
     try:
         with pytest.raises(LaunchError, match="written by pid 1"):
-            server.wait_until(server._port_file_is_ours, timeout_s=30)
+            server.wait_until(server.port_file_ready, timeout_s=30)
     finally:
         server.stop()
 
