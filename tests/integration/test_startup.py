@@ -111,13 +111,18 @@ def test_a_port_taken_after_the_checks_is_still_a_startup_error(
         model_repository=empty_repository, grpc_port=busy_port, metrics_port=0, device="cpu"
     )
 
-    app = App(settings)
+    apps: list[App] = []
+
+    async def start() -> None:
+        apps.append(App(settings))  # built in the running loop, as __main__ does (grpc.aio)
+        await apps[0].start()
+
     with pytest.raises(StartupError) as info:
-        asyncio.run(app.start())
+        asyncio.run(start())
     assert str(info.value) == (
         f"--grpc-port {busy_port} is in use on 127.0.0.1 (choose another port, or 0 for any)"
     )
     # What had started is closed: the metrics port it had bound is free again.
-    assert app.metrics_port > 0
+    assert apps[0].metrics_port > 0
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", app.metrics_port))
+        probe.bind(("127.0.0.1", apps[0].metrics_port))
