@@ -12,11 +12,12 @@ RUN_FLAGS ?=
 # torch==2.13.0 comes from a CPU wheel on this machine's disk; an unpinned torch pulls CUDA builds.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: help venv install install-dev models run test test-unit test-integration lint format proto proto-check clean bench-env bench bench-quick evaluate
+.PHONY: help venv install install-dev models run test test-fast test-unit test-integration lint format proto proto-check clean bench-env bench bench-quick evaluate
 
 help:
 	@echo "make run     install, build the bundled model repository if missing, start the server"
 	@echo "make test    install everything and run the whole test suite"
+	@echo "make test-fast  the unit tests that train and export nothing (well under a minute)"
 	@echo "make lint    ruff (lint + format check) and mypy --strict"
 	@echo "make proto   regenerate service/gen from proto/"
 
@@ -45,6 +46,10 @@ run: models
 
 test: $(VENV)/.installed-dev deploy-tools
 	$(PY) -m pytest tests
+
+# The unit tests that neither train nor export a model (marker "export" left out).
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/unit -m "not export" -q
 
 test-unit: $(VENV)/.installed-dev
 	$(PY) -m pytest tests/unit
@@ -102,8 +107,13 @@ GPU_REPOSITORY ?=
 GPU_BENCH_FLAGS ?=
 .PHONY: test-gpu bench-gpu
 
+# Without a usable CUDA device: one line saying why, exit 0 (pytest alone would exit 5, "no
+# tests collected"). With one, every test runs and a failure fails the target.
 test-gpu: $(VENV)/.installed-dev
-	$(PY) -m pytest tests/gpu -v -rs
+	@reason="$$($(PY) -c 'from tests.gpu.cuda import skip_reason; print(skip_reason() or "")')" \
+		|| { echo "test-gpu: cannot tell whether CUDA is usable (error above)"; exit 1; }; \
+	if [ -n "$$reason" ]; then echo "no CUDA: tests/gpu skipped ($$reason)"; \
+	else $(PY) -m pytest tests/gpu -v -rs; fi
 
 # About 6 minutes on one H100 with 16 cores (--budget-s bounds it; --json keeps the raw results).
 bench-gpu: $(VENV)/.installed-dev

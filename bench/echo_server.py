@@ -58,7 +58,7 @@ class CannedServicer(pb_grpc.MCDropoutServiceServicer):
 
 async def _serve(host: str, port: int, port_file: Path | None, classes: int) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_MCDropoutServiceServicer_to_server(CannedServicer(classes), server)
+    pb_grpc.add_MCDropoutServiceServicer_to_server(CannedServicer(classes), server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stopping = asyncio.Event()
@@ -67,7 +67,7 @@ async def _serve(host: str, port: int, port_file: Path | None, classes: int) -> 
         loop.add_signal_handler(sig, stopping.set)
     if port_file is not None:
         tmp = port_file.with_name(f"{port_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"grpc_port": bound}))
+        tmp.write_text(json.dumps({"grpc_port": bound, "pid": os.getpid()}))
         tmp.replace(port_file)
     log.info("canned-answer server on %s:%d", host, bound)
     await stopping.wait()
@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--port-file", type=Path, help="write {'grpc_port': N} once serving")
+    parser.add_argument(
+        "--port-file", type=Path, help="write {'grpc_port': N, 'pid': P} once serving"
+    )
     parser.add_argument("--classes", type=int, default=10, help="C of the canned mean")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

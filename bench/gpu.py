@@ -1,5 +1,10 @@
 """GPU benchmark: the engine-level variants of bench/engine.py on CUDA, in one process and one run.
 
+The measuring is bench/engine.py's (runners, probes, interleaved rounds) with its ``Device``
+set to CUDA, and the service level is bench/service.py's (servers started through
+tools/launcher.py, the same load generator); this module adds the time budget, the GPU
+variants (f) and (g), the device description and the report section.
+
 ``python -m bench.gpu --repository DIR --json OUT.json --out SECTION.md`` measures, over cells
 (model, B rows, T samples), with PyTorch on cuda and ONNX Runtime on the CUDA provider:
 
@@ -15,7 +20,7 @@
   where the GPU wins.
 
 Every variant ends with the same float64 statistics on the host (``service.maths.uncertainty``).
-Timing follows bench/engine.py (probes, one full-size warm-up, interleaved rounds, median and
+Timing is bench/engine.py's (probes, one full-size warm-up, interleaved rounds, median and
 p10-p90) with ``torch.cuda.synchronize()`` before and after every PyTorch call (ONNX Runtime's
 ``run`` is synchronous from Python). A variant whose sessions do not really run on CUDA
 (``get_providers()[0]``) is refused and reported as an error, never as a GPU figure. One failing
@@ -50,8 +55,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -65,7 +70,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,36 +79,38 @@ import numpy as np
 import torch
 
 from bench.engine import (
+    CPU,
+    CPU_PROVIDER,
+    CUDA,
+    GPU_VARIANT_KEYS,
+    GPU_VARIANTS,
     MIN_ROUNDS,
     Cell,
     CellResult,
+    Device,
     EngineBenchConfig,
     Measurement,
-    Rows,
+    NotOnDevice,
     Runner,
-    _accumulator,
-    _another_round,
-    _stats,
-    _tile_budget_rows,
+    build_runners,
+    describe_error,
+    measure_cell,
 )
 from bench.gpu_shapes import shapes_lines
 from bench.models import (
     INPUT_NAME,
     MODELS,
-    OUTPUT_NAME,
     VERSION,
     PreparedModel,
     build_mc_model,
     prepare_models,
 )
 from bench.report import GPU_BEGIN, GPU_END, _ms, _ratio, replace_gpu_section
-from service.engine.runtime import OutputStats, build_engine, chunk_samples
+from bench.service import Fixture, Plan, Running, Starter, measure, start_naive, start_this_service
 from service.repository import load_version
-from service.settings import EngineKind
 
 __all__ = [
     "GPU_VARIANTS",
-    "GpuVariant",
     "default_cells",
     "load_repository",
     "main",
@@ -117,8 +124,6 @@ log = logging.getLogger("bench.gpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CPU_PROVIDER = "CPUExecutionProvider"
 SCHEMA = "bench.gpu/1"
 #: PyTorch weights of a prepared model, next to its version folders (ignored by the server).
 STATE_DICT_FILE = "torch_state_dict.pt"
@@ -131,33 +136,7 @@ FACTORIES = {
 }
 
 
-@dataclass(frozen=True)
-class GpuVariant:
-    """One way of computing T samples on this host.
-
-    Attributes:
-        key: short name used in results.
-        letter: (a)..(g).
-        label: column header.
-        on_gpu: runs on the GPU (in CUDA mode); else on the host's CPU.
-    """
-
-    key: str
-    letter: str
-    label: str
-    on_gpu: bool = True
-
-
-GPU_VARIANTS: tuple[GpuVariant, ...] = (
-    GpuVariant("torch_loop", "a", "PyTorch loop of T passes"),
-    GpuVariant("torch_tiled", "b", "PyTorch on the [T*B] tile"),
-    GpuVariant("ort_loop", "c", "ONNX Runtime loop of T runs"),
-    GpuVariant("ort_tiled", "d", "ONNX Runtime, whole tiled graph"),
-    GpuVariant("engine", "e", "this engine (build_engine)"),
-    GpuVariant("engine_split_graph", "f", "this engine, one-graph form (split-graph)"),
-    GpuVariant("engine_cpu", "g", "this engine on the CPU provider", on_gpu=False),
-)
-VARIANT_KEYS = tuple(v.key for v in GPU_VARIANTS)
+VARIANT_KEYS = GPU_VARIANT_KEYS
 LETTER = {v.key: v.letter for v in GPU_VARIANTS}
 
 #: GPU calls are short: smaller per-cell budgets than the CPU benchmark, a cap on slow loops.
@@ -168,6 +147,7 @@ GPU_CONFIG = EngineBenchConfig(
     max_cell_s=10.0,
     call_cap_s=2.0,
     probe_samples=10,
+    probe_calls=2,
     pause_s=0.002,
 )
 #: --smoke: every code path once, as fast as possible.
@@ -178,6 +158,7 @@ SMOKE_CONFIG = EngineBenchConfig(
     max_cell_s=0.0,
     call_cap_s=5.0,
     probe_samples=2,
+    probe_calls=2,
     pause_s=0.0,
 )
 #: Total wall-clock budget of a run (the GPU host gives a command 8 minutes; leave margin).
@@ -212,11 +193,14 @@ def parse_cells(text: str) -> list[Cell]:
 # ---------------------------------------------------------------- the model repository
 
 
-def prepare_repository(directory: Path, seed: int = 0) -> dict[str, PreparedModel]:
-    """Export, verify and publish every benchmark model into ``directory`` (bench/models.py),
-    with each model's PyTorch weights next to its version folder and a small manifest."""
+def prepare_repository(
+    directory: Path, seed: int = 0, names: Sequence[str] = tuple(MODELS)
+) -> dict[str, PreparedModel]:
+    """Export, verify and publish the benchmark models ``names`` (every one by default) into
+    ``directory`` (bench/models.py), with each model's PyTorch weights next to its version
+    folder and a small manifest."""
     directory.mkdir(parents=True, exist_ok=True)
-    models = prepare_models(list(MODELS), directory, seed=seed)
+    models = prepare_models(list(names), directory, seed=seed)
     for name, model in models.items():
         torch.save(model.mc_model.state_dict(), directory / name / STATE_DICT_FILE)
     manifest = {
@@ -254,36 +238,6 @@ def load_repository(
 
 
 # ---------------------------------------------------------------- the device
-
-
-@dataclass(frozen=True)
-class Device:
-    """Where the "GPU" variants run.
-
-    Attributes:
-        cuda: True for the real benchmark; False for the CPU test mode.
-        torch_device: "cuda" or "cpu".
-        use_gpu: SessionConfig.use_gpu of the ONNX Runtime GPU variants.
-        provider: what their sessions must report first.
-    """
-
-    cuda: bool
-
-    @property
-    def torch_device(self) -> str:
-        return "cuda" if self.cuda else "cpu"
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.cuda
-
-    @property
-    def provider(self) -> str:
-        return CUDA_PROVIDER if self.cuda else CPU_PROVIDER
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 def _try(info: dict[str, Any], key: str, value: Callable[[], Any]) -> None:
@@ -364,306 +318,53 @@ def device_info(device: Device) -> dict[str, Any]:
     return info
 
 
-# ---------------------------------------------------------------- runners
-
-
-class NotOnDevice(RuntimeError):
-    """A variant's sessions (or tensors) are not where the benchmark needs them."""
-
-
-@dataclass
-class Built:
-    """A variant ready to call, with where it really runs.
-
-    Attributes:
-        runner: ``run(rows (B, ...), T) -> statistics``, synchronised around the call.
-        providers: what runs it: every ONNX Runtime session's first provider, or "torch cuda".
-        detail: e.g. the engine class.
-        provider_options: the CUDA provider's options of the first session (ORT variants).
-    """
-
-    runner: Runner
-    providers: list[str]
-    detail: str = ""
-    provider_options: dict[str, str] = field(default_factory=dict)
-
-
-def _sessions(obj: Any) -> list[Any]:
-    """Every ONNX Runtime session held by an engine (and by its seeded path)."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    found = [v for v in vars(obj).values() if isinstance(v, ort.InferenceSession)]
-    seeded = getattr(obj, "_seeded", None)
-    if seeded is not None:
-        found += [v for v in vars(seeded).values() if isinstance(v, ort.InferenceSession)]
-    return found
-
-
-def _synchronised(runner: Runner, device: Device) -> Runner:
-    def run(rows: Rows, num_samples: int) -> OutputStats:
-        device.sync()
-        stats = runner(rows, num_samples)
-        device.sync()
-        return stats
-
-    return run
-
-
-def _check_providers(key: str, providers: list[str], expected: str) -> None:
-    if not providers or any(p != expected for p in providers):
-        raise NotOnDevice(
-            f"{key} runs on {providers}, not {expected}: refused (its times would not be "
-            f"{'GPU' if expected == CUDA_PROVIDER else 'CPU'} figures)"
-        )
-
-
-def build_variant(
-    key: str,
-    model: PreparedModel,
-    device: Device,
-    tile_memory_bytes: int,
-    torch_model: torch.nn.Module | None = None,
-) -> Built:
-    """Build one variant (sessions and device copies are made here, not per call).
-
-    Raises:
-        NotOnDevice: it does not run where it must (e.g. CUDA asked, CPU given).
-    """
-    from service.engine.onnx_session import SessionConfig, create_session  # noqa: PLC0415
-
-    output = model.source.config.outputs[0]
-    variant = next(v for v in GPU_VARIANTS if v.key == key)
-    if key in ("torch_loop", "torch_tiled"):
-        target = torch.device(device.torch_device)
-        mc = torch_model if torch_model is not None else copy.deepcopy(model.mc_model).to(target)
-        where = next(mc.parameters()).device
-        if where.type != target.type:
-            raise NotOnDevice(f"{key}: the PyTorch model is on {where}, not {target}")
-        providers = [f"torch {where}"]
-        if key == "torch_loop":
-
-            def torch_loop(rows: Rows, num_samples: int) -> OutputStats:
-                x = torch.from_numpy(rows).to(target)
-                with torch.inference_mode():
-                    samples = torch.stack([mc(x) for _ in range(num_samples)])
-                return _stats(output, samples.cpu().numpy())
-
-            return Built(_synchronised(torch_loop, device), providers)
-
-        budget_rows = _tile_budget_rows(model, tile_memory_bytes)
-
-        def torch_tiled(rows: Rows, num_samples: int) -> OutputStats:
-            num_rows = rows.shape[0]
-            chunk = chunk_samples(num_samples, num_rows, budget_rows)
-            accumulator = _accumulator(output)
-            x = torch.from_numpy(rows).to(target)
-            tiled = x.repeat(chunk, *([1] * (rows.ndim - 1)))  # sample-major, as the engines
-            with torch.inference_mode():
-                for done in range(0, num_samples, chunk):
-                    t = min(chunk, num_samples - done)
-                    out = mc(tiled[: t * num_rows]).cpu().numpy()
-                    accumulator.update(out.reshape(t, num_rows, *out.shape[1:]))
-            return accumulator.result()
-
-        return Built(_synchronised(torch_tiled, device), providers)
-
-    use_gpu = device.use_gpu and variant.on_gpu
-    expected = CUDA_PROVIDER if use_gpu else CPU_PROVIDER
-    config = SessionConfig(use_gpu=use_gpu)
-    if key == "ort_loop":
-        session = create_session(model.model_path, config)
-        providers = [session.get_providers()[0]]
-        _check_providers(key, providers, expected)
-
-        def ort_loop(rows: Rows, num_samples: int) -> OutputStats:
-            feed = {INPUT_NAME: rows}
-            samples = [session.run([OUTPUT_NAME], feed)[0] for _ in range(num_samples)]
-            return _stats(output, np.stack(samples))
-
-        return Built(ort_loop, providers, "InferenceSession", _cuda_options(session))
-
-    if key in ("ort_tiled", "engine", "engine_split_graph", "engine_cpu"):
-        kinds: dict[str, EngineKind] = {"ort_tiled": "tiled", "engine_split_graph": "split-graph"}
-        kind: EngineKind = kinds.get(key, "auto")
-        engine = build_engine(model.source, config, tile_memory_bytes, kind)
-        sessions = _sessions(engine)
-        providers = [engine.provider] + [s.get_providers()[0] for s in sessions]
-        _check_providers(key, providers, expected)
-
-        def run_engine(rows: Rows, num_samples: int) -> OutputStats:
-            return engine.run({INPUT_NAME: rows}, num_samples)[0]
-
-        detail = f"{engine.kind} engine"
-        return Built(run_engine, sorted(set(providers)), detail, _cuda_options(*sessions))
-
-    raise ValueError(f"variant must be one of {VARIANT_KEYS}, got {key!r}")
-
-
-def _cuda_options(*sessions: Any) -> dict[str, str]:
-    for session in sessions:
-        with contextlib.suppress(Exception):
-            options = session.get_provider_options().get(CUDA_PROVIDER)
-            if options:
-                return {k: str(v) for k, v in sorted(options.items())}
-    return {}
-
-
-# ---------------------------------------------------------------- timing
-
-
-def _describe(exc: BaseException) -> str:
-    """One line: the exception's first line, and its last when it has more (a log tail)."""
-    lines = [line.strip() for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip()]
-    text = lines[0][:300]
-    if len(lines) > 1:
-        text += " ... " + lines[-1][:300]
-    return text
-
-
-def _timed(runner: Runner, rows: Rows, num_samples: int) -> float:
-    started = time.perf_counter()
-    runner(rows, num_samples)
-    return time.perf_counter() - started
-
-
-def estimate_call_s(
-    runner: Runner, rows: Rows, num_samples: int, config: EngineBenchConfig
-) -> float:
-    """Estimated seconds of one call, from probes with fewer samples (as bench/engine.py), but
-    each probe size is run twice and the second call timed: the first call at a new shape pays
-    one-off costs on a GPU (cuDNN algorithm search, arena growth) that would inflate the
-    estimate and skip a fast variant."""
-    probe = min(num_samples, config.probe_samples)
-    while True:
-        runner(rows, probe)
-        probe_s = _timed(runner, rows, probe)
-        estimate_s = probe_s * num_samples / probe
-        next_probe = min(num_samples, 10 * probe)
-        if (
-            estimate_s <= config.call_cap_s
-            or probe == num_samples
-            or 2 * probe_s * next_probe / probe > config.call_cap_s
-        ):
-            return estimate_s
-        probe = next_probe
-
-
-def measure_cell(
-    cell: Cell,
-    runners: Mapping[str, Runner],
-    rows: Rows,
-    config: EngineBenchConfig,
-    deadline: float,
-) -> tuple[CellResult, dict[str, str]]:
-    """Probe, warm up and time every variant of one cell in interleaved rounds; a variant that
-    raises is dropped from the cell with its error, the others go on.
-
-    Returns:
-        The cell's result and ``{variant: error}``.
-    """
-    result = CellResult(cell, {key: Measurement() for key in runners})
-    errors: dict[str, str] = {}
-    active: list[str] = []
-    for key, runner in runners.items():
-        measurement = result.measurements[key]
-        try:
-            measurement.estimate_s = estimate_call_s(runner, rows, cell.num_samples, config)
-            if measurement.estimate_s > config.call_cap_s:
-                measurement.skipped = (
-                    f"skipped (about {measurement.estimate_s:.2g} s per call > "
-                    f"{config.call_cap_s:g} s cap)"
-                )
-                continue
-            runner(rows, cell.num_samples)  # full-size warm-up
-        except Exception as exc:
-            errors[key] = _describe(exc)
-            measurement.skipped = "error"
-            log.warning("%s %s failed: %s", cell.key, key, errors[key], exc_info=True)
-            continue
-        active.append(key)
-        time.sleep(config.pause_s)
-
-    started = time.perf_counter()
-    while active and _another_round(
-        result.rounds, time.perf_counter() - started, config, time.monotonic() > deadline
-    ):
-        shift = result.rounds % len(active)
-        gc.collect()
-        for key in active[shift:] + active[:shift]:
-            try:
-                result.measurements[key].times_s.append(
-                    _timed(runners[key], rows, cell.num_samples)
-                )
-            except Exception as exc:
-                errors[key] = _describe(exc)
-                result.measurements[key].times_s.clear()
-                result.measurements[key].skipped = "error"
-                active.remove(key)
-                log.warning("%s %s failed: %s", cell.key, key, errors[key], exc_info=True)
-            time.sleep(config.pause_s)
-        result.rounds += 1
-    # A variant that failed in a later round has no times; the others keep theirs.
-    return result, errors
-
-
 # ---------------------------------------------------------------- service level
 
-
-@dataclass(frozen=True)
-class ServicePlan:
-    """The service-level part: one model, B rows, T samples, C closed-loop clients."""
-
-    model: str = "digits_cnn"
-    rows: int = 1
-    samples: int = 50
-    concurrencies: tuple[int, ...] = (1, 8, 64)
-    duration_s: float = 3.0
-    warmup_s: float = 1.0
-    deadline_s: float = 10.0
-
-
-SERVICE_PLAN = ServicePlan()
-SMOKE_SERVICE_PLAN = ServicePlan(concurrencies=(1, 4), duration_s=0.5, warmup_s=0.3)
+#: bench/service.py's plan for the GPU host: one model, B = 1, T = 50, one round.
+SERVICE_PLAN = Plan(
+    concurrencies=(1, 8, 64), rows=(1,), rounds=1, duration_s=3.0, warmup_s=1.0,
+    model="digits_cnn", input_name=INPUT_NAME, samples=50,
+)  # fmt: skip
+SMOKE_SERVICE_PLAN = replace(SERVICE_PLAN, concurrencies=(1, 4), duration_s=0.5, warmup_s=0.3)
 #: Least time left for a system to be started at all (start-up + cells).
 SYSTEM_MIN_S = 25.0
 
 
-def _service_systems(device: Device) -> list[tuple[str, str, list[str], str | None]]:
-    """(label, stem, module args, provider its model must be served on) of every system."""
+def _service_starters(device: Device, plan: Plan, providers: dict[str, str]) -> dict[str, Starter]:
+    """Every system of the service level, in order; a starter of this service checks that it
+    serves ``plan.model`` on the expected provider (recorded in ``providers``)."""
     gpu = "gpu" if device.cuda else "cpu"
-    torch_device = device.torch_device
-    # On CUDA, also the other cuDNN algorithm searches (the default is heuristic).
-    searches = [
-        (
-            f"this service, --device gpu --cuda-conv-algo-search {algo}",
-            f"service-gpu-{algo}",
-            ["service", "--device", gpu, "--cuda-conv-algo-search", algo],
-            device.provider,
+
+    def service(label: str, stem: str, flags: list[str], provider: str) -> Starter:
+        @contextlib.contextmanager
+        def start(fixture: Fixture, workdir: Path) -> Iterator[Running]:
+            flags_ = ["--metrics-port", "-1", *flags]
+            with start_this_service(fixture, workdir, flags_, name=label, stem=stem) as running:
+                served = _served_provider(running.target, plan.model)
+                providers[label] = served
+                if served != provider:
+                    raise NotOnDevice(f"the server runs {plan.model} on {served}, not {provider}")
+                yield running
+
+        return start
+
+    starters = {
+        f"this service, --device {gpu}": service(
+            f"this service, --device {gpu}", "service-gpu", ["--device", gpu], device.provider
         )
-        for algo in ("exhaustive", "default")
-        if device.cuda
-    ]
-    return [
-        (
-            f"this service, --device {gpu}",
-            "service-gpu",
-            ["service", "--device", gpu],
-            device.provider,
-        ),
-        *searches,
-        (
-            f"naive PyTorch server on {torch_device}",
-            "naive",
-            ["bench.naive_server", "--device", torch_device],
-            None,
-        ),
-        (
-            "this service, --device cpu (same host)",
-            "service-cpu",
-            ["service", "--device", "cpu"],
-            CPU_PROVIDER,
-        ),
-    ]
+    }
+    if device.cuda:  # also the other cuDNN algorithm searches (the default is heuristic)
+        for algo in ("exhaustive", "default"):
+            label = f"this service, --device gpu --cuda-conv-algo-search {algo}"
+            flags = ["--device", gpu, "--cuda-conv-algo-search", algo]
+            starters[label] = service(label, f"service-gpu-{algo}", flags, device.provider)
+    naive = f"naive PyTorch server on {device.torch_device}"
+    naive_flags = ["--device", device.torch_device, "--factory", FACTORIES[plan.model],
+                   "--model-name", plan.model, "--input-name", plan.input_name]  # fmt: skip
+    starters[naive] = functools.partial(start_naive, flags=naive_flags, name=naive)
+    cpu = "this service, --device cpu (same host)"
+    starters[cpu] = service(cpu, "service-cpu", ["--device", "cpu"], CPU_PROVIDER)
+    return starters
 
 
 def _served_provider(target: str, model: str, timeout_s: float = 30.0) -> str:
@@ -679,7 +380,7 @@ def _served_provider(target: str, model: str, timeout_s: float = 30.0) -> str:
 
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.MCDropoutServiceStub(channel)
+        stub = pb_grpc.MCDropoutServiceStub(channel)  # type: ignore[no-untyped-call]
         while True:
             try:
                 meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model), timeout=5)
@@ -694,86 +395,28 @@ def _served_provider(target: str, model: str, timeout_s: float = 30.0) -> str:
                 time.sleep(0.2)
 
 
-def run_service(
-    models_dir: Path, device: Device, plan: ServicePlan, deadline: float
-) -> dict[str, Any]:
-    """Each system in turn, alone on the host: start it, run the load generator, stop it."""
-    from bench.service import _start_with_port_file  # noqa: PLC0415
-
+def run_service(models_dir: Path, device: Device, plan: Plan, deadline: float) -> dict[str, Any]:
+    """bench/service.py's measurement of each system in turn, alone on the host, within the
+    run's time budget."""
     spec = MODELS[plan.model]
-    out: dict[str, Any] = {
-        "plan": asdict(plan),
-        "cells": [],
-        "errors": [],
-        "systems": [],
-        "providers": {},
-    }
+    out: dict[str, Any] = {"plan": asdict(plan), "providers": {}}
     with tempfile.TemporaryDirectory(prefix="mcd-bench-gpu-service-") as tmp:
         workdir = Path(tmp)
         repository = workdir / "repository"
         shutil.copytree(models_dir / plan.model, repository / plan.model)
-        inputs = workdir / "rows.npy"
-        np.save(inputs, spec.rows(plan.rows, seed=0))
-        for label, stem, module_args, provider in _service_systems(device):
-            out["systems"].append(label)
-            left = deadline - time.monotonic()
-            if left < SYSTEM_MIN_S:
-                out["errors"].append(f"{label}: not run (time budget, {left:.0f} s left)")
-                continue
-            if module_args[0] == "service":
-                args = [*module_args, "--model-repository", str(repository), "--host", "127.0.0.1",
-                        "--grpc-port", "0", "--metrics-port", "-1"]  # fmt: skip
-            else:
-                weights = repository / plan.model / STATE_DICT_FILE
-                args = [*module_args, "--state-dict", str(weights), "--factory",
-                        FACTORIES[plan.model], "--model-name", plan.model,
-                        "--input-name", INPUT_NAME]  # fmt: skip
-            log.info("service level: %s", label)
-            try:
-                with _start_with_port_file(label, args, workdir, stem) as running:
-                    if provider is not None:
-                        served = _served_provider(running.target, plan.model)
-                        out["providers"][label] = served
-                        if served != provider:
-                            raise NotOnDevice(
-                                f"the server runs {plan.model} on {served}, not {provider}: refused"
-                            )
-                    answer = _loadgen(running.target, inputs, plan)
-                for cell in answer["cells"]:
-                    out["cells"].append({"system": label, "check": answer["check"], **cell})
-            except Exception as exc:
-                out["errors"].append(f"{label}: {_describe(exc)}{_log_errors(workdir, stem)}")
-                log.warning("service level: %s failed", label, exc_info=True)
+        inputs = {rows: workdir / f"rows-{rows}.npy" for rows in plan.rows}
+        for rows, path in inputs.items():
+            np.save(path, spec.rows(rows, seed=0))
+        model_dir = repository / plan.model
+        fixture = Fixture(
+            repository, model_dir / str(VERSION) / "model.onnx", model_dir / STATE_DICT_FILE, inputs
+        )
+        starters = _service_starters(device, plan, out["providers"])
+        out["systems"] = list(starters)
+        out["cells"], out["errors"] = measure(
+            plan, fixture, workdir, starters, deadline=deadline, min_system_s=SYSTEM_MIN_S
+        )
     return out
-
-
-def _log_errors(workdir: Path, stem: str, limit: int = 3) -> str:
-    """The last ERROR lines of a server's log (it lives in a temporary folder), for the report."""
-    try:
-        lines = (workdir / f"{stem}.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    errors = [line.strip()[:300] for line in lines if " ERROR " in line or "Error" in line]
-    return "".join(f" | log: {line}" for line in errors[-limit:])
-
-
-def _loadgen(target: str, inputs: Path, plan: ServicePlan) -> dict[str, Any]:
-    command = [
-        sys.executable, "-m", "bench.loadgen", "--protocol", "mcdropout", "--target", target,
-        "--model", plan.model, "--input-name", INPUT_NAME, "--inputs", str(inputs),
-        "--samples", str(plan.samples), "--concurrency", *map(str, plan.concurrencies),
-        "--duration-s", str(plan.duration_s), "--warmup-s", str(plan.warmup_s),
-        "--deadline-s", str(plan.deadline_s), "--ready-timeout-s", "30",
-    ]  # fmt: skip
-    timeout_s = 70.0 + len(plan.concurrencies) * (plan.warmup_s + plan.duration_s + plan.deadline_s)
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
-    )
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"load generator exited with {done.returncode}: {last}")
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
 
 
 # ---------------------------------------------------------------- the run
@@ -828,7 +471,7 @@ def run_benchmark(
     config: EngineBenchConfig,
     repository: Path | None,
     budget_s: float,
-    service_plan: ServicePlan | None,
+    service_plan: Plan | None,
     command: str,
     json_path: Path | None = None,
     variants: Sequence[str] = VARIANT_KEYS,
@@ -874,7 +517,7 @@ def run_benchmark(
                 try:
                     models.update(load_repository(models_dir, [name], config.seed))
                 except Exception as exc:
-                    result["models"][name] = {"build_errors": {"load": _describe(exc)}}
+                    result["models"][name] = {"build_errors": {"load": describe_error(exc)}}
                     log.warning("%s: cannot load", name, exc_info=True)
             runners: dict[str, dict[str, Runner]] = {}
             for name, model in models.items():
@@ -896,7 +539,7 @@ def run_benchmark(
                 save()
                 result["service"] = run_service(models_dir, device, service_plan, deadline)
     except Exception as exc:  # the result so far is still written
-        result["errors"].append(f"run aborted: {_describe(exc)}")
+        result["errors"].append(f"run aborted: {describe_error(exc)}")
         log.error("run aborted:\n%s", traceback.format_exc())
     result["finished"] = True
     save()
@@ -912,34 +555,20 @@ def _build_model(
     variants: Sequence[str],
     result: dict[str, Any],
 ) -> dict[str, Runner]:
-    """Every variant of one model; one that cannot be built is recorded and left out."""
-    entry: dict[str, Any] = {
+    """Every variant of one model (bench.engine.build_runners); one that cannot be built is
+    recorded and left out."""
+    built, errors = build_runners(model, variants, config.tile_memory_bytes, device)
+    options = next((b.provider_options for b in built.values() if b.provider_options), {})
+    result["models"][name] = {
         "title": model.spec.title,
         "activation_bytes_per_row": model.source.config.activation_bytes_per_row,
-        "providers": {},
-        "details": {},
-        "build_errors": {},
-        "cuda_provider_options": {},
+        "providers": {key: b.providers for key, b in built.items()},
+        "details": {key: b.detail for key, b in built.items()},
+        "build_errors": errors,
+        "cuda_provider_options": options,
     }
-    result["models"][name] = entry
-    built: dict[str, Runner] = {}
-    torch_model: torch.nn.Module | None = None
-    for key in variants:
-        try:
-            if key.startswith("torch_") and torch_model is None:
-                torch_model = copy.deepcopy(model.mc_model).to(torch.device(device.torch_device))
-            variant = build_variant(key, model, device, config.tile_memory_bytes, torch_model)
-        except Exception as exc:
-            entry["build_errors"][key] = _describe(exc)
-            log.warning("%s %s: cannot build: %s", name, key, entry["build_errors"][key])
-            continue
-        built[key] = variant.runner
-        entry["providers"][key] = variant.providers
-        entry["details"][key] = variant.detail
-        if variant.provider_options and not entry["cuda_provider_options"]:
-            entry["cuda_provider_options"] = variant.provider_options
-    log.info("%s: %s", name, entry["providers"])
-    return built
+    log.info("%s: %s", name, result["models"][name]["providers"])
+    return {key: b.runner for key, b in built.items()}
 
 
 def _run_cell(
@@ -955,10 +584,10 @@ def _run_cell(
         return {**CellResult(cell, {}).to_dict(), "errors": {"cell": why}}
     try:
         rows = models[cell.model].spec.rows(cell.num_rows, seed=config.seed)
-        cell_result, errors = measure_cell(cell, model_runners, rows, config, deadline)
+        cell_result, errors = measure_cell(cell, model_runners, rows, config, deadline=deadline)
     except Exception as exc:
         log.warning("%s failed", cell.key, exc_info=True)
-        return {**CellResult(cell, {}).to_dict(), "errors": {"cell": _describe(exc)}}
+        return {**CellResult(cell, {}).to_dict(), "errors": {"cell": describe_error(exc)}}
     summary = ", ".join(
         f"{k} {m.median_s * 1e3:.2f} ms" if m.times_s else f"{k} {m.skipped}"
         for k, m in cell_result.measurements.items()
@@ -1157,6 +786,11 @@ def _model_tables(
     return lines
 
 
+def _rows(rows: object) -> str:
+    """B of the service plan: a list since bench.service.Plan, an int in older results."""
+    return ", ".join(map(str, rows)) if isinstance(rows, list | tuple) else str(rows)
+
+
 def _service_lines(service: Mapping[str, Any] | None, cuda: bool) -> list[str]:
     if service is None:
         return []
@@ -1164,7 +798,7 @@ def _service_lines(service: Mapping[str, Any] | None, cuda: bool) -> list[str]:
     lines = [
         "### Service level over gRPC",
         "",
-        f"`{plan.get('model')}`, B = {plan.get('rows')} row per request, T ="
+        f"`{plan.get('model')}`, B = {_rows(plan.get('rows'))} row per request, T ="
         f" {plan.get('samples')}; `bench/loadgen.py`, C closed-loop grpc.aio clients on"
         f" 127.0.0.1, {plan.get('warmup_s')} s warm-up then a {plan.get('duration_s')} s window"
         " per C, one system up at a time, one round (no spread). Systems: `python -m service"
@@ -1332,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("prepared %s (%.1f MB)", args.prepare, size / 1e6)
         return 0
 
-    device = Device(cuda=args.device == "cuda")
+    device = CUDA if args.device == "cuda" else CPU
     config = SMOKE_CONFIG if args.smoke else GPU_CONFIG
     config = EngineBenchConfig(**{**asdict(config), "seed": args.seed})
     cells = args.cells or (smoke_cells() if args.smoke else default_cells())

@@ -125,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-samples", type=int, default=100, help="T when a request has 0")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--port-file", type=Path, help="write {'grpc_port': N} once serving")
+    parser.add_argument(
+        "--port-file", type=Path, help="write {'grpc_port': N, 'pid': P} once serving"
+    )
     parser.add_argument("--workers", type=int, default=4, help="gRPC handler threads")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
@@ -139,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     model = _load_model(args.factory, args.state_dict)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
-    pb_grpc.add_MCDropoutServiceServicer_to_server(
+    pb_grpc.add_MCDropoutServiceServicer_to_server(  # type: ignore[no-untyped-call]
         NaiveServicer(
             model, args.model_name, args.input_name, args.default_samples, torch.device(args.device)
         ),
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     if args.port_file is not None:
         tmp = args.port_file.with_name(f"{args.port_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"grpc_port": port}))
+        tmp.write_text(json.dumps({"grpc_port": port, "pid": os.getpid()}))
         tmp.replace(args.port_file)
     log.info(
         "naive MC dropout server on %s, %s:%d (%d threads)",

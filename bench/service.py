@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,7 +48,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FULL", "QUICK", "Plan", "run"]
+from tools.launcher import (
+    ChildProcess,
+    LaunchError,
+    ServiceProcess,
+    child_environment,
+    start_service,
+)
+
+__all__ = ["FULL", "QUICK", "Plan", "measure", "run", "run_loadgen"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ SYSTEMS = (SERVICE, NAIVE, MLSERVER, CEILING)
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 VENV_TIMEOUT_S = 600.0
+LOADGEN_READY_TIMEOUT_S = 60.0
 #: gRPC handler threads of the naive server: on 2 cores, 4 beat 1 and matched 16.
 NAIVE_WORKERS = 4
 #: MLServer adaptive batching: a full batch is C = 64 requests; 5 ms bounds the wait for it.
@@ -94,6 +102,9 @@ class Plan:
         duration_s: measurement window of one cell.
         warmup_s: warm-up before each window.
         deadline_s: gRPC deadline of every call.
+        model: the model every system serves.
+        input_name: its input.
+        samples: T of every request.
     """
 
     concurrencies: tuple[int, ...]
@@ -102,6 +113,9 @@ class Plan:
     duration_s: float
     warmup_s: float
     deadline_s: float = 10.0
+    model: str = MODEL
+    input_name: str = INPUT_NAME
+    samples: int = NUM_SAMPLES
 
 
 QUICK = Plan(concurrencies=(64,), rows=(1,), rounds=1, duration_s=4.0, warmup_s=1.5)
@@ -164,62 +178,7 @@ def prepare_fixture(workdir: Path, rows: Sequence[int]) -> Fixture:
     return Fixture(repository, report.path / "model.onnx", state_dict, inputs)
 
 
-# --- processes -----------------------------------------------------------------------------
-
-
-class ServerProcess:
-    """A server subprocess in its own session, logging to a file; ``stop`` always ends it."""
-
-    def __init__(self, name: str, command: Sequence[str], *, cwd: Path, log_path: Path):
-        self.name = name
-        self.command = list(command)
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MCD_", "MLSERVER_"))}
-        env["PYTHONUNBUFFERED"] = "1"
-        with log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=cwd,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: workers are ended with it
-            )
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def failed(self, reason: str) -> RuntimeError:
-        return RuntimeError(f"{self.name}: {reason}; log tail:\n{self.log_tail()}")
-
-    def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
-        """Poll ``ready`` until true; raise when the process exits or ``timeout_s`` passes."""
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            if self.process.poll() is not None:
-                raise self.failed(f"exited with {self.process.returncode} while starting")
-            if time.monotonic() > deadline:
-                raise self.failed(f"not ready after {timeout_s:g} s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM, wait, then SIGKILL the whole process group (MLServer's workers too)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM for %g s: killing it", self.name, STOP_TIMEOUT_S)
-        # The group id is this child's pid (start_new_session): only its descendants are in it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(STOP_TIMEOUT_S)
-
-
-def _read_port(port_file: Path) -> int:
-    return int(json.loads(port_file.read_text())["grpc_port"])
+# --- processes (tools/launcher.py: started and stopped by PID) ------------------------------
 
 
 def _free_port() -> int:
@@ -238,44 +197,64 @@ class Running:
     protocol: str
 
 
+def _mcdropout(server: ServiceProcess) -> Running:
+    return Running(server.target, Path(sys.executable), "mcdropout")
+
+
 @contextlib.contextmanager
 def _start_with_port_file(
     name: str, module_args: Sequence[str], workdir: Path, stem: str
 ) -> Iterator[Running]:
-    """``python -m MODULE ... --port-file F`` from the project's venv; ready once F appears
-    (this service writes it after its models have loaded)."""
+    """``python -m MODULE ... --port-file F`` (bench's own servers); ready once F appears."""
     port_file = workdir / f"{stem}-ports.json"
-    port_file.unlink(missing_ok=True)
-    server = ServerProcess(
+    server = ServiceProcess(
         name,
         [sys.executable, "-m", *module_args, "--port-file", str(port_file)],
-        cwd=ROOT,
+        port_file=port_file,
         log_path=workdir / f"{stem}.log",
     )
     try:
-        server.wait_until(port_file.exists, START_TIMEOUT_S)
-        yield Running(f"127.0.0.1:{_read_port(port_file)}", Path(sys.executable), "mcdropout")
+        server.wait_until(server.port_file_ready, START_TIMEOUT_S)
+        yield _mcdropout(server)
     finally:
-        server.stop()
+        server.stop(STOP_TIMEOUT_S)
 
 
-def start_service(fixture: Fixture, workdir: Path) -> contextlib.AbstractContextManager[Running]:
-    """``python -m service`` on 127.0.0.1 port 0 with its default settings."""
+@contextlib.contextmanager
+def start_this_service(
+    fixture: Fixture,
+    workdir: Path,
+    flags: Sequence[str] = (),
+    *,
+    name: str = SERVICE,
+    stem: str = "service",
+) -> Iterator[Running]:
+    """``python -m service`` on 127.0.0.1 port 0 (tools/launcher.py), its default settings
+    unless ``flags`` say otherwise."""
+    server = start_service(
+        fixture.repository, workdir, flags, name=name, stem=stem, start_timeout_s=START_TIMEOUT_S
+    )
+    try:
+        yield _mcdropout(server)
+    finally:
+        server.stop(STOP_TIMEOUT_S)
+
+
+def start_naive(
+    fixture: Fixture,
+    workdir: Path,
+    flags: Sequence[str] = (),
+    *,
+    name: str = NAIVE,
+    stem: str = "naive",
+) -> contextlib.AbstractContextManager[Running]:
+    """``bench.naive_server`` on 127.0.0.1 port 0 (``flags``: more of its flags, which win)."""
     return _start_with_port_file(
-        SERVICE,
-        ["service", "--model-repository", str(fixture.repository), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-port", "0"],
-        workdir, "service",
-    )  # fmt: skip
-
-
-def start_naive(fixture: Fixture, workdir: Path) -> contextlib.AbstractContextManager[Running]:
-    """``bench.naive_server`` on 127.0.0.1 port 0."""
-    return _start_with_port_file(
-        NAIVE,
+        name,
         ["bench.naive_server", "--state-dict", str(fixture.state_dict), "--model-name", MODEL,
-         "--input-name", INPUT_NAME, "--workers", str(NAIVE_WORKERS), "--torch-threads", "2"],
-        workdir, "naive",
+         "--input-name", INPUT_NAME, "--workers", str(NAIVE_WORKERS), "--torch-threads", "2",
+         *flags],
+        workdir, stem,
     )  # fmt: skip
 
 
@@ -330,16 +309,17 @@ def start_mlserver(fixture: Fixture, workdir: Path, venv: Path) -> Iterator[Runn
     """``mlserver start`` from its own venv; ready when ``/v2/models/digits/ready`` says 200."""
     folder = workdir / "mlserver"
     grpc_port, http_port = write_mlserver_repository(fixture, folder)
-    server = ServerProcess(
+    server = ChildProcess(
         MLSERVER, [str(venv / "bin" / "mlserver"), "start", str(folder)],
         cwd=folder, log_path=workdir / "mlserver.log",
+        env=child_environment(("MCD_", "MLSERVER_")),
     )  # fmt: skip
     try:
         ready_url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/ready"
         server.wait_until(lambda: _http_ok(ready_url), START_TIMEOUT_S)
         yield Running(f"127.0.0.1:{grpc_port}", venv / "bin" / "python", "oip")
     finally:
-        server.stop()
+        server.stop(STOP_TIMEOUT_S)  # SIGKILL of its group ends its worker processes too
 
 
 def ensure_mlserver_venv(venv: Path, *, install: bool) -> str | None:
@@ -388,7 +368,8 @@ def ensure_mlserver_venv(venv: Path, *, install: bool) -> str | None:
 
 
 def run_loadgen(running: Running, inputs: Path, plan: Plan) -> dict[str, Any]:
-    """Run ``python -m bench.loadgen`` with ``running.client_python``; returns its JSON result.
+    """Run ``python -m bench.loadgen`` with ``running.client_python``: every concurrency of
+    ``plan`` against ``running.target`` with the rows in ``inputs``; returns its JSON result.
 
     In MLServer's venv this imports bench/__init__.py and bench/loadgen.py only, so both must
     keep to the standard library, grpcio and numpy at import time.
@@ -396,14 +377,14 @@ def run_loadgen(running: Running, inputs: Path, plan: Plan) -> dict[str, Any]:
     command = [
         str(running.client_python), "-m", "bench.loadgen",
         "--protocol", running.protocol, "--target", running.target,
-        "--model", MODEL, "--input-name", INPUT_NAME, "--inputs", str(inputs),
-        "--samples", str(NUM_SAMPLES),
+        "--model", plan.model, "--input-name", plan.input_name, "--inputs", str(inputs),
+        "--samples", str(plan.samples),
         "--concurrency", *(str(c) for c in plan.concurrencies),
         "--duration-s", str(plan.duration_s), "--warmup-s", str(plan.warmup_s),
-        "--deadline-s", str(plan.deadline_s), "--ready-timeout-s", "60",
+        "--deadline-s", str(plan.deadline_s), "--ready-timeout-s", str(LOADGEN_READY_TIMEOUT_S),
     ]  # fmt: skip
     per_cell_s = plan.warmup_s + plan.duration_s + plan.deadline_s + 10.0
-    timeout_s = 90.0 + per_cell_s * len(plan.concurrencies)
+    timeout_s = LOADGEN_READY_TIMEOUT_S + 30.0 + per_cell_s * len(plan.concurrencies)
     done = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
     )
@@ -422,7 +403,10 @@ Starter = Callable[[Fixture, Path], contextlib.AbstractContextManager[Running]]
 
 
 def _starters(mlserver_venv: Path | None) -> dict[str, Starter]:
-    starters: dict[str, Starter] = {SERVICE: start_service, NAIVE: start_naive}
+    starters: dict[str, Starter] = {
+        SERVICE: start_this_service,
+        NAIVE: start_naive,
+    }
     if mlserver_venv is not None:
         venv = mlserver_venv
         starters[MLSERVER] = lambda fixture, workdir: start_mlserver(fixture, workdir, venv)
@@ -431,13 +415,27 @@ def _starters(mlserver_venv: Path | None) -> dict[str, Starter]:
 
 
 def measure(
-    plan: Plan, fixture: Fixture, workdir: Path, starters: dict[str, Starter]
+    plan: Plan,
+    fixture: Fixture,
+    workdir: Path,
+    starters: dict[str, Starter],
+    *,
+    deadline: float | None = None,
+    min_system_s: float = 0.0,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every round: start each system (rotating order), run all its cells, stop it.
 
+    Args:
+        plan: what to measure.
+        fixture: the model and inputs every system gets.
+        workdir: logs and port files.
+        starters: each system's start (a context manager yielding where it runs).
+        deadline: ``time.monotonic()`` budget of the whole run (bench.gpu).
+        min_system_s: a system is not started with less time than this left.
+
     Returns:
-        (one result per cell, problems met: a system that failed in a round is named and the
-        run goes on).
+        (one result per cell, problems met: a system that failed in a round is named with
+        why, and the run goes on).
     """
     results: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -445,6 +443,11 @@ def measure(
     for round_index in range(plan.rounds):
         shift = round_index % len(names)
         for system in names[shift:] + names[:shift]:
+            where = f"{system}, round {round_index + 1}"
+            if deadline is not None and deadline - time.monotonic() < min_system_s:
+                left_s = deadline - time.monotonic()
+                problems.append(f"{where}: not run (time budget, {left_s:.0f} s left)")
+                continue
             log.info("round %d/%d: %s", round_index + 1, plan.rounds, system)
             try:
                 with starters[system](fixture, workdir) as running:
@@ -452,13 +455,23 @@ def measure(
                         answer = run_loadgen(running, fixture.inputs[rows], plan)
                         for cell in answer["cells"]:
                             results.append(
-                                {"system": system, "rows": rows, "samples": NUM_SAMPLES,
+                                {"system": system, "rows": rows, "samples": plan.samples,
                                  "round": round_index + 1, "check": answer["check"], **cell}
                             )  # fmt: skip
             except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as error:
-                log.error("%s failed in round %d: %s", system, round_index + 1, error)
-                problems.append(f"{system}, round {round_index + 1}: {error}".splitlines()[0])
+                log.error("%s failed: %s", where, error)
+                problems.append(f"{where}: {_problem(error)}")
     return results, problems
+
+
+def _problem(error: BaseException, limit: int = 3) -> str:
+    """The error's first line; for a server that did not start, its log's last error lines."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    text = lines[0][:300]
+    if isinstance(error, LaunchError):
+        logged = [line.strip()[:300] for line in lines[1:] if "ERROR" in line or "rror:" in line]
+        text += "".join(f" | log: {line}" for line in logged[-limit:])
+    return text
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,10 @@ project's typed client library is not a dependency of the evaluation).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
 import random
-import signal
-import subprocess
-import sys
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +26,7 @@ import torch
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.protocol.codec import decode_tensor, encode_tensor
+from tools.launcher import launch_service
 
 __all__ = [
     "ROOT",
@@ -93,8 +89,9 @@ def running_server(
 ) -> Iterator[str]:
     """Runs ``python -m service`` on 127.0.0.1 (free port) for the duration of the block.
 
-    The server loads every model of ``repository`` before it writes its port file, so the
-    target it yields is ready. It is always stopped (SIGTERM, then kill) when the block ends.
+    Started and stopped by tools/launcher.py: the server loads every model of ``repository``
+    before it writes its port file, so the target it yields is ready; it is always stopped
+    (SIGTERM, then SIGKILL after a bounded wait) when the block ends.
 
     Args:
         repository: the model repository to serve.
@@ -108,35 +105,13 @@ def running_server(
         RuntimeError: the server exited or did not serve within ``SERVER_START_TIMEOUT_S``; the
             message carries the end of its log.
     """
-    port_file = workdir / "ports.json"
-    log_path = workdir / "server.log"
-    port_file.unlink(missing_ok=True)
-    # The evaluation's own settings, not whatever MCD_* variables the caller's shell has.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCD_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    command = [
-        sys.executable, "-m", "service", "--model-repository", str(repository),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1",
-        "--port-file", str(port_file), "--device", "cpu", *extra_flags,
-    ]  # fmt: skip
-    with log_path.open("wb") as server_log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT, env=env
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"the server did not start (log {log_path}):\n{tail}")
-            time.sleep(0.1)
-        ports = json.loads(port_file.read_text())
-        log.info(
-            "server pid %d serving %s on 127.0.0.1:%d", process.pid, repository, ports["grpc_port"]
-        )
-        yield f"127.0.0.1:{ports['grpc_port']}"
-    finally:
-        _stop(process)
+    flags = ["--metrics-port", "-1", "--device", "cpu", *extra_flags]
+    # tools/launcher.py: no MCD_* variables of the caller's shell, stopped by PID.
+    with launch_service(
+        repository, workdir, flags, start_timeout_s=SERVER_START_TIMEOUT_S
+    ) as server:
+        log.info("server pid %d serving %s on %s", server.pid, repository, server.target)
+        yield server.target
 
 
 @contextlib.contextmanager
@@ -175,17 +150,6 @@ def serving(
             attempt, attempts, sorted(missing), "; ".join(reasons) or "no reason logged",
         )  # fmt: skip
     raise RuntimeError(f"models not served after {attempts} starts: {'; '.join(reasons)}")
-
-
-def _stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout_s)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,16 @@ models load off the event loop, then health turns SERVING. Shutdown (SIGTERM/SIG
 health NOT_SERVING, keeps serving for the drain period (clients that check health and load
 balancers move away), stops accepting RPCs, lets in-flight ones finish within the grace
 period, then exits 0.
+
+What an operator must fix before the server can start (a port in use, the model repository
+gone) is raised as :class:`StartupError`, whose message is one line naming the flag; whatever
+had started is stopped first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -20,12 +25,18 @@ from wsgiref.simple_server import WSGIServer
 
 from service import metrics
 from service.core.dataplane import DataPlane
+from service.errors import ModelLoadError
 from service.protocol.grpc_server import GrpcServer
 from service.settings import Settings
 
-__all__ = ["App"]
+__all__ = ["App", "StartupError"]
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message is one line for the operator (it
+    names the flag and the value to change)."""
 
 
 class App:
@@ -44,16 +55,41 @@ class App:
         self._end_drain = asyncio.Event()
 
     async def start(self) -> None:
+        """Bind both ports, load the models, turn health SERVING, write the port file.
+
+        Raises:
+            StartupError: a port cannot be bound, or the model repository is not a folder
+                (what had started is stopped).
+        """
         s = self.settings
-        if s.metrics_port >= 0:
-            self._metrics_server, self._metrics_thread = metrics.serve(s.host, s.metrics_port)
-            self.metrics_port = self._metrics_server.server_port
-        self.grpc_port = await self.grpc.start()
-        log.info(
-            "gRPC on %s:%d, metrics on %s:%s; loading models from %s",
-            s.host, self.grpc_port, s.host, self.metrics_port, s.model_repository,
-        )  # fmt: skip
-        registry = await asyncio.get_running_loop().run_in_executor(None, self.plane.load)
+        try:
+            if s.metrics_port >= 0:
+                try:
+                    self._metrics_server, self._metrics_thread = metrics.serve(
+                        s.host, s.metrics_port
+                    )
+                except OSError as exc:
+                    raise _bind_error("--metrics-port", s.host, s.metrics_port, exc) from None
+                self.metrics_port = self._metrics_server.server_port
+            try:
+                self.grpc_port = await self.grpc.start()
+            except (OSError, RuntimeError) as exc:  # grpcio raises RuntimeError("Failed to bind")
+                raise _bind_error("--grpc-port", s.host, s.grpc_port, exc) from None
+            log.info(
+                "gRPC on %s:%d, metrics on %s:%s; loading models from %s",
+                s.host, self.grpc_port, s.host, self.metrics_port, s.model_repository,
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+            try:
+                registry = await loop.run_in_executor(None, self.plane.load)
+            except ModelLoadError as exc:  # the repository itself, not one model: nothing to serve
+                raise StartupError(f"--model-repository: {exc}") from None
+        except StartupError:
+            # Nothing was served yet: close at once, no drain, no grace.
+            await self.grpc.stop(0.0)
+            await self.plane.close()
+            self._close_metrics()
+            raise
         self.plane.serve(registry)
         await self.grpc.set_serving()
         if not registry.names():
@@ -73,10 +109,13 @@ class App:
         )  # fmt: skip
         await self.grpc.stop(s.grace_period_s, s.drain_period_s, self._end_drain)
         await self.plane.close()
+        self._close_metrics()
+        log.info("stopped")
+
+    def _close_metrics(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log.info("stopped")
 
     def request_stop(self) -> None:
         """First call: stop gracefully (drain, then grace). A second call (another SIGTERM or
@@ -97,8 +136,17 @@ class App:
         await self.stop()
 
 
+def _bind_error(flag: str, host: str, port: int, exc: Exception) -> StartupError:
+    if isinstance(exc, OSError) and exc.errno != errno.EADDRINUSE:
+        return StartupError(f"{flag} {port}: cannot bind {host}:{port} ({exc.strerror})")
+    # grpcio does not say why a bind failed; a port in use is by far the common reason.
+    return StartupError(f"{flag} {port} is in use on {host} (choose another port, or 0 for any)")
+
+
 def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
-    """Write the bound ports atomically, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}))
+    """Write the bound ports, and this process's PID (so that a script can stop exactly this
+    server), atomically, so a reader never sees half a file."""
+    pid = os.getpid()
+    tmp = path.with_name(path.name + f".{pid}.tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": pid}))
     tmp.replace(path)

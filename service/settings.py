@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NoReturn, get_args
 
 __all__ = ["ENV_PREFIX", "Device", "EngineKind", "Settings", "SettingsError", "load_settings"]
 
@@ -216,9 +216,16 @@ def _parse(name: str, kind: str, raw: str) -> object:
         raise SettingsError(f"{name} must be a {kind}, got {raw!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A bad flag is a SettingsError (one line), not argparse's usage dump and exit."""
+        raise SettingsError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser: one flag per settings field, defaults left to ``Settings``."""
-    parser = argparse.ArgumentParser(
+    """The command-line parser: one flag per settings field, defaults left to ``Settings``.
+    A flag it cannot parse raises :class:`SettingsError`."""
+    parser = _Parser(
         prog="python -m service",
         description="Serve Monte Carlo dropout uncertainty for ONNX models over gRPC.",
         epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>, "
@@ -243,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 metavar=f.name.upper(),
                 choices=_choices(f.type) or None,
+                # --log-level debug as well as DEBUG, as MCD_LOG_LEVEL accepts (_parse).
+                type=str.upper if f.name == "log_level" else str,
                 help=help_text,
             )
     return parser

@@ -36,7 +36,7 @@ class MCDropoutRuntime(MLModel):
 
     async def load(self) -> bool:
         """Open an ONNX Runtime session that keeps dropout, and check that it samples."""
-        extra: dict[str, Any] = dict(self.settings.parameters.extra or {})  # type: ignore[union-attr]
+        extra: dict[str, Any] = dict(self.settings.parameters.extra or {})
         self._num_samples = int(extra.get("num_samples", 50))
         if self._num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self._num_samples}")

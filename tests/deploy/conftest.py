@@ -1,5 +1,5 @@
 """Deployment fixtures: a small model repository exported in the test session, the real server
-on 127.0.0.1 (the integration helpers), and lookups of the external tools the tests use."""
+on 127.0.0.1 (tests/support/server.py), and lookups of the external tools the tests use."""
 
 from __future__ import annotations
 
@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from export import export_model
-from tests.integration.conftest import (
-    RunningServer,
-    start_server,
-    stop_server,
-    tiny_classifier,
-    tiny_regressor,
-)
+from tests.integration.conftest import tiny_classifier, tiny_regressor
+from tests.support.server import RunningServer, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -70,7 +65,5 @@ def deploy_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def deploy_server(
     deploy_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    running = start_server(deploy_repository, tmp_path_factory.mktemp("deploy-server"))
-    yield running
-    code = stop_server(running)
-    assert code == 0, f"server exited with {code} on SIGTERM:\n{running.log()}"
+    with running_server(deploy_repository, tmp_path_factory.mktemp("deploy-server")) as running:
+        yield running

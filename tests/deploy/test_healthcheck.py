@@ -10,7 +10,7 @@ import pytest
 
 from service.protocol.grpc_server import SERVICE_NAME
 from tests.deploy.conftest import DEPLOY, free_port
-from tests.integration.conftest import RunningServer
+from tests.support.server import RunningServer
 
 PROBE = DEPLOY / "healthcheck.py"
 

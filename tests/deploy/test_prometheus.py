@@ -22,7 +22,8 @@ import yaml
 
 from tests.deploy.conftest import DEPLOY, free_port, scrape, tool
 from tests.integration.client import Client
-from tests.integration.conftest import RunningServer
+from tests.support.server import RunningServer
+from tools.launcher import ChildProcess
 
 P99_QUERY = (  # the README's query
     "histogram_quantile(0.99, sum by (le, model) "
@@ -113,28 +114,20 @@ def prometheus(deploy_server: RunningServer, tmp_path_factory: pytest.TempPathFa
     job["static_configs"] = [{"targets": [f"127.0.0.1:{deploy_server.metrics_port}"]}]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = (workdir / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [binary, f"--config.file={workdir / 'prometheus.yml'}",
-         f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    command = [binary, f"--config.file={workdir / 'prometheus.yml'}",
+               f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
     server = Prometheus(port)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((workdir / "prometheus.log").read_text()) from None
-                time.sleep(0.1)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    with ChildProcess("prometheus", command, log_path=workdir / "prometheus.log") as process:
+        process.wait_until(ready, timeout_s=30)
         yield server
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

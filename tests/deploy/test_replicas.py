@@ -37,7 +37,7 @@ from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.protocol.codec import encode_tensor
 from tests.deploy.conftest import DEPLOY, scrape
-from tests.integration.conftest import RunningServer, start_server, stop_server
+from tests.support.server import RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -108,14 +108,19 @@ def test_round_robin_survives_a_graceful_stop(
     deploy_repository: Path, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     servers: list[RunningServer] = []
-    for i in range(REPLICAS):
-        workdir = tmp_path / f"replica{i}"
-        workdir.mkdir()
-        servers.append(
-            start_server(
-                deploy_repository, workdir, "--grace-period-s", "10", "--drain-period-s", "1"
+    try:
+        for i in range(REPLICAS):
+            workdir = tmp_path / f"replica{i}"
+            workdir.mkdir()
+            servers.append(
+                start_server(
+                    deploy_repository, workdir, "--grace-period-s", "10", "--drain-period-s", "1"
+                )
             )
-        )
+    except BaseException:  # a replica that failed to start: stop the ones already running
+        for s in servers:
+            stop_server(s)
+        raise
     stopped, survivors = servers[1], [servers[0], servers[2]]
     service_config = json.loads((DEPLOY / "grpc-service-config.json").read_text())
     assert service_config["loadBalancingConfig"] == [{"round_robin": {}}]

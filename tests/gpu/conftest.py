@@ -22,12 +22,8 @@ from tests.gpu import cuda
 if cuda.skip_reason() is None:
     from tests.gpu import bundle
     from tests.integration.client import Client
-    from tests.integration.conftest import (
-        ExportedModels,
-        RunningServer,
-        start_server,
-        stop_server,
-    )
+    from tests.integration.conftest import ExportedModels
+    from tests.support.server import RunningServer, start_server, stop_server
 
     if os.environ.get(bundle.ENV):
 

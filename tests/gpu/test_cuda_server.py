@@ -1,4 +1,4 @@
-"""The real server started with ``--device gpu`` (tests/integration/conftest.py's start_server,
+"""The real server started with ``--device gpu`` (tests/support/server.py's start_server,
 the integration suite's models and limits): it serves every model on CUDA, its answers are MC
 dropout, large T goes through many chunks, and seeded requests are bit-identical on the GPU.
 

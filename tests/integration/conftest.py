@@ -1,14 +1,10 @@
 """Integration fixtures: a model repository exported in the test session, and the real server
-(``python -m service``) started on 127.0.0.1 port 0 in a subprocess."""
+(``python -m service``) started on 127.0.0.1 port 0 in a subprocess (tests/support/server.py,
+which re-exports here as ``RunningServer``, ``start_server`` and ``stop_server``)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +16,9 @@ from torch import nn
 from export import export_model
 from export.examples import export_example, train_digits, train_housing
 from tests.integration.client import Client
+from tests.support.server import RunningServer, running_server, start_server, stop_server
+
+__all__ = ["ExportedModels", "RunningServer", "start_server", "stop_server", "test_models"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_MAX_SAMPLES = 20_000
@@ -119,78 +118,12 @@ def _write_model_without_dropout(repository: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@dataclass
-class RunningServer:
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-# Limits chosen so the tests can reach every one of them cheaply.
-SERVER_FLAGS = [
-    "--max-batch-rows", "64",
-    "--max-row-samples", "400000",
-    "--max-returned-samples", "1000000",
-    "--max-message-bytes", str(1024 * 1024),
-    # A small budget forces large-T requests through many chunks of the tile.
-    "--tile-memory-bytes", str(4 * 1024 * 1024),
-    "--compute-workers", "2",
-    # No drain on shutdown (tests that need one pass --drain-period-s again; the last wins).
-    "--drain-period-s", "0",
-    # MCD_TEST_DEVICE=gpu runs every test server on the GPU (tests/gpu; refused without CUDA).
-    "--device", os.environ.get("MCD_TEST_DEVICE", "cpu"),
-]  # fmt: skip
-
-
-def start_server(repository: Path, workdir: Path, *extra: str) -> RunningServer:
-    """Start ``python -m service`` on 127.0.0.1 port 0 and wait until it serves."""
-    port_file = workdir / "ports.json"
-    log_path = workdir / "server.log"
-    port_file.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("MCD_")}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-repository", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-             "--port-file", str(port_file), *SERVER_FLAGS, *extra],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    ports = json.loads(port_file.read_text())
-    return RunningServer(process, ports["grpc_port"], ports["metrics_port"], log_path)
-
-
-def stop_server(server: RunningServer, timeout_s: float = 30) -> int:
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        return server.process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        raise
-
-
 @pytest.fixture(scope="session")
 def server(
     test_models: ExportedModels, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    running = start_server(test_models.repository, tmp_path_factory.mktemp("server"))
-    yield running
-    code = stop_server(running)
-    assert code == 0, f"server exited with {code} on SIGTERM:\n{running.log()}"
+    with running_server(test_models.repository, tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

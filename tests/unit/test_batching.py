@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,9 +22,7 @@ from numpy.typing import NDArray
 
 from service import metrics
 from service.core.dataplane import DataPlane, PredictInput
-from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
-    Cancelled,
     DeadlineExceeded,
     InternalError,
     InvalidInput,
@@ -34,87 +32,17 @@ from service.errors import (
 )
 from service.maths.uncertainty import RegressionStats, classification_stats, slice_rows
 from service.repository import DEFAULT_MAX_QUEUE_DELAY_US, DynamicBatchingConfig, parse_config
-from tests.unit.plane import make_plane, source, wire
+from tests.support.fake_engine import CONFIG, SAFETY_TIMEOUT_S, make_core
+from tests.support.fake_engine import FakeEngine as RowEngine  # the fake engine of every core test
+from tests.support.plane import make_plane, source, wire
 
-CONFIG: dict[str, Any] = {
-    "task": "regression",
-    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
-    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1], "semantics": "values"}],
-    "num_samples": {"default": 10, "max": 100},
-}
 NO_DELAY = {"max_queue_delay_us": 0}
 #: So long that a test would time out if the batcher waited it out instead of cutting at the cap.
 LONG_DELAY = {"max_queue_delay_us": 10_000_000}
-SAFETY_TIMEOUT_S = 5.0
-
-
-class RowEngine:
-    """Answers mean = x[:, 0] per row; records the rows and T of every run.
-
-    Args:
-        gate: every run waits here until it is set.
-        fail: raise a RuntimeError instead of answering.
-        drop_a_row: answer one row fewer than it got (a broken engine).
-    """
-
-    provider = "FakeExecutionProvider"
-
-    def __init__(
-        self, gate: threading.Event | None = None, fail: bool = False, drop_a_row: bool = False
-    ) -> None:
-        self.gate = gate
-        self.fail = fail
-        self.drop_a_row = drop_a_row
-        self.started = threading.Semaphore(0)  # released once per run
-        self.runs: list[tuple[NDArray[Any], int]] = []
-        self.tokens: list[CancelToken | None] = []
-
-    def run(
-        self,
-        inputs: Mapping[str, NDArray[Any]],
-        num_samples: int,
-        cancel: CancelToken | None = None,
-        *,
-        keep_samples: bool = False,
-        interval_levels: tuple[float, ...] = (),
-        seed: int | None = None,
-    ) -> list[OutputStats]:
-        x = inputs["x"]
-        self.runs.append((x.copy(), num_samples))
-        self.tokens.append(cancel)
-        self.started.release()
-        if self.gate is not None:
-            assert self.gate.wait(10), "test gate never opened"
-        if cancel is not None and cancel.cancelled:
-            raise Cancelled("request cancelled")
-        if self.fail:
-            raise RuntimeError("secret internal detail")
-        mean = x[: len(x) - self.drop_a_row, :1].astype(np.float64)
-        # What the engine does with a row whose outputs overflow: its mean comes back NaN.
-        mean[x[: len(mean), 1] > 1e30] = np.nan
-        zeros = np.zeros_like(mean)
-        return [RegressionStats(num_samples=num_samples, mean=mean, variance=zeros, std=zeros)]
-
-    def run_rows(self) -> list[list[float]]:
-        """The first input value of every row, per run."""
-        return [x[:, 0].tolist() for x, _ in self.runs]
-
-    async def wait_started(self) -> None:
-        started = await asyncio.get_running_loop().run_in_executor(
-            None, self.started.acquire, True, SAFETY_TIMEOUT_S
-        )
-        assert started, "the engine never started a run"
 
 
 def config(batching: dict[str, Any] | None) -> dict[str, Any]:
     return CONFIG if batching is None else dict(CONFIG, dynamic_batching=batching)
-
-
-def make_core(
-    engine: RowEngine, batching: dict[str, Any] | None = None, **settings: Any
-) -> DataPlane:
-    """Versions 1 and 2 of model "m", both on ``engine``."""
-    return make_plane([(source(config(batching), version=v), engine) for v in (1, 2)], **settings)
 
 
 def rows(first: float, count: int) -> NDArray[np.float32]:

@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.engine import Cell, CellResult, EngineBenchConfig, Measurement
-from bench.gpu import (
+from bench.engine import (
     GPU_VARIANTS,
-    SMOKE_CONFIG,
+    Cell,
+    CellResult,
+    EngineBenchConfig,
+    Measurement,
     measure_cell,
-    merge,
-    problems,
-    render_section,
 )
+from bench.gpu import SMOKE_CONFIG, merge, problems, render_section
 from bench.report import GPU_BEGIN, GPU_END, extract_gpu_section, render, replace_gpu_section
 from bench.run import _existing_gpu_section
 
@@ -217,8 +217,9 @@ def test_a_failing_variant_is_recorded_and_the_others_are_timed() -> None:
     config = EngineBenchConfig(**{**SMOKE_CONFIG.__dict__, "max_repeats": 5})
     rows = np.zeros((2, 3), dtype=np.float32)
     result, errors = measure_cell(
-        Cell("mlp", 2, 4), {"fine": fine, "broken": broken, "late": late}, rows, config, 1e18
-    )
+        Cell("mlp", 2, 4), {"fine": fine, "broken": broken, "late": late}, rows, config,
+        deadline=1e18,
+    )  # fmt: skip
     assert isinstance(result, CellResult)
     assert errors == {
         "broken": "RuntimeError: CUDA error: out of memory",
@@ -233,5 +234,7 @@ def test_past_the_deadline_a_cell_stops_after_the_minimum_rounds() -> None:
     config = EngineBenchConfig(**{**SMOKE_CONFIG.__dict__, "min_repeats": 10, "max_repeats": 10,
                                   "max_cell_s": 1e9, "cell_budget_s": 1e9})  # fmt: skip
     rows = np.zeros((1, 1), dtype=np.float32)
-    result, _ = measure_cell(Cell("mlp", 1, 2), {"x": lambda r, t: None}, rows, config, 0.0)
+    result, _ = measure_cell(
+        Cell("mlp", 1, 2), {"x": lambda r, t: None}, rows, config, deadline=0.0
+    )
     assert result.rounds == 3

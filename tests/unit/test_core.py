@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,7 @@ import pytest
 from numpy.typing import NDArray
 
 from service.core.dataplane import DataPlane, PredictInput, validate_inputs
-from service.engine.runtime import CancelToken, OutputStats
 from service.errors import (
-    Cancelled,
     DeadlineExceeded,
     InternalError,
     InvalidInput,
@@ -29,56 +27,10 @@ from service.errors import (
     ResourceExhausted,
     VersionNotFound,
 )
-from service.maths.uncertainty import regression_stats
 from service.repository import Task, parse_config
 from service.settings import Settings
-from tests.unit.plane import make_plane, source, wire
-
-CONFIG = {
-    "task": "regression",
-    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
-    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1], "semantics": "values"}],
-    "num_samples": {"default": 10, "max": 100},
-}
-
-
-class FakeEngine:
-    """Returns x.sum(axis=1) + noise; can be held at a gate to simulate a slow run."""
-
-    provider = "FakeExecutionProvider"
-
-    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
-        self.gate = gate
-        self.fail = fail
-        self.started = threading.Event()
-        self.runs = 0
-
-    def run(
-        self,
-        inputs: Mapping[str, NDArray[Any]],
-        num_samples: int,
-        cancel: CancelToken | None = None,
-        *,
-        keep_samples: bool = False,
-        interval_levels: tuple[float, ...] = (),
-        seed: int | None = None,
-    ) -> list[OutputStats]:
-        self.runs += 1
-        self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(10), "test gate never opened"
-        if cancel is not None and cancel.cancelled:
-            raise Cancelled("request cancelled")
-        if self.fail:
-            raise RuntimeError("secret internal detail")
-        x = inputs["x"]
-        rng = np.random.default_rng(0)
-        samples = x.sum(axis=1)[None, :, None] + rng.standard_normal((num_samples, len(x), 1))
-        return [regression_stats(samples)]
-
-
-def make_core(engine: FakeEngine, **settings: Any) -> DataPlane:
-    return make_plane([(source(CONFIG, version=v), engine) for v in (1, 2)], **settings)
+from tests.support.fake_engine import CONFIG, FakeEngine, make_core
+from tests.support.plane import wire
 
 
 def request(x: NDArray[Any] | None = None, **kw: Any) -> PredictInput:
@@ -150,7 +102,7 @@ def test_bad_requests_raise_the_right_error(
     core = make_core(engine, max_batch_rows=8, max_row_samples=400)
     with pytest.raises(error, match=fragment):
         loop.run_until_complete(core.predict(req))
-    assert engine.runs == 0
+    assert not engine.runs
     loop.run_until_complete(core.predict(request()))  # and the next good request is served
 
 
@@ -184,7 +136,7 @@ def test_full_queue_answers_resource_exhausted(loop: asyncio.AbstractEventLoop) 
 
     results = loop.run_until_complete(scenario())
     assert len(results) == 2
-    assert engine.runs == 2
+    assert len(engine.runs) == 2
     loop.run_until_complete(core.predict(request()))  # slots were released
 
 
@@ -195,9 +147,13 @@ def test_deadline_while_running_cancels_the_work(loop: asyncio.AbstractEventLoop
 
     async def scenario() -> None:
         task = asyncio.ensure_future(core.predict(request(), timeout_s=0.05))
-        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        await engine.wait_started()
         with pytest.raises(DeadlineExceeded):
             await task
+        await asyncio.sleep(0)  # the caller's done callback runs
+        (token,) = engine.tokens
+        assert token is not None
+        assert token.cancelled, "the deadline passed but the running work was not cancelled"
         gate.set()
         await core.close()  # the cancelled run ends before the loop closes
 
@@ -208,7 +164,7 @@ def test_expired_deadline_is_not_run(loop: asyncio.AbstractEventLoop) -> None:
     engine = FakeEngine()
     with pytest.raises(DeadlineExceeded):
         loop.run_until_complete(make_core(engine).predict(request(), timeout_s=0.0))
-    assert engine.runs == 0
+    assert not engine.runs
 
 
 def test_cancelled_queued_request_is_dropped_before_it_runs(
@@ -220,7 +176,7 @@ def test_cancelled_queued_request_is_dropped_before_it_runs(
 
     async def scenario() -> None:
         first = asyncio.ensure_future(core.predict(request()))
-        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        await engine.wait_started()
         queued = asyncio.ensure_future(core.predict(request()))
         await asyncio.sleep(0)
         queued.cancel()
@@ -231,7 +187,7 @@ def test_cancelled_queued_request_is_dropped_before_it_runs(
 
     loop.run_until_complete(scenario())
     loop.run_until_complete(core.close())
-    assert engine.runs == 1  # the cancelled request never reached the engine
+    assert len(engine.runs) == 1  # the cancelled request never reached the engine
 
 
 # -- what protocol layers ask besides predict ---------------------------------------------------
@@ -286,7 +242,7 @@ def test_wire_errors_are_invalid_input_and_nothing_runs(loop: asyncio.AbstractEv
     short = dataclasses.replace(wire("x", np.ones((2, 3), np.float32)), data=b"\0" * 23)
     with pytest.raises(InvalidInput, match=r"23 bytes of data for shape \[2, 3\] of float32"):
         loop.run_until_complete(make_core(engine).predict(request(inputs=[short])))
-    assert engine.runs == 0
+    assert not engine.runs
 
 
 def test_unknown_model_is_reported_before_the_inputs_are_decoded(

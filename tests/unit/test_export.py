@@ -49,6 +49,8 @@ from export.stats import (
 )
 from service.engine.onnx_session import SessionConfig, create_session
 
+pytestmark = pytest.mark.export  # trains and exports models: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[2]
 VERIFY_SAMPLES = 2000
 

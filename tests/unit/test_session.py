@@ -7,6 +7,12 @@ onnxruntime; the guard test fails if service.engine.onnx_session ever stops disa
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -63,5 +69,45 @@ def test_server_sessions_keep_dropout_at_every_optimization_level(level: str) ->
     assert abs(kept.mean() - 0.5) < 6 * np.sqrt(0.25 / kept.size)
 
 
-def test_seed_is_drawn_once_per_process() -> None:
-    assert seed_process_rng() == seed_process_rng()
+def test_sessions_of_one_process_draw_different_masks() -> None:
+    # The process is seeded once: were it seeded again for every session, each new session
+    # would restart the same random stream and its first masks would repeat the last one's
+    # (probability 2^-256 by chance for 256 elements at p = 0.5).
+    seed = seed_process_rng()
+    first, second = (
+        create_session(dropout_model(), SessionConfig(use_gpu=False)).run(None, {"x": X})[0]
+        for _ in range(2)
+    )
+    assert seed_process_rng() == seed
+    assert not np.array_equal(first, second), "two sessions drew the same dropout masks"
+
+
+SEED_OF_A_PROCESS = "from service.engine.onnx_session import seed_process_rng as s; print(s())"
+
+
+def test_every_process_and_forked_child_draws_its_own_seed() -> None:
+    # Seeds are 63 random bits: two equal by chance with probability 2^-63.
+    seeds = [seed_process_rng()]
+    for _ in range(2):
+        child = subprocess.run(
+            [sys.executable, "-c", SEED_OF_A_PROCESS],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        seeds.append(int(child.stdout))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked child: report its seed, never return into pytest
+        try:
+            os.write(write_end, str(seed_process_rng()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + 30
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the forked child did not finish in 30 s")
+        time.sleep(0.01)
+    with os.fdopen(read_end) as pipe:
+        seeds.append(int(pipe.read()))
+    assert len(set(seeds)) == len(seeds), f"processes share a seed: {seeds}"

@@ -15,7 +15,7 @@ from service.gen.inference import grpc_service_pb2 as oip
 from service.maths.uncertainty import regression_stats
 from service.protocol.grpc_server import OIP_SERVICE_NAME, StatusInterceptor, status_of
 from service.protocol.oip_servicer import OpenInferenceServicer
-from tests.unit.plane import make_plane, source
+from tests.support.plane import make_plane, source
 
 
 @pytest.mark.parametrize(
@@ -46,11 +46,22 @@ def test_internal_errors_never_leak_details(exc: Exception) -> None:
     assert message.startswith("internal error")
 
 
-def test_every_error_class_names_a_real_status_code() -> None:
+def test_every_error_class_maps_to_a_real_error_status() -> None:
+    checked = []
     for name in errors.__all__:
         cls = getattr(errors, name)
         if isinstance(cls, type) and issubclass(cls, errors.ServiceError):
-            assert grpc.StatusCode[cls.code] is not None
+            assert cls.code in grpc.StatusCode.__members__, (
+                f"{name}.code {cls.code!r}: no such status"
+            )
+            assert cls.code != "OK", f"{name} would answer a failure with OK"
+            exc = cls.__new__(cls)  # the subclasses' constructors differ; the base's is enough
+            errors.ServiceError.__init__(exc, "message")
+            assert status_of(exc)[0] == grpc.StatusCode[cls.code], name
+            checked.append(name)
+    # The scan found the tree (the base and its leaves).
+    assert "ServiceError" in checked, checked
+    assert "InvalidInput" in checked, checked
 
 
 # -- one bookkeeping for unary calls and stream messages ----------------------------------------
