@@ -19,7 +19,7 @@ from torch import nn
 
 from export import export_model
 from export.examples import export_example, train_digits, train_housing
-from tests.integration.client import Client
+from mcdropout_client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_MAX_SAMPLES = 20_000
@@ -195,5 +195,5 @@ def server(
 
 @pytest.fixture(scope="session")
 def client(server: RunningServer) -> Iterator[Client]:
-    with Client(server.target) as c:
+    with Client(server.target, timeout=60) as c:
         yield c
