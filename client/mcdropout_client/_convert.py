@@ -361,7 +361,11 @@ def _join(arrays: Sequence[NDArray[Any] | None], what: str) -> NDArray[Any] | No
         return None
     if any(a is None for a in arrays):
         raise ValueError(f"cannot join predictions where only some have {what}")
-    joined = np.concatenate([a for a in arrays if a is not None])
+    return _join_all([a for a in arrays if a is not None])
+
+
+def _join_all(arrays: Sequence[NDArray[Any]]) -> NDArray[Any]:
+    joined = np.concatenate(arrays)
     joined.flags.writeable = False
     return joined
 
@@ -403,8 +407,8 @@ def concat_predictions(parts: Sequence[Prediction]) -> Prediction:
             Interval(
                 level=interval.level,
                 method=interval.method,
-                lower=_join([piece.intervals[i].lower for piece in pieces], "intervals"),  # type: ignore[arg-type]
-                upper=_join([piece.intervals[i].upper for piece in pieces], "intervals"),  # type: ignore[arg-type]
+                lower=_join_all([piece.intervals[i].lower for piece in pieces]),
+                upper=_join_all([piece.intervals[i].upper for piece in pieces]),
             )
             for i, interval in enumerate(out.intervals)
         )

@@ -12,7 +12,7 @@ from mcdropout_client._gen.mcdropout.v1 import mcdropout_pb2 as pb
 __all__ = ["DTYPE_OF", "decode_tensor", "encode_tensor"]
 
 #: wire enum -> numpy dtype (explicitly little-endian: the wire format).
-DTYPE_OF: dict[int, np.dtype[Any]] = {
+DTYPE_OF: dict[pb.DataType, np.dtype[Any]] = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
@@ -23,7 +23,7 @@ DTYPE_OF: dict[int, np.dtype[Any]] = {
     pb.DATA_TYPE_BOOL: np.dtype("?"),
 }
 #: numpy dtype name -> wire enum.
-_CODE_OF: dict[str, int] = {dtype.name: code for code, dtype in DTYPE_OF.items()}
+_CODE_OF: dict[str, pb.DataType] = {dtype.name: code for code, dtype in DTYPE_OF.items()}
 
 
 def native(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -73,4 +73,4 @@ def encode_tensor(array: NDArray[Any]) -> pb.Tensor:
     if code is None:
         raise TypeError(f"cannot send dtype {array.dtype} (the protocol has {sorted(_CODE_OF)})")
     data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return pb.Tensor(dtype=code, shape=list(array.shape), data=data)  # type: ignore[arg-type]
+    return pb.Tensor(dtype=code, shape=list(array.shape), data=data)
