@@ -16,6 +16,7 @@ from export.checks import CheckResult, GraphCheckReport, NodeRef, check_graph
 from export.errors import (
     DropoutError,
     DropoutNotKeptError,
+    DropoutNotRunError,
     ExportArgumentError,
     ExportError,
     GraphCheckError,
@@ -36,6 +37,7 @@ __all__ = [
     "DropoutError",
     "DropoutModule",
     "DropoutNotKeptError",
+    "DropoutNotRunError",
     "ExportArgumentError",
     "ExportError",
     "ExportReport",
