@@ -33,7 +33,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.checks import MAX_OPSET, MIN_OPSET, GraphCheckReport, check_graph
+from export.checks import (
+    MAX_OPSET,
+    MIN_OPSET,
+    GraphCheckReport,
+    check_graph,
+    find_stochastic_nodes,
+)
 from export.errors import (
     DropoutNotRunError,
     ExportArgumentError,
@@ -93,9 +99,10 @@ class ExportReport:
         inputs: the graph inputs as written to config.json.
         outputs: the graph outputs as written to config.json.
         dropout: every dropout module of the model (p == 0 included).
-        dropout_not_run: the dropout modules with p > 0 that do not run in the MC-mode
-            forward (bypassed by a fused path): they sample neither in PyTorch nor in the
-            graph.
+        dropout_not_run: the dropout modules with p > 0 whose forward does not run in the
+            MC-mode forward (bypassed, e.g. by a fused attention kernel that only takes their
+            rate while the attention module trains): not counted among the stochastic nodes
+            the graph must have.
         graph_checks: the static checks on the written graph.
         verification: the statistical verification against PyTorch.
         config: the config.json document.
@@ -132,8 +139,8 @@ class ExportReport:
         ]
         if self.dropout_not_run:
             lines.append(
-                f"dropout not run in the MC-mode forward ({len(self.dropout_not_run)}, no "
-                "sampling in PyTorch nor in the graph): "
+                f"dropout not run in the MC-mode forward ({len(self.dropout_not_run)}, not "
+                "counted among the stochastic nodes required): "
                 + ", ".join(d.module for d in self.dropout_not_run)
             )
         lines += [
@@ -531,12 +538,6 @@ def export_model(
     probe = probe_forward(mc_model, inputs)
     running = [m for m in active if m.module in probe.ran]
     not_running = [m for m in active if m.module not in probe.ran]
-    if not running:
-        raise DropoutNotRunError(
-            f"none of the {len(active)} dropout modules with p > 0 of {type(model).__name__} "
-            f"runs in the MC-mode forward ({', '.join(m.module for m in active)}): MC dropout "
-            "would return identical samples"
-        )
     input_names = _check_names(
         "input", input_names or _default_names("input", len(inputs)), len(inputs)
     )
@@ -576,6 +577,14 @@ def export_model(
     )
     # Check the bytes that will be written, not the exporter's in-memory object.
     graph = onnx.load_from_string(onnx_bytes)
+    if not running and not find_stochastic_nodes(graph):
+        # Checked on the graph, not before the export: code may sample with a module's
+        # rate and training flag without calling it (F.dropout(x, m.p, m.training)).
+        raise DropoutNotRunError(
+            f"none of the {len(active)} dropout modules with p > 0 of {type(model).__name__} "
+            f"runs in the MC-mode forward ({', '.join(m.module for m in active)}) and the "
+            "graph has no stochastic node: MC dropout would return identical samples"
+        )
     stochastic = require_dropout_kept(graph, running, not_running)
     graph_checks = check_graph(graph, dynamic_axes=declared)
     if not graph_checks.passed:

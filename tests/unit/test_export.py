@@ -451,6 +451,32 @@ def test_model_whose_dropout_never_runs_is_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+class FunctionalDropout(nn.Module):
+    """Samples with its dropout module's rate and flag without calling the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.linear = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sampled = nn.functional.dropout(x, self.drop.p, training=self.drop.training)
+        out: torch.Tensor = self.linear(sampled)
+        return out
+
+
+def test_dropout_sampled_without_calling_its_module_still_exports(tmp_path: Path) -> None:
+    # No module runs, but the graph samples: verification, not the hook count, decides.
+    torch.manual_seed(0)
+    report = export_model(
+        FunctionalDropout(), torch.randn(4, 6), repository=tmp_path, name="m",
+        task="regression", verify_samples=500,
+    )  # fmt: skip
+    assert report.verification.passed
+    assert [d.module for d in report.dropout_not_run] == ["drop"]
+    assert len(report.metadata["stochastic_nodes"]) == 1
+
+
 def test_exporter_failure_on_a_dropout_op_names_the_module_type(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
