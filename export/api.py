@@ -4,9 +4,10 @@ The pipeline, each step failing loudly with an ``ExportError`` subclass::
 
     validate arguments -> find dropout (NoDropoutError / ZeroDropoutError)
     -> deep copy in MC mode, one forward with hooks: which dropout modules run
-       (DropoutNotRunError when none does)
     -> torch.onnx.export (dynamo, opset 18..21, dynamic batch and declared axes)
-    -> dropout kept? (DropoutNotKeptError) -> static graph checks (GraphCheckError)
+    -> no module ran and no stochastic node (DropoutNotRunError)
+    -> a stochastic node per module that runs? (DropoutNotKeptError)
+    -> static graph checks (GraphCheckError)
     -> statistical verification against PyTorch (VerificationError)
     -> atomic publish (VersionExistsError / PublishError)
 
