@@ -49,6 +49,7 @@ __all__ = [
     "COPIES_PER_ROW",
     "DEFAULT_SAMPLES",
     "DEFAULT_TIME_BUDGET_S",
+    "FIRST_CHUNK_SAMPLES",
     "MAX_VERIFY_ROWS",
     "MIN_AUTO_SAMPLES",
     "REPEATED_RUNS",
@@ -76,6 +77,8 @@ DEFAULT_SAMPLES = 4000
 MIN_AUTO_SAMPLES = 500
 #: Wall time an automatic plan aims at for the sampling of both sides together.
 DEFAULT_TIME_BUDGET_S = 60.0
+#: Most samples (of every row) in the first chunk, timed to plan the rows and n.
+FIRST_CHUNK_SAMPLES = 256
 
 Array = npt.NDArray[Any]
 #: Runs one batch of inputs (each (N, ...)) through the graph, returns its outputs in graph
@@ -120,6 +123,8 @@ class VerificationCheck:
         max_ratio: variance test: the largest variance ratio.
         num_elements: z-tests: K, the output elements tested.
         alpha: z-tests: the false-failure probability of this test.
+        num_deterministic: z-tests: elements without variance on both sides (compared for
+            equality instead; when all are, the samples tell nothing about the dropout).
     """
 
     name: str
@@ -131,11 +136,20 @@ class VerificationCheck:
     max_ratio: float | None = None
     num_elements: int | None = None
     alpha: float | None = None
+    num_deterministic: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``verification.checks[]`` entry of metadata.json (unset figures omitted)."""
         entry: dict[str, Any] = {"name": self.name, "passed": self.passed}
-        for key in ("max_abs_z", "threshold", "min_ratio", "max_ratio", "num_elements", "alpha"):
+        for key in (
+            "max_abs_z",
+            "threshold",
+            "min_ratio",
+            "max_ratio",
+            "num_elements",
+            "alpha",
+            "num_deterministic",
+        ):
             value = getattr(self, key)
             if value is not None:
                 entry[key] = round(value, 6) if isinstance(value, float) else value
@@ -294,12 +308,6 @@ class _TorchSampler:
         return _flatten_outputs([o.detach().cpu().numpy() for o in outputs], count)
 
 
-def _timed(draw: Callable[[int], npt.NDArray[np.float64]], count: int) -> tuple[float, Any]:
-    started = time.perf_counter()
-    result = draw(count)
-    return time.perf_counter() - started, result
-
-
 def _plan(
     seconds_per_sample: float,
     rows: int,
@@ -416,6 +424,7 @@ def _z_check(name: str, result: ZTestResult, num_samples: int) -> VerificationCh
         max_ratio=result.max_ratio,
         num_elements=result.num_elements,
         alpha=result.alpha,
+        num_deterministic=result.num_deterministic,
     )
 
 
@@ -436,39 +445,60 @@ def _element_namer(
     return describe
 
 
+@dataclass
+class _Sampling:
+    """Moments being accumulated on both sides, and the sampling time spent so far."""
+
+    onnx: MomentAccumulator = dataclasses.field(default_factory=MomentAccumulator)
+    torch: MomentAccumulator = dataclasses.field(default_factory=MomentAccumulator)
+    done: int = 0
+    spent_s: float = 0.0
+
+    def draw(self, onnx_side: _OnnxSampler, torch_side: _TorchSampler, count: int) -> None:
+        started = time.perf_counter()
+        self.onnx.update(onnx_side.samples(count))
+        self.torch.update(torch_side.samples(count))
+        self.spent_s += time.perf_counter() - started
+        self.done += count
+
+
 def _sample_moments(
     onnx_side: _OnnxSampler,
     torch_side: _TorchSampler,
     plan: VerificationPlan,
+    *,
     chunk: int,
     adaptive_budget_s: float | None,
+    sampling: _Sampling | None = None,
 ) -> tuple[Moments, Moments, VerificationPlan]:
-    """Draw n samples on each side, a chunk of each in turn.
+    """Draw the plan's n samples on each side (beyond what ``sampling`` holds), chunk by chunk.
 
-    With ``adaptive_budget_s`` (an automatic plan), the first pair of chunks is timed and n
-    is cut (not below MIN_AUTO_SAMPLES) when the rest would overrun the budget.
+    With ``adaptive_budget_s`` (an automatic plan), n is cut after any chunk whose pace
+    would overrun the budget (the machine got busier than when the plan was made), never
+    below MIN_AUTO_SAMPLES.
     """
-    onnx_moments, torch_moments = MomentAccumulator(), MomentAccumulator()
-    started = time.perf_counter()
-    done = 0
-    while done < plan.num_samples:
-        count = min(chunk, plan.num_samples - done)
-        onnx_moments.update(onnx_side.samples(count))
-        torch_moments.update(torch_side.samples(count))
-        done += count
-        if adaptive_budget_s is not None and done == count and done < plan.num_samples:
-            per_sample_s = (time.perf_counter() - started) / count
-            affordable = int(adaptive_budget_s / per_sample_s)
-            n = max(MIN_AUTO_SAMPLES, done, min(plan.num_samples, affordable))
-            if n < plan.num_samples:
-                plan = dataclasses.replace(
-                    plan,
-                    num_samples=n,
-                    reason=f"{plan.reason}; cut to n={n} after the timed first chunk "
-                    f"({per_sample_s * 1e3:.3g} ms per sample)",
-                    estimated_s=n * per_sample_s,
-                )
-    return onnx_moments.result(), torch_moments.result(), plan
+    sampling = sampling or _Sampling()
+    base_reason = plan.reason
+    phase_started = (sampling.done, sampling.spent_s)
+    while sampling.done < plan.num_samples:
+        sampling.draw(onnx_side, torch_side, min(chunk, plan.num_samples - sampling.done))
+        if adaptive_budget_s is None or sampling.done >= plan.num_samples:
+            continue
+        # The pace of this phase (the samples drawn with these rows).
+        phase_done = sampling.done - phase_started[0]
+        per_sample_s = (sampling.spent_s - phase_started[1]) / phase_done
+        left_s = adaptive_budget_s - sampling.spent_s
+        affordable = sampling.done + max(0, int(left_s / per_sample_s))
+        n = max(MIN_AUTO_SAMPLES, sampling.done, min(plan.num_samples, affordable))
+        if n < plan.num_samples:
+            plan = dataclasses.replace(
+                plan,
+                num_samples=n,
+                reason=f"{base_reason}; cut to n={n} after {sampling.done} samples "
+                f"({per_sample_s * 1e3:.3g} ms per sample)",
+                estimated_s=sampling.spent_s + (n - sampling.done) * per_sample_s,
+            )
+    return sampling.onnx.result(), sampling.torch.result(), plan
 
 
 def verify_model(
@@ -532,12 +562,18 @@ def verify_model(
         mc_model.to(torch_device)
     try:
         torch_all = _TorchSampler(mc_model, all_inputs, torch_device)
+        rows = all_inputs[0].shape[0]
         torch_all.samples(1)  # warm-up (CUDA context, kernel selection), not timed
-        onnx_s, _ = _timed(onnx_all.samples, 1)
-        torch_s, _ = _timed(torch_all.samples, 1)
-        plan = _plan(
-            onnx_s + torch_s, all_inputs[0].shape[0], num_samples, time_budget_s, torch_device
-        )
+        # The first chunk, of every row and at the real tile size (a small probe would be
+        # dominated by per-call overhead), is timed to plan the rows and n.
+        sampling = _Sampling()
+        first = min(FIRST_CHUNK_SAMPLES, max(1, max_rows_per_run // rows))
+        if num_samples is not None:
+            first = min(first, num_samples)
+        sampling.draw(onnx_all, torch_all, first)
+        plan = _plan(sampling.spent_s / first, rows, num_samples, time_budget_s, torch_device)
+        if plan.rows != rows:  # start again on fewer rows (one chunk of time lost)
+            sampling = _Sampling(spent_s=sampling.spent_s)
         inputs = [x[: plan.rows] for x in all_inputs]
         onnx_moments, torch_moments, plan = _sample_moments(
             _OnnxSampler(run, inputs),
@@ -545,6 +581,7 @@ def verify_model(
             plan,
             chunk=max(1, max_rows_per_run // plan.rows),
             adaptive_budget_s=time_budget_s if num_samples is None else None,
+            sampling=sampling,
         )
     finally:
         if moved:
