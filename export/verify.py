@@ -19,7 +19,8 @@ thresholds follow K), fewer of them only cost power.
 
 Time is bounded for large models: unless the caller fixes n, it is at most
 ``DEFAULT_SAMPLES`` and the rows and n are cut to fit ``time_budget_s`` (rows first, then n,
-never below ``MIN_AUTO_SAMPLES``), from the timed first runs (``VerificationPlan`` says what
+never below ``MIN_AUTO_SAMPLES``), from the timed first chunk of every row, and
+n is cut again after any chunk whose pace would overrun it (``VerificationPlan`` says what
 was chosen and why). PyTorch runs on CUDA when it is available (fp32 in full precision, no
 TF32), with its fused attention fast paths off (``fastpath_disabled``) as at export.
 """
