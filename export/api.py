@@ -72,6 +72,7 @@ from export.publish import (
     weights_sha256,
 )
 from export.verify import DEFAULT_TIME_BUDGET_S, VerificationReport, verify_model
+from service.repository import parse_config
 
 __all__ = ["ExportReport", "Semantics", "Task", "export_model"]
 
@@ -608,25 +609,6 @@ def export_model(
     graph_inputs, max_dims = _with_max_shapes(graph_inputs, graph, input_axes, axis_max or {})
     activation_bytes = activation_bytes_per_row(graph, max_dims)
 
-    log.info("verifying %s against PyTorch", name)
-    verification = verify_model(
-        onnx_bytes,
-        mc_model,
-        inputs,
-        num_samples=verify_samples,
-        false_failure_probability=false_failure_probability,
-        max_rows_per_run=_rows_per_run(activation_bytes),
-        time_budget_s=verify_time_budget_s,
-        device=verify_device,
-        output_names=output_names,
-    )
-    if not verification.passed:
-        raise VerificationError(
-            f"verification of {name} failed ({', '.join(verification.failed)}); nothing was "
-            "published:\n" + verification.summary(),
-            verification,
-        )
-
     config = config_document(
         name=name,
         task=task_written,
@@ -641,6 +623,27 @@ def export_model(
         max_num_samples=max_num_samples,
         activation_bytes=activation_bytes,
     )
+
+    log.info("verifying %s against PyTorch", name)
+    verification = verify_model(
+        onnx_bytes,
+        mc_model,
+        inputs,
+        num_samples=verify_samples,
+        false_failure_probability=false_failure_probability,
+        max_rows_per_run=_rows_per_run(activation_bytes),
+        time_budget_s=verify_time_budget_s,
+        device=verify_device,
+        output_names=output_names,
+        config=parse_config(config, name),
+    )
+    if not verification.passed:
+        raise VerificationError(
+            f"verification of {name} failed ({', '.join(verification.failed)}); nothing was "
+            "published:\n" + verification.summary(),
+            verification,
+        )
+
     metadata: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),

@@ -44,7 +44,10 @@ from torch import nn
 
 from export.mc_mode import fastpath_disabled
 from export.stats import MomentAccumulator, Moments, ZTestResult, mean_z_test, variance_ratio_test
-from service.engine.onnx_session import SessionConfig, create_session
+from service.engine.onnx_session import SessionConfig
+from service.engine.runtime import McEngine
+from service.repository import ModelConfig, Semantics, Task
+from service.repository import TensorSpec as ServiceTensorSpec
 
 __all__ = [
     "COPIES_PER_ROW",
@@ -54,7 +57,7 @@ __all__ = [
     "MAX_VERIFY_ROWS",
     "MIN_AUTO_SAMPLES",
     "REPEATED_RUNS",
-    "OnnxRun",
+    "OnnxSample",
     "VerificationCheck",
     "VerificationPlan",
     "VerificationReport",
@@ -82,32 +85,68 @@ DEFAULT_TIME_BUDGET_S = 60.0
 FIRST_CHUNK_SAMPLES = 256
 
 Array = npt.NDArray[Any]
-#: Runs one batch of inputs (each (N, ...)) through the graph, returns its outputs in graph
-#: order.
-OnnxRun = Callable[[Sequence[Array]], list[Array]]
+#: Draws ``count`` MC samples of the rows ``inputs`` (each (B, ...)): per graph output, in graph
+#: order, (count * B, ...) sample-major (row s * B + b is sample s of input row b).
+OnnxSample = Callable[[Sequence[Array], int], list[Array]]
+
+#: The tile budget of verification's engine (the server's default).
+_VERIFY_TILE_BYTES = 256 * 2**20
 
 
-def onnx_sampler(onnx_model: bytes) -> OnnxRun:
-    """The ONNX side of verification: a function that runs one (tiled) batch.
+def onnx_sampler(onnx_model: bytes, config: ModelConfig | None = None) -> OnnxSample:
+    """The ONNX side of verification: samples drawn exactly as the server draws them.
 
-    Today a CPU session from ``service.engine.onnx_session.create_session``, the factory the
-    server uses (so ONNX Runtime's ``EliminateDropout`` trap is tested as served); every
-    draw of verification goes through the function returned here, so another sampling path
-    replaces it in one place.
+    An engine of the server (``service.engine.runtime.McEngine``) on the CPU, built the way the
+    server builds it when it loads the version: the same sessions (``EliminateDropout`` kept
+    off), the same split, the same noise fed to the stochastic nodes (so ONNX Runtime's own
+    CPU Dropout generator, whose masks repeat across runs, never draws a sample here either).
 
     Args:
         onnx_model: the serialized graph.
+        config: the version's config, as the server will parse it; None describes every output
+            of the graph as values (enough for raw samples).
 
     Returns:
-        The run function.
+        The sampling function.
     """
-    session = create_session(onnx_model, SessionConfig(use_gpu=False))
-    names = [i.name for i in session.get_inputs()]
+    model = onnx.load_from_string(onnx_model)
+    engine = McEngine(
+        model,
+        config or _graph_config(model),
+        "verification",
+        session_config=SessionConfig(use_gpu=False),
+        tile_memory_bytes=_VERIFY_TILE_BYTES,
+    )
+    names = [spec.name for spec in engine.config.inputs]
 
-    def run(inputs: Sequence[Array]) -> list[Array]:
-        return list(session.run(None, dict(zip(names, inputs, strict=True))))
+    def sample(inputs: Sequence[Array], count: int) -> list[Array]:
+        outputs = engine.sample(dict(zip(names, inputs, strict=True)), count)
+        return [o.reshape(o.shape[0] * o.shape[1], *o.shape[2:]) for o in outputs]
 
-    return run
+    return sample
+
+
+def _graph_config(model: onnx.ModelProto) -> ModelConfig:
+    """A config for a graph: its inputs and outputs (-1 where a dimension is not fixed),
+    every output read as values."""
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto, semantics: Semantics | None) -> ServiceTensorSpec:
+        dims = [d.dim_value if d.HasField("dim_value") else -1
+                for d in value.type.tensor_type.shape.dim]  # fmt: skip
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        return ServiceTensorSpec(value.name, np.dtype(dtype), (-1, *dims[1:]), semantics)
+
+    return ModelConfig(
+        name="verification",
+        task=Task.REGRESSION,
+        description="",
+        inputs=tuple(spec(v, None) for v in model.graph.input if v.name not in initializers),
+        outputs=tuple(spec(v, Semantics.VALUES) for v in model.graph.output),
+        default_num_samples=1,
+        max_num_samples=1,
+        activation_bytes_per_row=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -256,13 +295,16 @@ def _flatten_outputs(outputs: Sequence[Array], samples: int) -> npt.NDArray[np.f
 
 
 class _OnnxSampler:
-    def __init__(self, run: OnnxRun, inputs: Sequence[Array]) -> None:
-        self.run = run
+    def __init__(self, sample: OnnxSample, inputs: Sequence[Array]) -> None:
+        self.sample = sample
         self._inputs = inputs
 
+    def run(self, inputs: Sequence[Array]) -> list[Array]:
+        """One sample of every row of ``inputs``: per output, (B, ...)."""
+        return self.sample(inputs, 1)
+
     def samples(self, count: int) -> npt.NDArray[np.float64]:
-        tiled = [_tile(x, count) for x in self._inputs]
-        return _flatten_outputs(self.run(tiled), count)
+        return _flatten_outputs(self.sample(self._inputs, count), count)
 
 
 @contextlib.contextmanager
@@ -384,9 +426,9 @@ def _repeated_runs_differ(sampler: _OnnxSampler, inputs: Sequence[Array]) -> Ver
 
 
 def _row_copies_differ(sampler: _OnnxSampler, inputs: Sequence[Array]) -> VerificationCheck:
-    tiled = [_tile(x[:1], COPIES_PER_ROW) for x in inputs]
+    first_row = [x[:1] for x in inputs]
     for attempt in range(1, _COPY_ATTEMPTS + 1):
-        outputs = sampler.run(tiled)
+        outputs = sampler.sample(first_row, COPIES_PER_ROW)
         rows = _flatten_outputs(outputs, COPIES_PER_ROW)
         differing = int(np.sum(np.any(rows[1:] != rows[0], axis=1)))
         if differing:
@@ -513,6 +555,7 @@ def verify_model(
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     device: str | None = None,
     output_names: Sequence[str] | None = None,
+    config: ModelConfig | None = None,
 ) -> VerificationReport:
     """Check that ONNX Runtime samples like PyTorch MC dropout on the example input.
 
@@ -531,6 +574,8 @@ def verify_model(
         device: where PyTorch runs ("cpu", "cuda", "cuda:1"); None: CUDA when available.
         output_names: the graph outputs, in order, for the messages; None reads them from
             the graph.
+        config: the version's config, for the server's engine that draws the ONNX samples
+            (:func:`onnx_sampler`); None reads every output as values.
 
     Returns:
         The report; ``report.passed`` is False when any check failed. ``report.plan`` says
@@ -551,7 +596,7 @@ def verify_model(
     started = time.perf_counter()
     torch_device = _pick_device(device)
     all_inputs = [t.detach().cpu()[:MAX_VERIFY_ROWS].numpy() for t in example_inputs]
-    run = onnx_sampler(onnx_model)
+    run = onnx_sampler(onnx_model, config)
     if output_names is None:
         output_names = [o.name for o in onnx.load_from_string(onnx_model).graph.output]
     onnx_all = _OnnxSampler(run, all_inputs)
@@ -587,7 +632,7 @@ def verify_model(
     finally:
         if moved:
             mc_model.to("cpu")
-    probe = run(inputs)
+    probe = run(inputs, 1)
     describe = _element_namer(
         output_names, [tuple(int(d) for d in p.shape[1:]) for p in probe], plan.rows
     )

@@ -521,11 +521,19 @@ def test_invalid_arguments_are_refused_early(
 def test_deterministic_graph_fails_verification_and_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def default_session(model: bytes, config: SessionConfig | None = None) -> ort.InferenceSession:
-        # Default options: ONNX Runtime's EliminateDropout removes the Dropout node.
-        return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    def default_sampler(model: bytes, config: Any = None) -> Any:
+        """The ONNX side in a session with ONNX Runtime's default options, whose
+        EliminateDropout removes the Dropout node: every sample is the same."""
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
 
-    monkeypatch.setattr(export.verify, "create_session", default_session)
+        def sample(inputs: Any, count: int) -> list[Any]:
+            tiled = [np.tile(x, (count,) + (1,) * (x.ndim - 1)) for x in inputs]
+            return list(session.run(None, dict(zip(names, tiled, strict=True))))
+
+        return sample
+
+    monkeypatch.setattr(export.verify, "onnx_sampler", default_sampler)
     with pytest.raises(VerificationError) as raised:
         export_model(
             make_tiny(), torch.randn(4, 6), repository=tmp_path, name="m", task="regression",
@@ -558,10 +566,13 @@ def test_wrong_dropout_rate_fails_the_variance_test(
         dropout=find_dropout_modules(other),
     )
 
-    def wrong_session(model: bytes, config: SessionConfig | None = None) -> ort.InferenceSession:
-        return create_session(wrong_bytes, config)
+    real_sampler = export.verify.onnx_sampler
 
-    monkeypatch.setattr(export.verify, "create_session", wrong_session)
+    def wrong_sampler(model: bytes, config: Any = None) -> Any:
+        """The server's sampling path, on the graph exported with the wrong rate."""
+        return real_sampler(wrong_bytes, config)
+
+    monkeypatch.setattr(export.verify, "onnx_sampler", wrong_sampler)
     with pytest.raises(VerificationError) as raised:
         export_model(
             make_tiny(), torch.randn(4, 6), repository=tmp_path, name="m", task="regression"
