@@ -17,7 +17,6 @@ with fresh seeds the architecture tests together would fail by chance with proba
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -57,12 +56,10 @@ from export.verify import (
 )
 from export.zoo import ZOO, TransformerClassifier, ZooEntry
 from service.engine.onnx_session import SessionConfig, create_session
+from tests.conftest import ZOO_FALSE_FAILURE as FALSE_FAILURE
+from tests.conftest import ZOO_VERIFY_SAMPLES as VERIFY_SAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
-VERIFY_SAMPLES = 1000
-CONV_VERIFY_SAMPLES = 200
-CONV_NETS = ("efficientnet_b0", "mobilenet_v3_small")
-FALSE_FAILURE = 1e-4
 
 
 def _entry(name: str) -> ZooEntry:
@@ -73,28 +70,9 @@ def _entry(name: str) -> ZooEntry:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ExportReport]:
-    """Exports a zoo architecture once per module (the report of the first export)."""
-    repository = tmp_path_factory.mktemp("zoo") / "models"
-
-    @functools.cache
-    def export(name: str) -> ExportReport:
-        entry = _entry(name)
-        inputs = entry.example_inputs()
-        conv = name in CONV_NETS
-        if conv:  # one row: the trunk dominates the cost of each sample
-            inputs = tuple(t[:1] for t in inputs)
-        return export_model(
-            entry.build(),
-            inputs,
-            repository=repository,
-            name=name,
-            verify_samples=CONV_VERIFY_SAMPLES if conv else VERIFY_SAMPLES,
-            false_failure_probability=FALSE_FAILURE,
-            **entry.export_args,
-        )
-
-    return export
+def exported(zoo_export: Callable[[str], ExportReport]) -> Callable[[str], ExportReport]:
+    """Exports a zoo architecture once per test session (tests/conftest.py)."""
+    return zoo_export
 
 
 def _read_json(path: Path) -> dict[str, Any]:
