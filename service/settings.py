@@ -44,6 +44,21 @@ class Settings:
     model_repository: Path = field(
         default=Path("models"), metadata=_doc("folder holding <model>/<version>/ folders")
     )
+    repository_poll_s: float = field(
+        default=0.0,
+        metadata=_doc(
+            "seconds between scans of the model repository: new and changed versions are "
+            "loaded in the background once their files are stable for one scan and swapped in "
+            "without downtime, removed ones unloaded after a drain; 0 = off"
+        ),
+    )
+    allow_empty_start: bool = field(
+        default=False,
+        metadata=_doc(
+            "report ready (health SERVING, ServerReady) even when no model is ready, e.g. to "
+            "start on an empty repository that --repository-poll-s fills later"
+        ),
+    )
     host: str = field(
         default="127.0.0.1",
         metadata=_doc("address the gRPC and metrics servers bind (0.0.0.0 in containers)"),
@@ -159,7 +174,7 @@ def _check(s: Settings) -> None:
         raise SettingsError(
             f"metrics_port must be in -1..65535 (-1 disables), got {s.metrics_port}"
         )
-    for name in ("drain_period_s", "grace_period_s"):
+    for name in ("drain_period_s", "grace_period_s", "repository_poll_s"):
         value = getattr(s, name)
         if not value >= 0:  # also refuses NaN
             raise SettingsError(f"{name} must be >= 0, got {value}")

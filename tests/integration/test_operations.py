@@ -30,10 +30,17 @@ def test_health_is_serving_overall_and_per_model(client: Client, service: str) -
 def test_health_of_an_unknown_model_is_not_found(client: Client) -> None:
     stub = health_pb2_grpc.HealthStub(client.channel)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Check(health_pb2.HealthCheckRequest(service="deterministic"), timeout=5)
+        stub.Check(health_pb2.HealthCheckRequest(service="no_such_model"), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(NotFoundError, match="no health status for 'deterministic'"):
-        client.health("deterministic")
+    with pytest.raises(NotFoundError, match="no health status for 'no_such_model'"):
+        client.health("no_such_model")
+
+
+def test_health_of_a_model_that_failed_to_load_is_not_serving(client: Client) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    response = stub.Check(health_pb2.HealthCheckRequest(service="deterministic"), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert client.health("deterministic") == "NOT_SERVING"
 
 
 def test_reflection_lists_and_describes_the_api(client: Client) -> None:

@@ -21,6 +21,8 @@ from mcdropout_client import (
     OutputPrediction,
     ResourceExhaustedError,
 )
+from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from tests.integration.conftest import ExportedModels
 from tests.integration.parity import (
     ALPHA,
@@ -161,8 +163,13 @@ def test_large_number_of_samples_in_many_chunks(
 
 
 def test_model_without_active_dropout_is_refused(client: Client, server: Any) -> None:
-    models = client.list_models()
-    assert {m.name for m in models} == {"tiny_cls", "tiny_reg", "tiny_d2", "digits", "housing"}
+    models = {m.name: m for m in client.list_models()}
+    ready = {name for name, m in models.items() if m.ready}
+    assert ready == {"tiny_cls", "tiny_reg", "tiny_d2", "digits", "housing"}
+    assert (models["deterministic"].ready, models["deterministic"].versions) == (False, ())
+    listed = pb_grpc.MCDropoutServiceStub(client.channel).ListModels(pb.ListModelsRequest())
+    [refused] = [m for m in listed.models if m.name == "deterministic"]
+    assert "deterministic/1: copies of one row gave identical outputs" in refused.reason
     assert "deterministic/1: copies of one row gave identical outputs" in server.log()
 
 

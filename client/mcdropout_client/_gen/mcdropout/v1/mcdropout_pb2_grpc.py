@@ -62,7 +62,8 @@ class MCDropoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models of the repository with their versions.
+        """Lists the models of the repository with their versions: those serving, and those that
+        are not (failed to load, unloaded) with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +71,7 @@ class MCDropoutServiceServicer:
 
     def GetModelMetadata(self, request, context):
         """Describes one model version: inputs, outputs, task, labels, sample limits, provider.
+        UNAVAILABLE, with the reason, for a model or version that failed to load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
