@@ -250,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the PyTorch reference runs, e.g. cpu, cuda (default: cuda when available)",
     )
     checks.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="fp16: the graph computes in float16 behind float32 inputs and outputs, its "
+        "dropout in float32, verified within a stated tolerance (default: fp32)",
+    )
+    checks.add_argument(
         "--false-failure-probability",
         type=float,
         default=1e-4,
@@ -378,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify_device=args.verify_device,
             false_failure_probability=args.false_failure_probability,
             description=args.description,
+            precision=args.precision,
         )
     except ExportArgumentError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -56,6 +56,13 @@ from export.mc_mode import (
     probe_forward,
 )
 from export.onnx_export import BATCH_DIM, export_onnx_bytes, require_dropout_kept
+from export.precision import (
+    FP16_MEAN_MARGIN,
+    FP16_VARIANCE_MARGIN,
+    PRECISIONS,
+    Precision,
+    to_float16,
+)
 from export.publish import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -454,6 +461,7 @@ def export_model(
     false_failure_probability: float = 1e-4,
     description: str = "",
     metrics: Mapping[str, Any] | None = None,
+    precision: Precision = "fp32",
 ) -> ExportReport:
     """Export ``model`` to ONNX with dropout kept active, verify it, publish it.
 
@@ -499,6 +507,9 @@ def export_model(
         false_failure_probability: probability that verification rejects a correct export.
         description: free text for config.json.
         metrics: free-form scores for metadata.json (e.g. test accuracy).
+        precision: "fp32", or "fp16": the graph computes in float16 with float32 inputs and
+            outputs and its dropout in float32 (export/precision.py), verified against
+            PyTorch float32 within the tolerance stated there.
 
     Returns:
         The report of what was published.
@@ -531,6 +542,11 @@ def export_model(
         false_failure_probability=false_failure_probability,
         metrics=metrics,
     )
+    if precision not in PRECISIONS:
+        raise ExportArgumentError(
+            f"precision must be one of {PRECISIONS}, got {precision!r} (bfloat16: "
+            "export/precision.py says why not)"
+        )
     if version is not None and (repository / name / str(version)).exists():
         raise VersionExistsError(f"{repository / name / str(version)} already exists")
     inputs = _as_tuple(example_inputs)
@@ -608,6 +624,15 @@ def export_model(
     _check_variance_shapes(graph_outputs, variance_of or {})
     graph_inputs, max_dims = _with_max_shapes(graph_inputs, graph, input_axes, axis_max or {})
     activation_bytes = activation_bytes_per_row(graph, max_dims)
+    if precision == "fp16":
+        graph = to_float16(graph)
+        onnx_bytes = graph.SerializeToString()
+        graph_checks = check_graph(graph, dynamic_axes=declared)
+        if not graph_checks.passed:
+            raise GraphCheckError(
+                "the float16 graph failed static checks: " + "; ".join(graph_checks.problems),
+                graph_checks,
+            )
 
     config = config_document(
         name=name,
@@ -622,6 +647,7 @@ def export_model(
         default_num_samples=default_num_samples,
         max_num_samples=max_num_samples,
         activation_bytes=activation_bytes,
+        precision=precision,
     )
 
     log.info("verifying %s against PyTorch", name)
@@ -636,6 +662,7 @@ def export_model(
         device=verify_device,
         output_names=output_names,
         config=parse_config(config, name),
+        margins=(FP16_MEAN_MARGIN, FP16_VARIANCE_MARGIN) if precision == "fp16" else (0.0, 0.0),
     )
     if not verification.passed:
         raise VerificationError(
@@ -652,6 +679,7 @@ def export_model(
         "dropout": [d.to_dict() for d in dropout],
         "dropout_not_run": [d.to_dict() for d in not_running],
         "mha_fastpath_enabled": False,
+        "precision": precision,
         "stochastic_nodes": [n.to_dict() for n in stochastic],
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {

@@ -371,6 +371,7 @@ def config_document(
     max_num_samples: int,
     activation_bytes: int,
     output_labels: Mapping[str, Sequence[str]] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """config.json, with the fields in the documented order.
 
@@ -387,6 +388,8 @@ def config_document(
         max_num_samples: the largest T.
         activation_bytes: the ``activation_bytes_per_row`` estimate.
         output_labels: class output name -> its own labels (written in its entry).
+        precision: "fp32" (not written: the default) or "fp16" (the graph computes in
+            float16 behind float32 inputs and outputs).
 
     Returns:
         The document.
@@ -412,4 +415,6 @@ def config_document(
         document["labels"] = list(labels)
     document["num_samples"] = {"default": default_num_samples, "max": max_num_samples}
     document["activation_bytes_per_row"] = activation_bytes
+    if precision != "fp32":
+        document["precision"] = precision
     return document

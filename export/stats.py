@@ -192,17 +192,21 @@ def mean_z_test(
     torch_side: Moments,
     alpha: float,
     describe: Callable[[int], str] = str,
+    margin: float = 0.0,
 ) -> ZTestResult:
     """Per element ``z = (m_onnx - m_torch) / sqrt(v_onnx / n_onnx + v_torch / n_torch)``.
 
     Elements deterministic on both sides are compared for near equality instead
-    (``DETERMINISTIC_RTOL``).
+    (``DETERMINISTIC_RTOL``). With a ``margin`` (half precision), a difference within
+    ``margin * (|m_torch| + sd_torch)`` counts as none: the test then asks whether the means
+    differ by more than the stated tolerance, with the same false-failure probability.
 
     Args:
         onnx_side: ONNX Runtime moments.
         torch_side: PyTorch moments.
         alpha: false-failure probability of this test.
         describe: names an element from its flat index, for the problems.
+        margin: the tolerated difference, relative to the element's scale.
 
     Returns:
         The result.
@@ -215,7 +219,7 @@ def mean_z_test(
 
     fixed = np.flatnonzero(both_fixed)
     difference = np.abs(onnx_side.mean[fixed] - torch_side.mean[fixed])
-    tolerance = DETERMINISTIC_RTOL * (1.0 + np.abs(torch_side.mean[fixed]))
+    tolerance = (DETERMINISTIC_RTOL + margin) * (1.0 + np.abs(torch_side.mean[fixed]))
     unequal = fixed[difference > tolerance]
     if unequal.size:
         i = int(unequal[0])
@@ -228,7 +232,11 @@ def mean_z_test(
     standard_error = np.sqrt(
         onnx_side.variance[tested] / onnx_side.n + torch_side.variance[tested] / torch_side.n
     )
-    z = (onnx_side.mean[tested] - torch_side.mean[tested]) / standard_error
+    difference = onnx_side.mean[tested] - torch_side.mean[tested]
+    if margin:
+        scale = np.abs(torch_side.mean[tested]) + np.sqrt(torch_side.variance[tested])
+        difference = np.sign(difference) * np.maximum(np.abs(difference) - margin * scale, 0.0)
+    z = difference / standard_error
     max_abs_z, worst = _max_abs(z, tested)
     if max_abs_z > threshold:
         count = int(np.sum(np.abs(z) > threshold))
@@ -254,6 +262,7 @@ def variance_ratio_test(
     torch_side: Moments,
     alpha: float,
     describe: Callable[[int], str] = str,
+    margin: float = 0.0,
 ) -> ZTestResult:
     """Per element z of the log variance ratio ``log(v_onnx / v_torch)``.
 
@@ -263,13 +272,15 @@ def variance_ratio_test(
     two-point law, as dropout right before a linear output can give).
 
     An element with variance on one side and none on the other fails; elements
-    deterministic on both sides are left to ``mean_z_test``.
+    deterministic on both sides are left to ``mean_z_test``. With a ``margin`` (half
+    precision), a variance ratio within [1 / (1 + margin), 1 + margin] counts as 1.
 
     Args:
         onnx_side: ONNX Runtime moments.
         torch_side: PyTorch moments.
         alpha: false-failure probability of this test.
         describe: names an element from its flat index, for the problems.
+        margin: the tolerated relative difference of the variances.
 
     Returns:
         The result, with the range of the variance ratio.
@@ -303,7 +314,11 @@ def variance_ratio_test(
         + (torch_side.kurtosis[tested] - 1.0) / n_t
         + 2.0 / (n_t * (n_t - 1))
     )
-    z = np.log(ratio) / np.sqrt(variance_of_log)
+    log_ratio = np.log(ratio)
+    if margin:
+        allowed = np.log1p(margin)
+        log_ratio = np.sign(log_ratio) * np.maximum(np.abs(log_ratio) - allowed, 0.0)
+    z = log_ratio / np.sqrt(variance_of_log)
     max_abs_z, worst = _max_abs(z, tested)
     if max_abs_z > threshold:
         count = int(np.sum(np.abs(z) > threshold))

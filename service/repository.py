@@ -149,6 +149,8 @@ class ModelConfig:
     max_num_samples: int
     activation_bytes_per_row: int | None
     dynamic_batching: DynamicBatchingConfig = DynamicBatchingConfig()
+    #: "fp32", or "fp16": the graph computes in float16 behind float32 inputs and outputs
+    precision: str = "fp32"
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -425,6 +427,12 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         f"activation_bytes_per_row must be a positive integer, got {activation!r}",
     )
     description = raw.get("description", "")
+    precision = raw.get("precision", "fp32")
+    _require(
+        precision in ("fp32", "fp16"),
+        where,
+        f"precision must be fp32 or fp16, got {precision!r}",
+    )
     return ModelConfig(
         name=model_name,
         task=task,
@@ -435,6 +443,7 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         max_num_samples=maximum,
         activation_bytes_per_row=activation,
         dynamic_batching=_dynamic_batching(raw.get("dynamic_batching"), where),
+        precision=precision,
     )
 
 

@@ -273,6 +273,7 @@ def model_info_from_proto(metadata: pb.ModelMetadata) -> ModelInfo:
         dropout=tuple(DropoutLayer(d.module, d.type, d.p) for d in metadata.dropout),
         verified=metadata.verified,
         weights_sha256=metadata.weights_sha256,
+        precision=metadata.precision or "fp32",
     )
 
 
@@ -297,7 +298,20 @@ def model_summary_from_proto(summary: pb.ModelSummary) -> ModelSummary:
         versions=tuple(summary.versions),
         task=TASK_OF.get(summary.task, "unspecified"),
         ready=summary.ready,
+        reason=summary.reason,
+        version_states=tuple(
+            (v.version, _STATE_OF.get(v.state, "unspecified"), v.reason)
+            for v in summary.version_status
+        ),
     )
+
+
+_STATE_OF = {
+    pb.VERSION_STATE_READY: "ready",
+    pb.VERSION_STATE_LOADING: "loading",
+    pb.VERSION_STATE_UNAVAILABLE: "unavailable",
+    pb.VERSION_STATE_UNLOADING: "unloading",
+}
 
 
 def prediction_from_proto(response: pb.PredictResponse, seed: int | None = None) -> Prediction:

@@ -343,6 +343,8 @@ class ModelInfo:
         dropout: the dropout layers of the exported model.
         verified: True when the export verification against PyTorch MC dropout passed.
         weights_sha256: digest of the model file.
+        precision: "fp32", or "fp16" (the graph computes in float16 behind float32 inputs
+            and outputs).
     """
 
     name: str
@@ -360,6 +362,7 @@ class ModelInfo:
     dropout: tuple[DropoutLayer, ...]
     verified: bool
     weights_sha256: str
+    precision: str = "fp32"
 
     def input(self, name: str | None = None) -> TensorInfo:
         """The input called ``name``, or the only input when ``name`` is None.
@@ -397,6 +400,7 @@ class ModelInfo:
             "dropout": [{"module": d.module, "type": d.type, "p": d.p} for d in self.dropout],
             "verified": self.verified,
             "weights_sha256": self.weights_sha256,
+            "precision": self.precision,
         }
 
 
@@ -407,14 +411,19 @@ class ModelSummary:
     Attributes:
         name: the model name.
         versions: loaded versions, newest first.
-        task: classification or regression.
-        ready: True when the newest version is loaded and serving.
+        task: classification, regression or mixed ("unspecified" when none is loaded).
+        ready: True when a version is loaded and serving.
+        reason: when not ready, why (the newest version's load failure, say).
+        version_states: every version the server holds: (version, state, reason), state one
+            of "ready", "loading", "unavailable", "unloading".
     """
 
     name: str
     versions: tuple[str, ...]
     task: Task
     ready: bool
+    reason: str = ""
+    version_states: tuple[tuple[str, str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -423,6 +432,8 @@ class ModelSummary:
             "versions": list(self.versions),
             "task": self.task,
             "ready": self.ready,
+            "reason": self.reason,
+            "version_states": [list(v) for v in self.version_states],
         }
 
 

@@ -176,4 +176,5 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
             verified=provenance.verified,
             weights_sha256=provenance.weights_sha256,
             version_status=_version_status(metadata.states),
+            precision=config.precision,
         )

@@ -236,7 +236,7 @@ class DropoutLayer(_message.Message):
     def __init__(self, module: _Optional[str] = ..., type: _Optional[str] = ..., p: _Optional[float] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "versions", "task", "description", "inputs", "outputs", "labels", "default_num_samples", "max_num_samples", "provider", "opset", "dropout", "verified", "weights_sha256", "version_status")
+    __slots__ = ("name", "version", "versions", "task", "description", "inputs", "outputs", "labels", "default_num_samples", "max_num_samples", "provider", "opset", "dropout", "verified", "weights_sha256", "version_status", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class ModelMetadata(_message.Message):
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     VERSION_STATUS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -269,4 +270,5 @@ class ModelMetadata(_message.Message):
     verified: bool
     weights_sha256: str
     version_status: _containers.RepeatedCompositeFieldContainer[VersionStatus]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., default_num_samples: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., provider: _Optional[str] = ..., opset: _Optional[int] = ..., dropout: _Optional[_Iterable[_Union[DropoutLayer, _Mapping]]] = ..., verified: _Optional[bool] = ..., weights_sha256: _Optional[str] = ..., version_status: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., default_num_samples: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., provider: _Optional[str] = ..., opset: _Optional[int] = ..., dropout: _Optional[_Iterable[_Union[DropoutLayer, _Mapping]]] = ..., verified: _Optional[bool] = ..., weights_sha256: _Optional[str] = ..., version_status: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ..., precision: _Optional[str] = ...) -> None: ...
