@@ -193,6 +193,7 @@ def test_metadata_matches_the_contract(export_published: Published) -> None:
         "dropout",
         "dropout_not_run",
         "mha_fastpath_enabled",
+        "precision",
         "stochastic_nodes",
         "exported_at",
         "versions",
@@ -206,6 +207,7 @@ def test_metadata_matches_the_contract(export_published: Published) -> None:
     assert metadata["dropout"] == [{"module": "head.0", "type": "Dropout", "p": 0.3}]
     assert metadata["dropout_not_run"] == []
     assert metadata["mha_fastpath_enabled"] is False
+    assert metadata["precision"] == "fp32"
     assert [n["op_type"] for n in metadata["stochastic_nodes"]] == ["Dropout"]
     assert datetime.fromisoformat(metadata["exported_at"]).tzinfo is not None
     assert set(metadata["versions"]) == {"torch", "onnx", "onnxruntime"}
