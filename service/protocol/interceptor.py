@@ -20,6 +20,7 @@ So a handler only raises ``ServiceError`` subclasses and never calls ``context.a
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,9 +80,39 @@ def _rebuild(handler: grpc.RpcMethodHandler, kind: str, behavior: Behavior) -> A
     )
 
 
+def _gone(context: grpc.aio.ServicerContext) -> bool:
+    """Whether nobody waits for this call's answer any more: its deadline passed (grpc has
+    answered DEADLINE_EXCEEDED itself) or it was cancelled."""
+    remaining = context.time_remaining()
+    return bool(context.cancelled()) or (remaining is not None and remaining <= 0)
+
+
+async def _answer(context: grpc.aio.ServicerContext, status: grpc.StatusCode, message: str) -> None:
+    """``context.abort`` with ``status``, unless the call is gone.
+
+    A handler that answers a call whose deadline has just passed makes grpcio fail the send
+    and log it as an ERROR with a traceback ("ExecuteBatchError raised in core"), one per such
+    call under overload. Such a call ends as cancelled instead: the client has its
+    DEADLINE_EXCEEDED already, and ``observe`` has recorded the request.
+
+    Raises:
+        grpc.aio.AbortError: the status was sent (grpc's way of ending the handler).
+        asyncio.CancelledError: the call was gone.
+    """
+    if _gone(context):
+        raise asyncio.CancelledError
+    try:
+        await context.abort(status, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        if _gone(context):  # it went while the status was being sent
+            raise asyncio.CancelledError from None
+        raise
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    status, message = status_of(error)
-    await context.abort(status, message)
+    await _answer(context, *status_of(error))
 
 
 async def _checked(
@@ -227,7 +258,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             outcome = await observe(method, model, context.time_remaining, call, self._gate)
             if outcome.status is not grpc.StatusCode.OK:
-                await context.abort(outcome.status, outcome.message)
+                await _answer(context, outcome.status, outcome.message)
+            if _gone(context):  # an answer too late: grpc would fail to send it (see _answer)
+                raise asyncio.CancelledError
             return outcome.response
 
         return observed

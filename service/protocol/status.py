@@ -153,6 +153,8 @@ class Gate:
         Returns:
             Whether every request finished in time.
         """
+        if self._running == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:

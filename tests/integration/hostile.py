@@ -153,7 +153,7 @@ def kinds() -> list[Kind]:
         Kind("Predict: 2000 unexpected inputs", PREDICT, _many_inputs(2000, 200), Code.INVALID_ARGUMENT, ""),
         Kind("GetModelMetadata: 512 KiB model name", METADATA, pb.GetModelMetadataRequest(model=big).SerializeToString(), Code.NOT_FOUND, "not found"),
         Kind("ModelInfer: 512 KiB model name", INFER, infer(big).SerializeToString(), Code.NOT_FOUND, "not found"),
-        Kind("ModelInfer: 512 KiB datatype", INFER, infer(datatype=big).SerializeToString(), Code.INVALID_ARGUMENT, "unsupported datatype"),
+        Kind("ModelInfer: 512 KiB datatype", INFER, infer(datatype=big).SerializeToString(), Code.INVALID_ARGUMENT, "characters) (supported"),
         Kind("ModelInfer: 512 KiB input name", INFER, infer(name=big).SerializeToString(), Code.INVALID_ARGUMENT, ""),
         # -- tensors ------------------------------------------------------------------------------
         Kind("Predict: wrong dtype", PREDICT, predict(x=X.astype(np.float64)).SerializeToString(), Code.INVALID_ARGUMENT, "must be float32"),

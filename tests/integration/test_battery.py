@@ -191,6 +191,9 @@ def test_fuzzed_messages_get_client_codes_and_the_memory_stays_bounded(
             except grpc.RpcError as error:
                 codes[error.code()] += 1
     rss_after = rss_bytes(battery.process.pid)
+    print(f"fuzz: {len(messages)} messages (seed {FUZZ_SEED}):",
+          {c.name: n for c, n in codes.most_common()},
+          f"RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")  # fmt: skip
     assert set(codes) <= FUZZ_CODES, codes
     assert sum(codes.values()) == len(messages)
     assert codes[Code.INVALID_ARGUMENT] > len(messages) // 10  # the mutations did break things
@@ -214,6 +217,8 @@ def test_overload_with_short_deadlines_gets_only_ok_exhausted_or_deadline(
             codes[Code.OK] += 1
         except grpc.RpcError as error:
             codes[error.code()] += 1
+    print("overload: 400 requests at once, 0.5 s deadlines:",
+          {c.name: n for c, n in codes.most_common()})  # fmt: skip
     assert set(codes) <= {Code.OK, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED}, codes
     assert codes[Code.RESOURCE_EXHAUSTED] > 0, codes  # it was an overload
     # Afterwards: nothing left in flight or queued, and the server answers.

@@ -111,6 +111,7 @@ def test_a_closed_gate_refuses_new_requests_and_waits_for_the_running_ones() -> 
         assert not await gate.wait_idle(0.01)  # the first one still runs
         release.set()
         assert await gate.wait_idle(5)
+        assert await gate.wait_idle(0)  # idle: true at once, even without time to wait
         assert (await running).response == "done"
         assert gate.running == 0
 
@@ -142,6 +143,9 @@ class Context:
 
     def time_remaining(self) -> float | None:
         return 30.0
+
+    def cancelled(self) -> bool:
+        return False
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:5555"
@@ -348,3 +352,44 @@ def test_the_connection_limits_reach_the_grpc_options() -> None:
     assert options["grpc.max_connection_age_grace_ms"] == 15_000
     unlimited = dict(server_options(Settings(max_connection_age_s=0)))
     assert "grpc.max_connection_age_ms" not in unlimited
+
+
+class LateContext(Context):
+    """A call whose deadline passes while its answer is being sent, as under overload."""
+
+    def __init__(self, remaining_s: list[float]) -> None:
+        super().__init__()
+        self.remaining_s = remaining_s
+
+    def time_remaining(self) -> float | None:
+        return self.remaining_s.pop(0) if len(self.remaining_s) > 1 else self.remaining_s[0]
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError("Failed execute_batch")  # what grpcio raises for a dead call
+
+
+@pytest.mark.parametrize(("remaining_s", "raised"), [
+    ([0.0], asyncio.CancelledError),  # gone before the answer: nothing is sent
+    ([5.0, 0.0], asyncio.CancelledError),  # gone while it was sent: grpcio's failure swallowed
+    ([5.0, 5.0], RuntimeError),  # a failure of a live call is not hidden
+])  # fmt: skip
+def test_an_answer_to_a_call_past_its_deadline_ends_it_cancelled_not_logged(
+    remaining_s: list[float], raised: type[BaseException]
+) -> None:
+    interceptor = StatusInterceptor(lambda name: name)
+
+    async def continuation(_: Any) -> grpc.RpcMethodHandler:
+        async def fails(request: Any, context: Any) -> None:
+            raise errors.ResourceExhausted("queue full")
+
+        return grpc.unary_unary_rpc_method_handler(
+            fails, request_deserializer=oip.ModelReadyRequest.FromString
+        )
+
+    async def scenario() -> None:
+        handler = await interceptor.intercept_service(continuation, details(READY, None))
+        request = oip.ModelReadyRequest(name="m")
+        await handler.unary_unary(request, LateContext(remaining_s))
+
+    with pytest.raises(raised):
+        asyncio.run(scenario())
