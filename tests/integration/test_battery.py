@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.gen.inference import grpc_service_pb2 as oip
 from service.protocol.status import MAX_MESSAGE_BYTES
@@ -152,6 +153,21 @@ def test_undecodable_reflection_requests_are_invalid(channel: grpc.Channel) -> N
     stream = channel.stream_stream(hostile.REFLECTION)
     with pytest.raises(grpc.RpcError) as info:
         list(stream(iter([b"\xff\xff"]), timeout=10))
+    assert info.value.code() == Code.INVALID_ARGUMENT
+
+
+def test_health_watch_streams_through_the_interceptor(channel: grpc.Channel) -> None:
+    """Watch (a unary-stream handler that writes through its context) still streams when the
+    interceptor re-registers it for tolerant decoding."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service="tiny_cls"), timeout=10
+    )
+    first = next(iter(watch))
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    stream = channel.unary_stream("/grpc.health.v1.Health/Watch")
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream(b"\xff\xff", timeout=10))
     assert info.value.code() == Code.INVALID_ARGUMENT
 
 
