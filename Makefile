@@ -19,17 +19,19 @@ help:
 	@echo "make test    install everything and run the whole test suite"
 	@echo "make test-fast  the unit tests that train and export nothing (well under a minute)"
 	@echo "make lint    ruff (lint + format check) and mypy --strict"
-	@echo "make proto   regenerate service/gen from proto/"
+	@echo "make proto   regenerate service/gen and client/mcdropout_client/_gen from proto/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-run: pyproject.toml | $(PY)
-	$(PIP_INSTALL) -e '.[export]'
+# The server and the client distribution (client/: the `mcdropout` command, the examples,
+# evaluation and tests use it), in one pip run so that they resolve together.
+$(VENV)/.installed-run: pyproject.toml client/pyproject.toml | $(PY)
+	$(PIP_INSTALL) -e '.[export]' -e ./client
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP_INSTALL) -e '.[export,dev,eval]'
+$(VENV)/.installed-dev: pyproject.toml client/pyproject.toml | $(PY)
+	$(PIP_INSTALL) -e '.[export,dev,eval]' -e ./client
 	touch $@ $(VENV)/.installed-run
 
 install: $(VENV)/.installed-run

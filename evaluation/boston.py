@@ -48,10 +48,10 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from evaluation.common import EvalClient
 from evaluation.metrics import gaussian_mc_log_likelihood, mean_and_standard_error, rmse
 from export import export_model
 from export.examples import HousingMLP
+from mcdropout_client import Client
 
 __all__ = [
     "BostonPlan",
@@ -462,7 +462,7 @@ class BostonResult:
         return mean_and_standard_error([s.log_likelihood for s in self.splits])
 
 
-def evaluate(prepared: BostonPrepared, client: EvalClient) -> BostonResult:
+def evaluate(prepared: BostonPrepared, client: Client) -> BostonResult:
     """Sends every split's test rows to its model (T samples each) and scores the samples."""
     plan = prepared.plan
     results = []
@@ -472,7 +472,11 @@ def evaluate(prepared: BostonPrepared, client: EvalClient) -> BostonResult:
     ):
         rows = prepared.x[split.test].astype(np.float32)
         answer = client.predict(
-            name, rows, plan.test_samples, return_samples=True, seed=plan.seed + split.index
+            name,
+            rows,
+            num_samples=plan.test_samples,
+            return_samples=True,
+            seed=plan.seed + split.index,
         )
         assert answer.samples is not None
         samples = answer.samples.reshape(rows.shape[0], plan.test_samples)  # (B, T, 1) -> (B, T)

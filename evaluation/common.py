@@ -1,7 +1,7 @@
-"""What every stage shares: the server subprocess, a small gRPC client, seeding, the machine line.
+"""What every stage shares: the server subprocess and its client, seeding, the machine line.
 
-The client speaks to the server only through the generated stubs and ``service.protocol.codec`` (the
-project's typed client library is not a dependency of the evaluation).
+The stages speak to the server through the project's client library (``mcdropout_client``),
+as any application would.
 """
 
 from __future__ import annotations
@@ -12,26 +12,19 @@ import os
 import platform
 import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
-from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
-from service.protocol.codec import decode_tensor, encode_tensor
+from mcdropout_client import Client
 from tools.launcher import launch_service
 
 __all__ = [
     "ROOT",
-    "EvalClient",
-    "Prediction",
+    "connect",
     "machine_description",
     "quiet_export_logs",
     "running_server",
@@ -48,7 +41,6 @@ FloatArray = npt.NDArray[np.float64]
 SERVER_START_TIMEOUT_S = 300.0
 #: gRPC deadline of one Predict call.
 PREDICT_TIMEOUT_S = 300.0
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -121,7 +113,7 @@ def serving(
     expected: set[str],
     extra_flags: Sequence[str] = (),
     attempts: int = 3,
-) -> Iterator[EvalClient]:
+) -> Iterator[Client]:
     """A server on ``repository`` that serves every model of ``expected``, and a client.
 
     The server refuses a version when its load-time probe (8 copies of one random row) sees
@@ -137,9 +129,9 @@ def serving(
     for attempt in range(1, attempts + 1):
         with (
             running_server(repository, workdir, extra_flags) as target,
-            EvalClient(target) as client,
+            connect(target) as client,
         ):
-            missing = expected - client.ready_models()
+            missing = expected - {m.name for m in client.list_models() if m.ready}
             if not missing:
                 yield client
                 return
@@ -152,132 +144,7 @@ def serving(
     raise RuntimeError(f"models not served after {attempts} starts: {'; '.join(reasons)}")
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """The statistics of a model's single output, rows first (all float64).
-
-    Attributes:
-        num_samples: T, the stochastic passes the server ran.
-        mean: (B, ...) mean over samples (classifiers: mean probabilities, (B, C)).
-        std: (B, ...) sample standard deviation (ddof=1; NaN when T = 1).
-        predictive_entropy: (B,) classifiers only, nats.
-        mutual_information: (B,) classifiers only, nats.
-        variation_ratio: (B,) classifiers only.
-        samples: (B, T, ...) every sample (classifiers: probabilities), when asked for.
-    """
-
-    num_samples: int
-    mean: FloatArray
-    std: FloatArray
-    predictive_entropy: FloatArray | None = None
-    mutual_information: FloatArray | None = None
-    variation_ratio: FloatArray | None = None
-    samples: FloatArray | None = None
-
-
-def _decode_optional(output: pb.OutputStatistics, field: str) -> FloatArray | None:
-    if not output.HasField(field):
-        return None
-    return np.asarray(decode_tensor(getattr(output, field), field), np.float64)
-
-
-class EvalClient:
-    """A synchronous Predict client over the generated stubs (numpy in, numpy out)."""
-
-    def __init__(self, target: str) -> None:
-        options = [
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-        ]
-        self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.MCDropoutServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._input_names: dict[str, str] = {}
-
-    def __enter__(self) -> EvalClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Closes the channel."""
-        self._channel.close()
-
-    def ready_models(self) -> set[str]:
-        """Names of the models the server serves (ready)."""
-        response: pb.ListModelsResponse = self._stub.ListModels(
-            pb.ListModelsRequest(), timeout=PREDICT_TIMEOUT_S
-        )
-        return {m.name for m in response.models if m.ready}
-
-    def metadata(self, model: str) -> pb.ModelMetadata:
-        """The newest version's metadata."""
-        metadata: pb.ModelMetadata = self._stub.GetModelMetadata(
-            pb.GetModelMetadataRequest(model=model), timeout=PREDICT_TIMEOUT_S
-        )
-        return metadata
-
-    def default_samples(self, model: str) -> int:
-        """The model's default T (what a request with num_samples = 0 gets)."""
-        return int(self.metadata(model).default_num_samples)
-
-    def _input_name(self, model: str) -> str:
-        if model not in self._input_names:
-            metadata = self.metadata(model)
-            if len(metadata.inputs) != 1:
-                raise ValueError(f"model {model} has {len(metadata.inputs)} inputs, expected 1")
-            self._input_names[model] = metadata.inputs[0].name
-        return self._input_names[model]
-
-    def predict(
-        self,
-        model: str,
-        rows: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]],
-        num_samples: int,
-        *,
-        return_samples: bool = False,
-        seed: int | None = None,
-    ) -> Prediction:
-        """One Predict call on the newest version of ``model``.
-
-        Args:
-            model: model name.
-            rows: (B, ...) array of the model's dtype for its single input, or {name: array}.
-            num_samples: T.
-            return_samples: also answer every sample, (B, T, ...).
-            seed: makes the answer reproducible (Predict.seed: each row's dropout noise comes
-                from generators seeded by the seed and the row); None samples freshly.
-
-        Returns:
-            The statistics of the model's (single) output.
-        """
-        inputs = rows if isinstance(rows, Mapping) else {self._input_name(model): rows}
-        request = pb.PredictRequest(
-            model=model,
-            num_samples=num_samples,
-            return_samples=return_samples,
-            inputs=[pb.NamedTensor(name=k, tensor=encode_tensor(v)) for k, v in inputs.items()],
-            seed=seed,
-        )
-        response: pb.PredictResponse = self._stub.Predict(request, timeout=PREDICT_TIMEOUT_S)
-        if len(response.outputs) != 1:
-            raise ValueError(f"model {model} answered {len(response.outputs)} outputs, expected 1")
-        output = response.outputs[0]
-        mean = _decode_optional(output, "mean")
-        std = _decode_optional(output, "std")
-        if mean is None or std is None:
-            raise ValueError(f"model {model} answered no mean or std")
-        return Prediction(
-            num_samples=response.num_samples,
-            mean=mean,
-            std=std,
-            predictive_entropy=_decode_optional(output, "predictive_entropy"),
-            mutual_information=_decode_optional(output, "mutual_information"),
-            variation_ratio=_decode_optional(output, "variation_ratio"),
-            samples=_decode_optional(output, "samples"),
-        )
+def connect(target: str) -> Client:
+    """The evaluation's client of a server at ``target``: every call's deadline is
+    ``PREDICT_TIMEOUT_S`` (T = 10,000 on a few hundred rows takes a while on 2 cores)."""
+    return Client(target, timeout=PREDICT_TIMEOUT_S)

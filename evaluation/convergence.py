@@ -25,9 +25,9 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from evaluation.common import EvalClient
 from evaluation.digits import FULL_MODEL, DigitsPrepared
 from export.examples import export_example, train_housing
+from mcdropout_client import Client
 
 __all__ = [
     "ConvergencePlan",
@@ -178,7 +178,7 @@ Answers = dict[int, list[tuple[FloatArray, FloatArray, FloatArray | None]]]
 
 
 def _repeat(
-    client: EvalClient, model: str, rows: npt.NDArray[np.float32], plan: ConvergencePlan
+    client: Client, model: str, rows: npt.NDArray[np.float32], plan: ConvergencePlan
 ) -> tuple[Answers, list[float]]:
     """{T: [(mean, std, mutual information) per repeat]} and the median latency per T.
 
@@ -201,7 +201,7 @@ def _repeat(
                 # whole study is reproducible
                 seed = (plan.seed * 100_000 + t) * 1000 + repeat
                 started = time.perf_counter()
-                answer = client.predict(model, rows, t, seed=seed)
+                answer = client.predict(model, rows, num_samples=t, seed=seed)
                 durations.append(time.perf_counter() - started)
                 answers[t].append((answer.mean, answer.std, answer.mutual_information))
                 progress.update()
@@ -218,7 +218,7 @@ def _spread(values: list[FloatArray]) -> FloatArray:
     return result
 
 
-def evaluate(prepared: ConvergencePrepared, client: EvalClient) -> ConvergenceResult:
+def evaluate(prepared: ConvergencePrepared, client: Client) -> ConvergenceResult:
     """Repeats the requests at every T and measures the spreads."""
     plan = prepared.plan
     counts = list(plan.sample_counts)
@@ -260,6 +260,9 @@ def evaluate(prepared: ConvergencePrepared, client: EvalClient) -> ConvergenceRe
             plan.housing_threshold, counts, prepared.housing_names, housing_std,
         ),
     ]  # fmt: skip
-    defaults = {model: client.default_samples(model) for model in (FULL_MODEL, HOUSING_MODEL)}
+    defaults = {
+        model: client.model_metadata(model).default_num_samples
+        for model in (FULL_MODEL, HOUSING_MODEL)
+    }
     latency = {FULL_MODEL: digits_latency, HOUSING_MODEL: housing_latency}
     return ConvergenceResult(plan, statistics, defaults, latency)

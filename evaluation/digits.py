@@ -29,7 +29,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from evaluation.common import EvalClient, seed_everything
+from evaluation.common import seed_everything
 from evaluation.metrics import (
     ReliabilityBins,
     accuracy,
@@ -41,6 +41,7 @@ from evaluation.metrics import (
 )
 from export import export_model
 from export.examples import DigitsCNN
+from mcdropout_client import Client
 
 __all__ = ["DigitsPlan", "DigitsPrepared", "DigitsResult", "evaluate", "prepare"]
 
@@ -243,11 +244,9 @@ class Scores:
     det_probabilities: FloatArray
 
 
-def score(
-    network: Network, images: Images, client: EvalClient, num_samples: int, seed: int
-) -> Scores:
+def score(network: Network, images: Images, client: Client, num_samples: int, seed: int) -> Scores:
     """MC statistics from the server and the deterministic softmax, for (N, 1, 8, 8) images."""
-    answer = client.predict(network.name, images, num_samples, seed=seed)
+    answer = client.predict(network.name, images, num_samples=num_samples, seed=seed)
     assert answer.predictive_entropy is not None
     assert answer.mutual_information is not None
     assert answer.variation_ratio is not None
@@ -299,7 +298,7 @@ class SweepRow:
     entropy_auroc: dict[str, float]
 
 
-def sweep(prepared: DigitsPrepared, client: EvalClient) -> list[SweepRow]:
+def sweep(prepared: DigitsPrepared, client: Client) -> list[SweepRow]:
     """The headline MC figures of ``digits_eval`` again at every T of ``plan.sweep_samples``."""
     plan, labels = prepared.plan, prepared.test_labels
     rows = []
@@ -344,7 +343,7 @@ class DigitsResult:
     sweep: list[SweepRow] = field(default_factory=list)
 
 
-def evaluate(prepared: DigitsPrepared, client: EvalClient) -> DigitsResult:
+def evaluate(prepared: DigitsPrepared, client: Client) -> DigitsResult:
     """Every query of the digits study (MC from the server, deterministic in process)."""
     plan, t = prepared.plan, prepared.plan.num_samples
     labels = prepared.test_labels

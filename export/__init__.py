@@ -7,6 +7,8 @@ names are its building blocks, usable on their own:
 * ``check_graph``: static checks on any ``onnx.ModelProto``.
 * ``verify_model``: statistical comparison of ONNX Runtime samples with PyTorch's.
 * ``export.errors``: the exception tree (every failure is an ``ExportError``).
+* ``export.zoo``: real architectures with random weights and the arguments that export them
+  (tests and benchmarks; torchvision, timm and transformers from the ``dev`` extra).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from export.checks import CheckResult, GraphCheckReport, NodeRef, check_graph
 from export.errors import (
     DropoutError,
     DropoutNotKeptError,
+    DropoutNotRunError,
     ExportArgumentError,
     ExportError,
     GraphCheckError,
@@ -36,6 +39,7 @@ __all__ = [
     "DropoutError",
     "DropoutModule",
     "DropoutNotKeptError",
+    "DropoutNotRunError",
     "ExportArgumentError",
     "ExportError",
     "ExportReport",

@@ -43,6 +43,15 @@ examples:
   python -m export --model mypkg.nets:make_cnn --example batch.npy \\
       --repository models --name digits --task classification --labels 0,1,2,3,4,5,6,7,8,9
 
+  python -m export --model mypkg.nets:make_bert --example ids.npy --example mask.npy \\
+      --input-names input_ids,attention_mask --output-names logits \\
+      --dynamic-axis input_ids:1:sequence --dynamic-axis attention_mask:1:sequence \\
+      --axis-max sequence=512 --repository models --name sentiment --task classification
+
+  python -m export --model mypkg.nets:make_two_head --input-shape 4,8 \\
+      --output-names kind,price --output-semantics logits,values \\
+      --output-labels kind=cat,dog --repository models --name pets
+
 exit status: 0 published, 1 export failed (reason printed), 2 bad usage"""
 
 
@@ -61,6 +70,34 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"dimensions must be >= 1, got {text!r}")
     return shape
+
+
+def _dynamic_axis(text: str) -> tuple[str, int, str]:
+    input_name, _, rest = text.partition(":")
+    axis, _, axis_name = rest.partition(":")
+    try:
+        return input_name, int(axis), axis_name
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected INPUT:AXIS:NAME, e.g. input_ids:1:sequence, got {text!r}"
+        ) from None
+
+
+def _axis_max(text: str) -> tuple[str, int]:
+    axis_name, _, size = text.partition("=")
+    try:
+        return axis_name, int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=SIZE, e.g. sequence=512, got {text!r}"
+        ) from None
+
+
+def _output_labels(text: str) -> tuple[str, list[str]]:
+    output, sep, labels = text.partition("=")
+    if not sep or not output:
+        raise argparse.ArgumentTypeError(f"expected OUTPUT=A,B,C, got {text!r}")
+    return output, _comma_list(labels)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--repository", type=Path, required=True, metavar="DIR", help="model repository root"
     )
     target.add_argument("--name", required=True, help="model name ([A-Za-z0-9_.-]+)")
-    target.add_argument("--task", required=True, choices=("classification", "regression"))
+    target.add_argument(
+        "--task",
+        choices=("classification", "regression", "mixed"),
+        help="what the outputs are (default: derived from --output-semantics)",
+    )
     target.add_argument(
         "--version", type=int, metavar="N", help="version to publish (default: newest existing + 1)"
     )
@@ -129,11 +170,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-semantics",
         type=_comma_list,
         metavar="S,...",
-        help="per output: logits, probabilities or values "
+        help="per output: logits, probabilities, values, variance or log_variance "
         "(default: logits for classification, values for regression)",
     )
     contract.add_argument(
-        "--labels", type=_comma_list, metavar="A,B,C", help="class names (classification)"
+        "--variance-of",
+        type=_output_labels,
+        action="append",
+        metavar="VARIANCE=VALUES",
+        help="a variance/log_variance output and the values output it describes",
+    )
+    contract.add_argument(
+        "--labels",
+        type=_comma_list,
+        metavar="A,B,C",
+        help="class names (a model with one class output)",
+    )
+    contract.add_argument(
+        "--output-labels",
+        type=_output_labels,
+        action="append",
+        metavar="OUTPUT=A,B,C",
+        help="class names of one class output (repeat for several)",
+    )
+    contract.add_argument(
+        "--dynamic-axis",
+        type=_dynamic_axis,
+        action="append",
+        metavar="INPUT:AXIS:NAME",
+        help="a non-batch input axis that varies between requests, e.g. input_ids:1:sequence "
+        "(axes sharing a NAME share one size)",
+    )
+    contract.add_argument(
+        "--axis-max",
+        type=_axis_max,
+        action="append",
+        metavar="NAME=SIZE",
+        help="the largest size of a dynamic axis, e.g. sequence=512",
     )
     contract.add_argument(
         "--default-samples",
@@ -160,9 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     checks.add_argument(
         "--verify-samples",
         type=int,
-        default=4000,
         metavar="N",
-        help="MC samples drawn from each of ONNX Runtime and PyTorch (default: 4000)",
+        help="MC samples drawn from each of ONNX Runtime and PyTorch (default: up to 4000, "
+        "fewer, and fewer rows, for large models, to fit --verify-time-budget-s)",
+    )
+    checks.add_argument(
+        "--verify-time-budget-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="sampling time verification aims at when --verify-samples is not set (default: 60)",
+    )
+    checks.add_argument(
+        "--verify-device",
+        metavar="DEVICE",
+        help="where the PyTorch reference runs, e.g. cpu, cuda (default: cuda when available)",
     )
     checks.add_argument(
         "--false-failure-probability",
@@ -239,6 +324,22 @@ def _silence_dependencies() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _dynamic_axes(entries: Sequence[tuple[str, int, str]] | None) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for input_name, axis, axis_name in entries or ():
+        axes.setdefault(input_name, {})[axis] = axis_name
+    return axes
+
+
+def _variance_of(entries: Sequence[tuple[str, list[str]]] | None) -> dict[str, str]:
+    pairs = {}
+    for variance, targets in entries or ():
+        if len(targets) != 1:
+            raise ExportArgumentError(f"--variance-of {variance}= names one values output")
+        pairs[variance] = targets[0]
+    return pairs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
@@ -264,11 +365,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             input_names=args.input_names,
             output_names=args.output_names,
             output_semantics=args.output_semantics,
+            variance_of=_variance_of(args.variance_of) or None,
             labels=args.labels,
+            output_labels=dict(args.output_labels or ()) or None,
+            dynamic_axes=_dynamic_axes(args.dynamic_axis) or None,
+            axis_max=dict(args.axis_max or ()) or None,
             default_num_samples=args.default_samples,
             max_num_samples=args.max_samples,
             opset=args.opset,
             verify_samples=args.verify_samples,
+            verify_time_budget_s=args.verify_time_budget_s,
+            verify_device=args.verify_device,
             false_failure_probability=args.false_failure_probability,
             description=args.description,
         )

@@ -15,14 +15,18 @@ What is checked, and why:
 * ``batch_norm_inference``: no BatchNormalization in training mode (``training_mode=1`` or
   running-statistics outputs): it would normalise with the statistics of the tiled batch.
 * ``no_bernoulli``: ONNX Runtime's Bernoulli inverts the keep probability (measured).
-* ``batch_dimension``: each graph input and output has a dynamic first dimension and static
-  other dimensions, as config.json requires.
+* ``batch_dimension``: each graph input and output has a dynamic first dimension; other
+  dimensions are static, except the input axes declared dynamic (``dynamic_axes``), which
+  must be symbolic, and output dimensions derived from them (their symbols name only declared
+  axes, so the server can bound them; a data-dependent size is refused), as config.json
+  requires.
 * ``onnx_checker``: ``onnx.checker.check_model`` (with shape inference) accepts the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -385,38 +389,110 @@ def check_no_bernoulli(model: onnx.ModelProto) -> CheckResult:
     return CheckResult("no_bernoulli", tuple(problems), f"{len(problems)} Bernoulli nodes")
 
 
-def _dims_problem(kind: str, value: onnx.ValueInfoProto) -> str | None:
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Functions the exporter writes into symbolic dimension expressions (sympy printing), e.g.
+# "floor(sequence/2)": not dimension names.
+_DIM_FUNCTIONS = frozenset(
+    {"floor", "ceiling", "Max", "Min", "Mod", "FloorDiv", "CeilToInt", "FloorToInt", "Abs"}
+)
+
+
+def _dims_problems(
+    kind: str,
+    value: onnx.ValueInfoProto,
+    dynamic: Collection[int],
+    symbols: Collection[str],
+) -> list[str]:
+    """Problems with one input's or output's dimensions.
+
+    Args:
+        kind: "input" or "output".
+        value: the graph input or output.
+        dynamic: inputs: the axes declared dynamic (besides 0).
+        symbols: outputs: the dimension names of the declared dynamic input axes; an output
+            dimension may be symbolic when its expression names only these (and the batch).
+    """
     tensor_type = value.type.tensor_type
     if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
-        return f"{kind} {value.name!r} has no tensor shape"
+        return [f"{kind} {value.name!r} has no tensor shape"]
     dims = tensor_type.shape.dim
     if not dims:
-        return f"{kind} {value.name!r} is a scalar: the first dimension must be the batch"
+        return [f"{kind} {value.name!r} is a scalar: the first dimension must be the batch"]
+    problems = []
     if dims[0].HasField("dim_value"):
-        return (
+        problems.append(
             f"{kind} {value.name!r} has a fixed first dimension {dims[0].dim_value}: it must "
             "be the dynamic batch dimension"
         )
-    dynamic_rest = [i for i, d in enumerate(dims) if i > 0 and not d.HasField("dim_value")]
-    if dynamic_rest:
-        return (
-            f"{kind} {value.name!r} has dynamic dimensions {dynamic_rest}: only the first "
-            "(batch) dimension may be dynamic"
+    static_declared = sorted(a for a in dynamic if a < len(dims) and dims[a].HasField("dim_value"))
+    if static_declared:
+        problems.append(
+            f"{kind} {value.name!r} has static dimensions {static_declared} that were declared "
+            "dynamic: the exporter specialised them"
         )
-    return None
+    undeclared: list[int] = []
+    for i, d in enumerate(dims):
+        if i == 0 or d.HasField("dim_value") or i in dynamic:
+            continue
+        names = set(_SYMBOL.findall(d.dim_param)) - _DIM_FUNCTIONS
+        if not names or not names <= set(symbols):
+            undeclared.append(i)
+    if undeclared:
+        params = ", ".join(dims[i].dim_param or "?" for i in undeclared)
+        problems.append(
+            f"{kind} {value.name!r} has dynamic dimensions {undeclared} ({params}): only the "
+            "first (batch) dimension, input axes declared dynamic and output dimensions derived "
+            "from them may be dynamic"
+        )
+    return problems
 
 
-def check_batch_dimension(model: onnx.ModelProto) -> CheckResult:
-    """Inputs and outputs have a dynamic first dimension and static other dimensions."""
+def _input_axis_symbols(
+    inputs: Collection[onnx.ValueInfoProto], dynamic_axes: Mapping[str, Collection[int]]
+) -> set[str]:
+    symbols: set[str] = set()
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        symbols.update(
+            dims[axis].dim_param
+            for axis in dynamic_axes.get(value.name, ())
+            if axis < len(dims) and dims[axis].dim_param
+        )
+    if symbols:
+        symbols.update(dims[0].dim_param for v in inputs if (dims := v.type.tensor_type.shape.dim))
+    return symbols
+
+
+def check_batch_dimension(
+    model: onnx.ModelProto, dynamic_axes: Mapping[str, Collection[int]] | None = None
+) -> CheckResult:
+    """Inputs and outputs have a dynamic first dimension and static other dimensions.
+
+    Args:
+        model: the graph.
+        dynamic_axes: input name -> the non-batch axes declared dynamic; they must be
+            symbolic in the graph. Output dimensions may then be symbolic too when their
+            symbols name only those axes (and the batch).
+
+    Returns:
+        The result.
+    """
+    dynamic_axes = dynamic_axes or {}
     initializers = {init.name for init in model.graph.initializer}
     problems = []
     inputs = [v for v in model.graph.input if v.name not in initializers]
-    for kind, values in (("input", inputs), ("output", list(model.graph.output))):
-        for value in values:
-            problem = _dims_problem(kind, value)
-            if problem is not None:
-                problems.append(problem)
+    unknown = sorted(set(dynamic_axes) - {v.name for v in inputs})
+    if unknown:
+        problems.append(f"dynamic axes declared for unknown inputs {unknown}")
+    symbols = _input_axis_symbols(inputs, dynamic_axes)
+    for value in inputs:
+        problems.extend(_dims_problems("input", value, dynamic_axes.get(value.name, ()), ()))
+    for value in model.graph.output:
+        problems.extend(_dims_problems("output", value, (), symbols))
+    declared = sum(len(axes) for axes in dynamic_axes.values())
     detail = f"{len(inputs)} inputs, {len(model.graph.output)} outputs"
+    if declared:
+        detail += f", {declared} declared dynamic non-batch axes"
     return CheckResult("batch_dimension", tuple(problems), detail)
 
 
@@ -431,7 +507,11 @@ def check_onnx_checker(model: onnx.ModelProto) -> CheckResult:
 
 
 def check_graph(
-    model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, max_opset: int = MAX_OPSET
+    model: onnx.ModelProto,
+    *,
+    min_opset: int = MIN_OPSET,
+    max_opset: int = MAX_OPSET,
+    dynamic_axes: Mapping[str, Collection[int]] | None = None,
 ) -> GraphCheckReport:
     """Run every static check on ``model``.
 
@@ -439,6 +519,8 @@ def check_graph(
         model: any ONNX model.
         min_opset: the lowest default-domain opset accepted.
         max_opset: the highest default-domain opset accepted.
+        dynamic_axes: input name -> its non-batch axes declared dynamic (see
+            ``check_batch_dimension``); None when only the batch axis may be dynamic.
 
     Returns:
         The report; ``report.passed`` is False when any check found a problem.
@@ -449,7 +531,7 @@ def check_graph(
         check_dropout_training_mode(model),
         check_batch_norm(model),
         check_no_bernoulli(model),
-        check_batch_dimension(model),
+        check_batch_dimension(model, dynamic_axes),
         check_onnx_checker(model),
     )
     return GraphCheckReport(

@@ -7,6 +7,7 @@
     ├── DropoutError                the model's dropout cannot give MC dropout samples
     │   ├── NoDropoutError          no dropout module at all
     │   ├── ZeroDropoutError        every dropout module has p == 0
+    │   ├── DropoutNotRunError      no dropout module with p > 0 runs in the MC-mode forward
     │   └── DropoutNotKeptError     the ONNX graph lost (some of) the dropout
     ├── OnnxExportError             torch.onnx.export failed for another reason
     ├── GraphCheckError             the static checks on the written graph found problems
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DropoutError",
     "DropoutNotKeptError",
+    "DropoutNotRunError",
     "ExportArgumentError",
     "ExportError",
     "GraphCheckError",
@@ -61,8 +63,12 @@ class ZeroDropoutError(DropoutError):
     """Every dropout module of the model has p == 0."""
 
 
+class DropoutNotRunError(DropoutError):
+    """No dropout module with p > 0 runs in the MC-mode forward (all are bypassed)."""
+
+
 class DropoutNotKeptError(DropoutError):
-    """The exported graph has fewer stochastic nodes than the model has active dropouts."""
+    """The exported graph has fewer stochastic nodes than dropout modules that run."""
 
 
 class OnnxExportError(ExportError):

@@ -7,20 +7,26 @@ touches the caller's model: it works on a deep copy switched into this mode.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from export.errors import NoDropoutError, ZeroDropoutError
+from export.errors import ExportArgumentError, NoDropoutError, ZeroDropoutError
 
 __all__ = [
     "DROPOUT_TYPES",
     "DropoutModule",
+    "ForwardProbe",
     "active_dropout",
+    "fastpath_disabled",
     "find_dropout_modules",
     "mc_dropout_copy",
+    "probe_forward",
 ]
 
 #: The dropout modules MC mode switches to training mode (subclasses included).
@@ -122,3 +128,74 @@ def mc_dropout_copy(model: nn.Module) -> nn.Module:
     for parameter in mc_model.parameters():
         parameter.requires_grad_(False)
     return mc_model
+
+
+@contextlib.contextmanager
+def fastpath_disabled() -> Iterator[None]:
+    """Turn PyTorch's fused inference fast paths off for the duration (restored after).
+
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
+    take a fused kernel when the module is in eval mode and no gradient is needed (under
+    ``no_grad`` or with ``requires_grad`` off, as in MC mode). That kernel skips the
+    layer's dropout modules altogether although they are in training mode, so the PyTorch
+    reference would have no variance while the exported graph (traced through the slow path)
+    samples. With the fast path off both run the same code.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@dataclass(frozen=True)
+class ForwardProbe:
+    """One forward pass of the MC copy, and which dropout modules it ran.
+
+    Attributes:
+        outputs: the model's outputs, one tensor per graph output.
+        ran: qualified names of the dropout modules whose forward ran at least once.
+    """
+
+    outputs: tuple[torch.Tensor, ...]
+    ran: frozenset[str]
+
+
+def probe_forward(mc_model: nn.Module, inputs: Sequence[torch.Tensor]) -> ForwardProbe:
+    """Run ``mc_model`` once (no_grad, fast paths off) and record the dropout modules that run.
+
+    A dropout module can exist without running: attention implementations that call a fused
+    kernel pass the module's rate as ``dropout_p`` only when the attention module itself is
+    training (Hugging Face BERT's eager attention, timm's Attention), so in MC mode (attention
+    in eval) the module is skipped, in PyTorch as in the traced graph. Forward hooks tell
+    which ones run.
+
+    Args:
+        mc_model: a model from ``mc_dropout_copy``.
+        inputs: one tensor per model input, each (B, ...).
+
+    Returns:
+        The outputs and the names of the dropout modules that ran.
+
+    Raises:
+        ExportArgumentError: the model does not return a tensor or a tuple of tensors.
+    """
+    ran: set[str] = set()
+    handles = [
+        module.register_forward_hook(lambda _m, _i, _o, name=name or "<root>": ran.add(name))
+        for name, module in mc_model.named_modules()
+        if isinstance(module, DROPOUT_TYPES)
+    ]
+    try:
+        with torch.no_grad(), fastpath_disabled():
+            result = mc_model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    if not outputs or not all(isinstance(o, torch.Tensor) for o in outputs):
+        raise ExportArgumentError(
+            f"the model must return a tensor or a tuple of tensors, got {type(result).__name__}"
+        )
+    return ForwardProbe(outputs=outputs, ran=frozenset(ran))

@@ -14,8 +14,9 @@ import contextlib
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -23,9 +24,9 @@ from torch import nn
 
 from export.checks import NodeRef, find_stochastic_nodes
 from export.errors import DropoutNotKeptError, OnnxExportError
-from export.mc_mode import DropoutModule
+from export.mc_mode import DropoutModule, fastpath_disabled
 
-__all__ = ["BATCH_DIM", "export_onnx_bytes", "require_dropout_kept"]
+__all__ = ["BATCH_DIM", "dynamic_shapes_spec", "export_onnx_bytes", "require_dropout_kept"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,29 @@ def _with_min_rows(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
     return tuple(t.repeat(repeats, *([1] * (t.dim() - 1))) for t in inputs)
 
 
+def dynamic_shapes_spec(
+    input_axes: Sequence[Mapping[int, str]], axis_max: Mapping[str, int]
+) -> tuple[dict[int, Any], ...]:
+    """torch.export ``dynamic_shapes``: the batch axis of every input, plus declared axes.
+
+    Axes that share a name share one ``torch.export.Dim`` (so the graph gets one symbol and
+    torch.export checks the model treats them as equal), ranging over 1..``axis_max[name]``.
+
+    Args:
+        input_axes: per input, {axis >= 1: axis name}; empty for a batch-only input.
+        axis_max: the largest size of each named axis.
+
+    Returns:
+        One {axis: Dim} per input.
+    """
+    batch = torch.export.Dim(BATCH_DIM)
+    dims = {name: torch.export.Dim(name, min=1, max=axis_max[name]) for name in axis_max}
+    return tuple(
+        {0: batch, **{axis: dims[name] for axis, name in sorted(axes.items())}}
+        for axes in input_axes
+    )
+
+
 def export_onnx_bytes(
     mc_model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -78,8 +102,13 @@ def export_onnx_bytes(
     output_names: Sequence[str],
     opset: int,
     dropout: Sequence[DropoutModule],
+    dynamic_axes: Sequence[Mapping[int, str]] | None = None,
+    axis_max: Mapping[str, int] | None = None,
 ) -> bytes:
     """Export a model already in MC dropout mode to serialized ONNX (weights inline).
+
+    PyTorch's fused attention fast paths are off while tracing (``fastpath_disabled``), so
+    the graph holds the dropout of the slow path the PyTorch reference also runs.
 
     Args:
         mc_model: the model from ``mc_dropout_copy`` (eval, dropout modules in train mode).
@@ -88,6 +117,9 @@ def export_onnx_bytes(
         output_names: graph output names, one per model output.
         opset: the default-domain opset.
         dropout: the model's active dropout modules, named in errors.
+        dynamic_axes: per input, {axis >= 1: axis name} of its dynamic non-batch axes;
+            None when only the batch axis is dynamic.
+        axis_max: the largest size of each axis name in ``dynamic_axes``.
 
     Returns:
         The model.onnx bytes: one self-contained protobuf, no external data file.
@@ -97,9 +129,11 @@ def export_onnx_bytes(
         OnnxExportError: the exporter failed for another reason, or wrote external data.
     """
     inputs = _with_min_rows(example_inputs)
-    dynamic_shapes = tuple({0: torch.export.Dim(BATCH_DIM)} for _ in inputs)
+    dynamic_shapes = dynamic_shapes_spec(
+        dynamic_axes if dynamic_axes is not None else [{} for _ in inputs], axis_max or {}
+    )
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), fastpath_disabled():
             program = torch.onnx.export(
                 mc_model,
                 inputs,
@@ -134,29 +168,42 @@ def export_onnx_bytes(
     return data
 
 
-def require_dropout_kept(model: onnx.ModelProto, active: Sequence[DropoutModule]) -> list[NodeRef]:
-    """Fail unless the graph has at least one stochastic node per active dropout module.
+def require_dropout_kept(
+    model: onnx.ModelProto,
+    running: Sequence[DropoutModule],
+    not_running: Sequence[DropoutModule] = (),
+) -> list[NodeRef]:
+    """Fail unless the graph has at least one stochastic node per running dropout module.
 
     A dropout module the exporter dropped or froze leaves fewer stochastic nodes than
-    modules. (A module called twice gives two nodes; that passes, as it should.)
+    modules. (A module called twice gives two nodes; that passes, as it should.) Modules that
+    exist but do not run in the MC-mode forward (``probe_forward``) sample in neither PyTorch
+    nor the graph, so they are not counted; they are named in the message.
 
     Args:
         model: the exported graph.
-        active: the model's dropout modules with p > 0.
+        running: the active (p > 0) dropout modules that run in the MC-mode forward.
+        not_running: the active dropout modules that do not run.
 
     Returns:
         The stochastic nodes.
 
     Raises:
-        DropoutNotKeptError: fewer stochastic nodes than active dropout modules, or none.
+        DropoutNotKeptError: fewer stochastic nodes than running dropout modules, or none.
     """
     nodes = find_stochastic_nodes(model)
-    if not nodes or len(nodes) < len(active):
-        modules = ", ".join(f"{m.module} ({m.type}, p={m.p})" for m in active)
+    if not nodes or len(nodes) < len(running):
+        modules = ", ".join(f"{m.module} ({m.type}, p={m.p})" for m in running)
         found = ", ".join(n.describe() for n in nodes) or "none"
+        skipped = (
+            f" ({len(not_running)} more do not run in the MC-mode forward and are not counted: "
+            f"{', '.join(m.module for m in not_running)})"
+            if not_running
+            else ""
+        )
         raise DropoutNotKeptError(
-            f"the exported graph has {len(nodes)} stochastic nodes for {len(active)} active "
-            f"dropout modules [{modules}]; stochastic nodes found: {found}. Some dropout was "
-            "removed or frozen by the exporter"
+            f"the exported graph has {len(nodes)} stochastic nodes for {len(running)} active "
+            f"dropout modules that run [{modules}]{skipped}; stochastic nodes found: {found}. "
+            "Some dropout was removed or frozen by the exporter"
         )
     return nodes

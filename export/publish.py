@@ -7,15 +7,17 @@ half-written version. Versions are never overwritten.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,16 +69,28 @@ class TensorSpec:
     Attributes:
         name: the graph name.
         dtype: numpy dtype name, e.g. "float32".
-        shape: dimensions with -1 for the (first, dynamic) batch dimension.
+        shape: dimensions with -1 for the (first, dynamic) batch dimension and for any other
+            dynamic dimension.
+        max_shape: inputs with a dynamic non-batch dimension: the same length as ``shape``,
+            -1 at the batch, the largest size at each dynamic dimension, the fixed size
+            elsewhere; None otherwise.
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    max_shape: tuple[int, ...] | None = None
+
+    @property
+    def dynamic_axes(self) -> tuple[int, ...]:
+        """The dynamic dimensions other than the batch."""
+        return tuple(i for i, d in enumerate(self.shape) if i > 0 and d == -1)
 
     def to_dict(self, semantics: str | None = None) -> dict[str, Any]:
         """The ``inputs[]`` / ``outputs[]`` entry of config.json."""
         entry: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.max_shape is not None:
+            entry["max_shape"] = list(self.max_shape)
         if semantics is not None:
             entry["semantics"] = semantics
         return entry
@@ -97,6 +111,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
         raise ExportArgumentError(
             f"tensor {value.name!r} has dtype {dtype}; the server supports {sorted(SERVER_DTYPES)}"
         )
+    # -1: the batch (always) and any symbolic dimension (declared dynamic, or derived).
     shape = tuple(
         d.dim_value if d.HasField("dim_value") and i > 0 else -1
         for i, d in enumerate(tensor_type.shape.dim)
@@ -122,7 +137,63 @@ def graph_io(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]
     return inputs, outputs
 
 
-def activation_bytes_per_row(model: onnx.ModelProto) -> int:
+_BINARY_OPS: dict[type[ast.operator], Callable[[int, int], int]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+# The functions the exporter writes into dimension expressions (sympy printing).
+_DIM_FUNCTIONS: dict[str, Callable[..., int]] = {
+    "floor": int,
+    "FloorToInt": int,
+    "FloorDiv": operator.floordiv,
+    "Mod": operator.mod,
+    "ceiling": lambda x: -(-x // 1),
+    "CeilToInt": lambda x: -(-x // 1),
+    "Max": max,
+    "Min": min,
+}
+
+
+def _evaluate(node: ast.AST, sizes: Mapping[str, int]) -> int | float:
+    """An arithmetic dimension expression; KeyError/ValueError for anything else."""
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body, sizes)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        return sizes[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate(node.operand, sizes)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        return _evaluate(node.left, sizes) / _evaluate(node.right, sizes)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        left, right = _evaluate(node.left, sizes), _evaluate(node.right, sizes)
+        return _BINARY_OPS[type(node.op)](int(left), int(right))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
+        function = _DIM_FUNCTIONS[node.func.id]
+        return function(*(_evaluate(arg, sizes) for arg in node.args))
+    raise ValueError(f"unsupported dimension expression {ast.dump(node)}")
+
+
+def _dim_size(dim: onnx.TensorShapeProto.Dimension, max_dims: Mapping[str, int]) -> int | None:
+    """A dimension's size, symbolic ones evaluated at ``max_dims``; None when unknown."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if not dim.dim_param or not max_dims:
+        return None
+    try:
+        size = _evaluate(ast.parse(dim.dim_param, mode="eval"), max_dims)
+    except (KeyError, ValueError, SyntaxError, TypeError, ZeroDivisionError, RecursionError):
+        return None
+    return int(size) if size >= 0 else None
+
+
+def activation_bytes_per_row(
+    model: onnx.ModelProto, max_dims: Mapping[str, int] | None = None
+) -> int:
     """Upper-bound estimate of the bytes one row of a batch needs in a session run.
 
     Sums, over the graph inputs, outputs and every intermediate tensor that shape inference
@@ -133,10 +204,14 @@ def activation_bytes_per_row(model: onnx.ModelProto) -> int:
 
     Args:
         model: the exported graph.
+        max_dims: dynamic non-batch dimensions: symbol (dim_param) -> its largest size. The
+            estimate is made with every such dimension at its largest size: symbolic
+            dimensions (e.g. "sequence", "2*sequence") are evaluated there.
 
     Returns:
         Bytes per row (at least 1).
     """
+    max_dims = max_dims or {}
     initializers = {init.name for init in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initializers]
     symbols = {
@@ -160,13 +235,14 @@ def activation_bytes_per_row(model: onnx.ModelProto) -> int:
         dims = tensor_type.shape.dim
         if not dims or dims[0].dim_param not in symbols:
             continue
-        if not all(d.HasField("dim_value") for d in dims[1:]):
+        sizes = [_dim_size(d, max_dims) for d in dims[1:]]
+        if any(size is None for size in sizes):
             continue
         try:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
         except KeyError:  # undefined or exotic element type
             continue
-        total += itemsize * math.prod(d.dim_value for d in dims[1:])
+        total += itemsize * math.prod(size or 0 for size in sizes)
     return max(total, 1)
 
 
@@ -284,7 +360,7 @@ def publish_version(repository: Path, name: str, version: int, files: Mapping[st
 def config_document(
     *,
     name: str,
-    task: str,
+    task: str | None,
     description: str,
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
@@ -294,18 +370,43 @@ def config_document(
     default_num_samples: int,
     max_num_samples: int,
     activation_bytes: int,
+    output_labels: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """config.json, with the fields in the documented order."""
-    document: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "task": task,
+    """config.json, with the fields in the documented order.
+
+    Args:
+        name: the model name.
+        task: "classification", "regression" or "mixed"; None leaves it out.
+        description: free text.
+        inputs: the graph inputs (with ``max_shape`` where they have dynamic axes).
+        outputs: the graph outputs.
+        semantics: per output, its semantics.
+        labels: the top-level labels (a model with exactly one class output), or None.
+        variance_of: variance output name -> the values output it describes ("of").
+        default_num_samples: the default T.
+        max_num_samples: the largest T.
+        activation_bytes: the ``activation_bytes_per_row`` estimate.
+        output_labels: class output name -> its own labels (written in its entry).
+
+    Returns:
+        The document.
+    """
+    output_labels = output_labels or {}
+    entries = []
+    for spec, kind in zip(outputs, semantics, strict=True):
+        entry = spec.to_dict(kind)
+        if spec.name in variance_of:
+            entry["of"] = variance_of[spec.name]
+        if spec.name in output_labels:
+            entry["labels"] = list(output_labels[spec.name])
+        entries.append(entry)
+    document: dict[str, Any] = {"format_version": FORMAT_VERSION, "name": name}
+    if task is not None:
+        document["task"] = task
+    document |= {
         "description": description,
         "inputs": [spec.to_dict() for spec in inputs],
-        "outputs": [
-            spec.to_dict(s) | ({"of": variance_of[spec.name]} if spec.name in variance_of else {})
-            for spec, s in zip(outputs, semantics, strict=True)
-        ],
+        "outputs": entries,
     }
     if labels is not None:
         document["labels"] = list(labels)

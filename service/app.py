@@ -1,10 +1,13 @@
 """Composition root: builds the data plane, the gRPC server and the metrics endpoint, and runs them.
 
 Start-up order matters for orchestrators: the gRPC port opens first with health NOT_SERVING,
-models load off the event loop, then health turns SERVING. Shutdown (SIGTERM/SIGINT) turns
-health NOT_SERVING, keeps serving for the drain period (clients that check health and load
-balancers move away), stops accepting RPCs, lets in-flight ones finish within the grace
-period, then exits 0.
+models load off the event loop (a model that fails is left out, not ready, with its reason;
+never the others), then health turns SERVING once a model serves (or with
+``--allow-empty-start``); with ``--repository-poll-s`` models are then loaded, swapped and
+unloaded while serving (``service.core.lifecycle``) and health follows. Shutdown
+(SIGTERM/SIGINT) turns health NOT_SERVING, keeps serving for the drain period (clients that
+check health and load balancers move away), stops accepting RPCs, lets in-flight ones finish
+within the grace period, then exits 0.
 
 What an operator must fix before the server can start (a port in use, the model repository
 gone) is raised as :class:`StartupError`, whose message is one line naming the flag; whatever
@@ -55,7 +58,8 @@ class App:
         self._end_drain = asyncio.Event()
 
     async def start(self) -> None:
-        """Bind both ports, load the models, turn health SERVING, write the port file.
+        """Bind both ports, load the models, turn health SERVING (once a model serves), write
+        the port file.
 
         Raises:
             StartupError: a port cannot be bound, or the model repository is not a folder
@@ -79,9 +83,10 @@ class App:
                 "gRPC on %s:%d, metrics on %s:%s; loading models from %s",
                 s.host, self.grpc_port, s.host, self.metrics_port, s.model_repository,
             )  # fmt: skip
-            loop = asyncio.get_running_loop()
+            # Health follows every change the model lifecycle makes (loads, swaps, unloads).
+            self.plane.add_listener(self.grpc.update_health)
             try:
-                registry = await loop.run_in_executor(None, self.plane.load)
+                await self.plane.start()
             except ModelLoadError as exc:  # the repository itself, not one model: nothing to serve
                 raise StartupError(f"--model-repository: {exc}") from None
         except StartupError:
@@ -90,13 +95,17 @@ class App:
             await self.plane.close()
             self._close_metrics()
             raise
-        self.plane.serve(registry)
-        await self.grpc.set_serving()
-        if not registry.names():
+        await self.grpc.update_health()
+        names = self.plane.model_names()
+        log.info("serving %d model(s): %s", len(names), ", ".join(names))
+        if not names:
             log.warning(
-                "no model loaded from %s: the server is up but serves nothing", s.model_repository
-            )
-        log.info("serving %d model(s): %s", len(registry.names()), ", ".join(registry.names()))
+                "no model is ready in %s: the server is %s%s",
+                s.model_repository,
+                "ready anyway (--allow-empty-start)" if s.allow_empty_start else
+                "up but NOT ready (health NOT_SERVING, ServerReady false) until one loads",
+                f"; polling every {s.repository_poll_s:g} s" if s.repository_poll_s > 0 else "",
+            )  # fmt: skip
         if s.port_file is not None:
             _write_port_file(s.port_file, self.grpc_port, self.metrics_port)
 

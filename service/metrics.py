@@ -31,6 +31,9 @@ __all__ = [
     "ERRORS",
     "IN_FLIGHT",
     "MODEL_INFO",
+    "MODEL_LOADS",
+    "MODEL_READY",
+    "MODEL_UNLOADS",
     "QUEUE_DEPTH",
     "QUEUE_SECONDS",
     "REGISTRY",
@@ -128,6 +131,27 @@ MODEL_INFO = Info(
     "mcd_model",
     "One series per loaded model version: execution provider, opset, task.",
     ("model", "version"),
+    registry=REGISTRY,
+)
+MODEL_LOADS = Counter(
+    "mcd_model_loads",
+    "Model version loads (start-up, repository poll, explicit load), by model and outcome: "
+    "success (the version serves) or failure (the reason is in the log, ListModels and "
+    "GetModelMetadata; a previous copy of the version serves on).",
+    ("model", "outcome"),
+    registry=REGISTRY,
+)
+MODEL_UNLOADS = Counter(
+    "mcd_model_unloads",
+    "Model versions taken out of service (folder removed, or unloaded on request), by model.",
+    ("model",),
+    registry=REGISTRY,
+)
+MODEL_READY = Gauge(
+    "mcd_model_ready",
+    "1 while some version of the model serves, 0 while the model is known but none does "
+    "(every version failed to load, or it was unloaded on request).",
+    ("model",),
     registry=REGISTRY,
 )
 

@@ -22,12 +22,17 @@ from service.errors import ModelLoadError
 __all__ = [
     "DEFAULT_MAX_QUEUE_DELAY_US",
     "DynamicBatchingConfig",
+    "Fingerprint",
     "ModelConfig",
     "ProvenanceInfo",
     "Semantics",
     "Task",
     "TensorSpec",
+    "VersionFolder",
     "VersionSource",
+    "find_versions",
+    "fingerprint",
+    "load_version",
     "parse_config",
     "scan_repository",
 ]
@@ -502,6 +507,103 @@ def load_version(model_dir: Path, version: int) -> VersionSource:
     )
 
 
+#: What identifies the files of a version folder: (name, size, mtime_ns, inode) of each regular
+#: file but hidden ones (temporary files, editors' swap files), sorted by name. Any write,
+#: replacement (even by a copy that keeps times and size: a new inode) or added or removed file
+#: changes it; reading the files does not.
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class VersionFolder:
+    """A version folder found on disk, not yet parsed.
+
+    Attributes:
+        name: the model's name (its folder's name).
+        version: the version number.
+        path: the folder.
+        fingerprint: its files as they were when found (empty when they could not be read).
+    """
+
+    name: str
+    version: int
+    path: Path
+    fingerprint: Fingerprint
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """The fingerprint of a version folder's files (blocking: a stat per file).
+
+    Raises:
+        OSError: the folder cannot be listed.
+    """
+    entries: list[tuple[str, int, int, int]] = []
+    for path in folder.iterdir():
+        if path.name.startswith("."):
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed while listing: the next scan sees the change
+            continue
+        if path.is_file():
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(sorted(entries))
+
+
+def _model_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {root} is not a folder")
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and _NAME.match(p.name)
+    )
+
+
+def _version_dirs(model_dir: Path) -> list[Path]:
+    """Version folders: positive integers. Others (hidden, an export in progress, "latest")
+    are not versions and are ignored."""
+    return sorted(
+        p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) >= 1
+    )
+
+
+def find_versions(root: Path, names: set[str] | None = None) -> dict[str, dict[int, VersionFolder]]:
+    """Every version folder under ``root`` with its fingerprint, without parsing anything
+    (blocking: a listing and a stat per file; cheap enough for every poll).
+
+    Args:
+        root: the repository.
+        names: only these models; None for all.
+
+    Returns:
+        Model name -> version number -> folder. A model folder without any version folder is
+        left out.
+
+    Raises:
+        ModelLoadError: ``root`` is not a folder.
+    """
+    found: dict[str, dict[int, VersionFolder]] = {}
+    for model_dir in _model_dirs(root):
+        if names is not None and model_dir.name not in names:
+            continue
+        versions: dict[int, VersionFolder] = {}
+        try:
+            version_dirs = _version_dirs(model_dir)
+        except OSError:  # removed while listing
+            continue
+        for version_dir in version_dirs:
+            try:
+                files = fingerprint(version_dir)
+            except OSError:
+                files = ()
+            number = int(version_dir.name)
+            versions[number] = VersionFolder(model_dir.name, number, version_dir, files)
+        if versions:
+            found[model_dir.name] = versions
+    return found
+
+
 def scan_repository(root: Path) -> tuple[list[VersionSource], list[tuple[Path, str]]]:
     """Every loadable version under ``root``, sorted by (name, version).
 
@@ -513,19 +615,13 @@ def scan_repository(root: Path) -> tuple[list[VersionSource], list[tuple[Path, s
     Raises:
         ModelLoadError: ``root`` is not a folder.
     """
-    if not root.is_dir():
-        raise ModelLoadError(f"model repository {root} is not a folder")
     found: list[VersionSource] = []
     problems: list[tuple[Path, str]] = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        if model_dir.name.startswith(".") or not _NAME.match(model_dir.name):
-            continue
-        for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            if not version_dir.name.isdigit() or int(version_dir.name) < 1:
-                continue
+    for name, versions in find_versions(root).items():
+        for number, folder in sorted(versions.items()):
             try:
-                found.append(load_version(model_dir, int(version_dir.name)))
+                found.append(load_version(root / name, number))
             except ModelLoadError as exc:
-                problems.append((version_dir, str(exc)))
+                problems.append((folder.path, str(exc)))
     found.sort(key=lambda v: (v.name, v.version))
     return found, problems

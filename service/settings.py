@@ -45,6 +45,21 @@ class Settings:
     model_repository: Path = field(
         default=Path("models"), metadata=_doc("folder holding <model>/<version>/ folders")
     )
+    repository_poll_s: float = field(
+        default=0.0,
+        metadata=_doc(
+            "seconds between scans of the model repository: new and changed versions are "
+            "loaded in the background once their files are stable for one scan and swapped in "
+            "without downtime, removed ones unloaded after a drain; 0 = off"
+        ),
+    )
+    allow_empty_start: bool = field(
+        default=False,
+        metadata=_doc(
+            "report ready (health SERVING, ServerReady) even when no model is ready, e.g. to "
+            "start on an empty repository that --repository-poll-s fills later"
+        ),
+    )
     host: str = field(
         default="127.0.0.1",
         metadata=_doc("address the gRPC and metrics servers bind (0.0.0.0 in containers)"),
@@ -232,6 +247,7 @@ _POSITIVE_SECONDS = (
 _NON_NEGATIVE_SECONDS = (
     "drain_period_s",
     "grace_period_s",
+    "repository_poll_s",
     "max_connection_age_s",
     "max_connection_age_grace_s",
 )

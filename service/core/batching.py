@@ -33,6 +33,10 @@ Rules:
     * Every admitted request's future gets a result or an exception, whatever happens to the
       run; a caller that gives up never stops the run for the others, but when every caller
       of a running batch is gone its CancelToken is cancelled.
+    * A version's queue counts its users (data plane calls holding it, requests admitted and
+      not finished): a version swapped out or unloaded is retired (:meth:`Batcher.retire`)
+      once that count is zero, so what was in flight on it finishes on it, and the batcher
+      then forgets it (its engine is freed with the last reference).
 
 All the queue state lives on the event loop thread (only the engine run happens on a worker
 thread), so it needs no lock.
@@ -41,12 +45,13 @@ thread), so it needs no lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +197,9 @@ class VersionQueue:
     their own data only. Waiting requests are kept per :class:`RunKey` (only equal keys merge),
     in queues made when a key is first seen and forgotten when they empty.
 
+    Its users are counted (:meth:`hold`, and each admitted request until it finishes), so that
+    a version taken out of service can wait until nothing uses it (:meth:`drained`).
+
     Attributes:
         model: the model's name (metrics label).
         version: the version number.
@@ -208,6 +216,38 @@ class VersionQueue:
         self.engine = engine
         self.policy = policy
         self._queues: dict[RunKey, _Queue] = {}
+        self._users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def users(self) -> int:
+        """Data plane calls holding this version plus its requests admitted and not finished."""
+        return self._users
+
+    def _use(self) -> None:
+        self._users += 1
+        self._idle.clear()
+
+    def _release(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            self._idle.set()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Count a data plane call as a user of this version for as long as it uses it (an
+        adaptive request submits several rounds: it holds the version between them)."""
+        self._use()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def drained(self) -> None:
+        """Return once nothing uses this version: no call holds it, no request waits or runs."""
+        while self._users:
+            await self._idle.wait()
 
     async def submit(
         self,
@@ -238,6 +278,7 @@ class VersionQueue:
         if batcher._closed:
             raise ModelNotReady(self.model, str(self.version))
         batcher._admit()
+        self._use()  # released with the admission slot (Batcher._finish)
         loop = asyncio.get_running_loop()
         now = loop.time()
         request = _Request(
@@ -323,6 +364,14 @@ class Batcher:
         self._versions.append(queue)
         return queue
 
+    async def retire(self, queue: VersionQueue) -> None:
+        """Forget a version taken out of service, once nothing uses it any more: calls and
+        requests in flight on it finish on it first. Closing the batcher meanwhile answers its
+        waiting requests as it answers every other's."""
+        await queue.drained()
+        if queue in self._versions:
+            self._versions.remove(queue)
+
     async def close(self) -> None:
         """Refuse new requests, answer waiting ones UNAVAILABLE, let running batches finish."""
         self._closed = True
@@ -352,18 +401,19 @@ class Batcher:
         self._admitted += 1
         metrics.QUEUE_DEPTH.set(self._admitted)
 
-    def _finish(self, request: _Request) -> None:
-        """Release the request's admission slot, once."""
+    def _finish(self, queue: _Queue, request: _Request) -> None:
+        """Release the request's admission slot and its use of its version, once."""
         if request.state is _State.DONE:
             return
         request.state = _State.DONE
         self._admitted -= 1
         metrics.QUEUE_DEPTH.set(self._admitted)
+        queue.version._release()
 
     def _drop(self, queue: _Queue, request: _Request) -> None:
         """Take a waiting request out of its queue without running it."""
         queue.remove(request)
-        self._finish(request)
+        self._finish(queue, request)
 
     def _on_caller_done(self, queue: _Queue, request: _Request) -> None:
         """The request's future completed: maybe its caller gave up; free what it held."""
@@ -456,7 +506,7 @@ class Batcher:
         finally:
             self._workers.release()
             for request in batch.requests:
-                self._finish(request)
+                self._finish(queue, request)
 
 
 def _concatenate(parts: Sequence[Mapping[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:

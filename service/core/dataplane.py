@@ -1,8 +1,10 @@
 """The protocol-neutral data plane: every operation a protocol layer offers, in one object.
 
 Protocol layers (``service.protocol``; a KServe v2 HTTP layer next) translate messages and call
-:class:`DataPlane` only: liveness and readiness, model listing, metadata, and predict. They
-never see the registry, the engines or the batcher.
+:class:`DataPlane` only: liveness and readiness, model listing, metadata, predict, and the model
+control entry points (:meth:`DataPlane.load`, :meth:`DataPlane.unload`, :meth:`DataPlane.index`,
+through ``service.core.lifecycle``, the mechanism the repository poller uses too). They never
+see the registry, the engines or the batcher.
 
 A predict request arrives with its inputs as found on the wire (``service.tensors.WireTensor``):
 the data plane resolves the version, picks the answer's outputs from the version's statistics
@@ -26,7 +28,15 @@ from numpy.typing import NDArray
 from service import metrics, tensors
 from service.core.batching import Batcher, RunKey
 from service.core.catalogue import Answer, Statistic
-from service.core.registry import LoadedVersion, ModelRegistry, load_repository
+from service.core.lifecycle import Lifecycle, Listener
+from service.core.registry import (
+    EngineFactory,
+    LoadedVersion,
+    ModelRegistry,
+    State,
+    VersionState,
+    engine_factory,
+)
 from service.engine.runtime import OutputStats
 from service.errors import (
     DeadlineExceeded,
@@ -34,6 +44,7 @@ from service.errors import (
     ModelNotReady,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from service.maths.adaptive import RowMerger, next_round
 from service.repository import ModelConfig, ProvenanceInfo, Task, TensorSpec
@@ -47,6 +58,8 @@ __all__ = [
     "OutputResult",
     "PredictInput",
     "PredictResult",
+    "State",
+    "VersionState",
     "decode_inputs",
     "validate_inputs",
 ]
@@ -134,14 +147,20 @@ class ModelSummary:
     Attributes:
         name: its name.
         versions: loaded versions, newest first.
-        task: the newest version's task.
+        task: the newest loaded version's task; None when none is loaded.
         ready: whether it serves now.
+        reason: why it is not ready (its newest version's load failure, or "unloaded on
+            request"); empty when ready.
+        states: every version the server holds for it, newest first, with the reason of each
+            failure (a failed reload of a version that serves on included).
     """
 
     name: str
     versions: tuple[int, ...]
-    task: Task
+    task: Task | None
     ready: bool
+    reason: str = ""
+    states: tuple[VersionState, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,8 @@ class ModelMetadata:
         provider: the execution provider that really runs it.
         provenance: what its ``metadata.json`` says.
         statistics: the named outputs every answer has (the catalogue), in answer order.
+        states: every version the server holds for the model, newest first, with the reason
+            of each failure (e.g. a newer version that failed to load while this one serves).
     """
 
     name: str
@@ -165,6 +186,7 @@ class ModelMetadata:
     provider: str
     provenance: ProvenanceInfo
     statistics: tuple[Answer, ...]
+    states: tuple[VersionState, ...] = ()
 
 
 def decode_inputs(
@@ -297,15 +319,18 @@ class DataPlane:
 
     Args:
         settings: the server settings.
+        build: builds a version's engine (blocking); the server's ONNX Runtime engine by
+            default (tests pass fakes).
 
-    The plane starts empty and not ready (everything answers UNAVAILABLE or "not ready"):
-    :meth:`load` the repository off the event loop, then :meth:`serve` the result.
+    The plane starts empty and not accepting (predict answers UNAVAILABLE): :meth:`start`
+    loads the repository off the event loop and serves. It is ready when it accepts and some
+    model serves (or ``allow_empty_start``).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, build: EngineFactory | None = None) -> None:
         self._settings = settings
         self._registry = ModelRegistry()
-        self._ready = False
+        self._accepting = False
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_workers, thread_name_prefix="mcd-compute"
         )
@@ -316,26 +341,47 @@ class DataPlane:
             max_queue_size=settings.max_queue_size,
             max_row_samples=settings.max_row_samples,
         )
+        #: loads, swaps and unloads versions (start-up, repository polls, control calls)
+        self.lifecycle = Lifecycle(
+            settings, self.batcher, self._registry, build or engine_factory(settings)
+        )
 
     # -- lifecycle (the composition root) ------------------------------------------------------
 
-    def load(self) -> ModelRegistry:
-        """Load the repository's versions (blocking: call it off the event loop)."""
-        return load_repository(self._settings, self.batcher)
+    @property
+    def registry(self) -> ModelRegistry:
+        """The versions served (tests may put hand-made versions in before :meth:`serve`)."""
+        return self._registry
 
-    def serve(self, registry: ModelRegistry) -> None:
-        """Serve these versions from now on (call on the event loop)."""
-        self._registry = registry
-        self._ready = True
+    async def start(self) -> None:
+        """Load every version of the repository (off the event loop; a version that fails is
+        logged and left out, never the others), then serve; poll the repository from then on
+        when ``repository_poll_s`` is set.
+
+        Raises:
+            ModelLoadError: the repository is not a folder.
+        """
+        await self.lifecycle.start()
+        self.serve()
+        await self.lifecycle.notify()
+
+    def serve(self) -> None:
+        """Accept requests from now on (call on the event loop)."""
+        self._accepting = True
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` (on the event loop) whenever what is served or ready changes."""
+        self.lifecycle.add_listener(listener)
 
     def set_not_ready(self) -> None:
         """Stop admitting predict requests (shutdown): they get UNAVAILABLE."""
-        self._ready = False
+        self._accepting = False
 
     async def close(self) -> None:
-        """Answer waiting requests UNAVAILABLE, let running batches finish, then stop the
-        compute workers (off the event loop)."""
-        self._ready = False
+        """Stop loading, answer waiting requests UNAVAILABLE, let running batches finish, then
+        stop the compute workers (off the event loop)."""
+        self._accepting = False
+        await self.lifecycle.close()
         await self.batcher.close()
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
@@ -345,46 +391,63 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        """Whether the server serves (models loaded, not shutting down)."""
-        return self._ready
+        """Whether the server is ready: it accepts requests (started, not shutting down) and
+        some model serves, or ``allow_empty_start`` says that none is fine."""
+        return self._accepting and (
+            bool(self._registry.names()) or self._settings.allow_empty_start
+        )
 
     def model_names(self) -> list[str]:
-        """The names of the loaded models, sorted."""
+        """The names of the models with a version serving, sorted."""
         return self._registry.names()
 
+    def model_health(self) -> dict[str, bool]:
+        """Every model the server knows (serving, failed to load, unloaded): whether it
+        serves now."""
+        return {name: self.model_ready(name) for name in self._registry.known()}
+
     def model_label(self, name: str) -> str:
-        """A bounded metrics label: the name of a loaded model, else ``_unknown``."""
+        """A bounded metrics label: the name of a model in the repository, else ``_unknown``."""
         return name if self._registry.has_model(name) else metrics.UNKNOWN_MODEL
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        """Whether the version serves now; an unknown model or version is not ready.
+        """Whether the version serves now; an unknown, failed or unloaded model or version is
+        not ready.
 
         Raises:
             InvalidInput: ``version`` is not a number.
         """
         try:
             self._registry.get(name, version)
-        except NotFound:
+        except (NotFound, Unavailable):
             return False
-        return self._ready
+        return self._accepting
 
     def list_models(self) -> list[ModelSummary]:
-        """Every loaded model, by name."""
-        return [
-            ModelSummary(
-                name=name,
-                versions=tuple(self._registry.versions(name)),
-                task=self._registry.get(name).config.task,
-                ready=self._ready,
+        """Every model the server knows, by name: those serving, and those that are not, with
+        the reason."""
+        summaries = []
+        for name in self._registry.known():
+            versions = tuple(self._registry.versions(name))
+            summaries.append(
+                ModelSummary(
+                    name=name,
+                    versions=versions,
+                    task=self._registry.get(name).config.task if versions else None,
+                    ready=self._accepting and bool(versions),
+                    reason=self._registry.reason(name),
+                    states=tuple(self._registry.states(name)),
+                )
             )
-            for name in self._registry.names()
-        ]
+        return summaries
 
     def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
-        """Describe one version (the newest when ``version`` is empty).
+        """Describe one version (the newest loaded when ``version`` is empty).
 
         Raises:
-            ModelNotFound / VersionNotFound; InvalidInput: ``version`` is not a number.
+            ModelNotFound / VersionNotFound; Unavailable: the model or version failed to
+            load (the message gives the reason) or was unloaded; InvalidInput: ``version`` is
+            not a number.
         """
         loaded = self._registry.get(name, version)
         return ModelMetadata(
@@ -395,7 +458,31 @@ class DataPlane:
             provider=loaded.engine.provider,
             provenance=loaded.source.provenance,
             statistics=loaded.catalogue.answers,
+            states=tuple(self._registry.states(loaded.name)),
         )
+
+    # -- model control (a control API: Triton's RepositoryIndex / ModelLoad / ModelUnload) --
+
+    async def load(self, name: str) -> list[VersionState]:
+        """Load or reload one model from the repository now (see ``Lifecycle.load``).
+
+        Raises:
+            ModelNotFound: the repository has no version of it.
+            Unavailable: a version failed to load; the message gives the reasons.
+        """
+        return await self.lifecycle.load(name)
+
+    async def unload(self, name: str, *, wait: bool = False) -> None:
+        """Stop serving one model; in-flight requests finish (see ``Lifecycle.unload``).
+
+        Raises:
+            ModelNotFound: the server does not know it.
+        """
+        await self.lifecycle.unload(name, wait=wait)
+
+    def index(self) -> list[VersionState]:
+        """Every model version the server knows, with its state and reason."""
+        return self.lifecycle.index()
 
     # -- predict -------------------------------------------------------------------------------
 
@@ -409,9 +496,16 @@ class DataPlane:
         Raises:
             ServiceError: every failure a client may see (subclasses name the status).
         """
-        if not self._ready:
+        if not self._accepting:
             raise ModelNotReady(request.model, request.version or "newest")
         loaded = self._registry.get(request.model, request.version)
+        # Held until the answer: a version swapped out meanwhile finishes this request first.
+        with loaded.queue.hold():
+            return await self._predict(loaded, request, timeout_s)
+
+    async def _predict(
+        self, loaded: LoadedVersion, request: PredictInput, timeout_s: float | None
+    ) -> PredictResult:
         config = loaded.config
         adaptive = request.target_standard_error is not None
         answer = loaded.catalogue.select(

@@ -9,10 +9,10 @@ every stochastic node of the graph is rewritten to take its randomness from a gr
 * ``Dropout(x, ratio, training_mode=true)`` keeps an element where a uniform 32-bit draw is at
   least ``round(ratio * 2**32)`` (so P(keep) = 1 - ratio within 2**-33) and scales the kept
   ones by ``1 / (1 - ratio)``: inverted dropout with the graph's own rate, per element.
-* ``RandomUniformLike`` takes the top 24 bits of a draw as a float32 in [0, 1) (what numpy's
-  and PyTorch's float32 uniforms are), mapped to [low, high); channel dropout (Dropout2d/3d,
-  which the exporter writes as RandomUniformLike on an (N, C, 1, 1) tensor) keeps its
-  per-channel masks.
+* ``RandomUniformLike`` takes float32 uniforms in [0, 1) with 24 random bits (numpy's and
+  PyTorch's float32 uniforms), mapped to [low, high); the exporter writes dropout this way
+  for in-place dropout (``rand < keep``, then scaling) and channel dropout (Dropout2d/3d, on an
+  (N, C, 1, 1) tensor, so the masks stay per channel).
 * ``RandomNormalLike`` takes float32 standard normals, scaled and shifted.
 
 Each noise input is a flat vector, reshaped in the graph to the shape of the node's input, so
@@ -60,7 +60,12 @@ STOCHASTIC_OPS = frozenset(
      "Multinomial", "Bernoulli"}
 )  # fmt: skip
 
-NoiseKind = Literal["bits", "normal"]
+NoiseKind = Literal["bits", "uniform", "normal"]
+_NOISE_KIND: dict[str, NoiseKind] = {
+    "Dropout": "bits",
+    "RandomUniformLike": "uniform",
+    "RandomNormalLike": "normal",
+}
 
 
 def is_stochastic(node: onnx.NodeProto) -> bool:
@@ -80,8 +85,9 @@ class NoiseSpec:
     """One noise input of a rewritten graph.
 
     Attributes:
-        name: the graph input, a flat vector (uint32 for ``bits``, float32 for ``normal``).
-        kind: ``bits``: uniform 32-bit integers; ``normal``: float32 standard normals.
+        name: the graph input, a flat vector (uint32 for ``bits``, float32 otherwise).
+        kind: ``bits``: uniform 32-bit integers; ``uniform``: float32 in [0, 1) with 24 random
+            bits (numpy's and PyTorch's float32 uniforms); ``normal``: float32 standard normals.
         tensor: the tensor whose shape the noise takes (the stochastic node's input).
         dims: that tensor's dims in the original graph (batch symbol first).
         node: the name of the node that was rewritten, for messages.
@@ -171,7 +177,7 @@ def feed_noise(
         source = node.input[0]
         original = (aliases or {}).get(source, source)
         k = len(noise)
-        kind: NoiseKind = "normal" if node.op_type == "RandomNormalLike" else "bits"
+        kind = _NOISE_KIND[node.op_type]
         spec = NoiseSpec(
             name=f"mcd_noise_{k}",
             kind=kind,
@@ -259,26 +265,26 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _uniform_like(node: onnx.NodeProto, p: str, elem: int, const: Any) -> list[onnx.NodeProto]:
-    """u = (draws >> 8) * 2**-24 in [0, 1), then low + (high - low) * u in the node's dtype."""
+    """low + (high - low) * u in the node's dtype, u the fed float32 uniforms in [0, 1); the
+    usual [0, 1) float32 case takes the noise as it is."""
     attrs = _attributes(node)
     low, high = float(attrs.get("low", 0.0)), float(attrs.get("high", 1.0))
     dtype = int(attrs.get("dtype", elem))
-    return [
-        helper.make_node(
-            "BitShift", [p + "draws", const(p + "eight", np.array(8, np.uint32))], [p + "top24"],
-            direction="RIGHT",
-        ),
-        helper.make_node("Cast", [p + "top24"], [p + "top24f"], to=TensorProto.FLOAT),
-        helper.make_node(
-            "Mul", [p + "top24f", const(p + "ulp", np.array(2.0**-24, np.float32))], [p + "unit"]
-        ),
-        helper.make_node(
-            "Mul", [p + "unit", const(p + "width", np.array(high - low, np.float32))], [p + "wide"]
-        ),
-        helper.make_node("Add", [p + "wide", const(p + "low", np.array(low, np.float32))],
-                         [p + "uniform"]),
-        helper.make_node("Cast", [p + "uniform"], [node.output[0]], to=dtype),
-    ]  # fmt: skip
+    value = p + "draws"
+    nodes: list[onnx.NodeProto] = []
+    if (low, high) != (0.0, 1.0):
+        nodes += [
+            helper.make_node("Mul", [value, const(p + "width", np.array(high - low, np.float32))],
+                             [p + "wide"]),
+            helper.make_node("Add", [p + "wide", const(p + "low", np.array(low, np.float32))],
+                             [p + "uniform"]),
+        ]  # fmt: skip
+        value = p + "uniform"
+    if dtype == TensorProto.FLOAT:
+        nodes.append(helper.make_node("Identity", [value], [node.output[0]]))
+    else:
+        nodes.append(helper.make_node("Cast", [value], [node.output[0]], to=dtype))
+    return nodes
 
 
 def _normal_like(node: onnx.NodeProto, p: str, elem: int, const: Any) -> list[onnx.NodeProto]:
@@ -299,9 +305,11 @@ def _normal_like(node: onnx.NodeProto, p: str, elem: int, const: Any) -> list[on
 
 
 def _draw(generator: np.random.Generator, kind: NoiseKind, count: int) -> NDArray[Any]:
-    """``count`` uniform uint32 values (``bits``) or float32 standard normals."""
+    """``count`` uniform uint32 values (``bits``), float32 uniforms or float32 normals."""
     if kind == "normal":
         return generator.standard_normal(count, dtype=np.float32)
+    if kind == "uniform":
+        return generator.random(count, dtype=np.float32)
     # random_raw gives 64 uniform bits per call: two draws each, the cheapest numpy source.
     raw = generator.bit_generator.random_raw((count + 1) // 2)
     bits: NDArray[np.uint32] = np.asarray(raw).view(np.uint32)[:count]

@@ -185,7 +185,7 @@ def _classes(
     t = b.node("Cast", [num_samples], "t32", to=TensorProto.FLOAT)
     deviation = b.node("Sub", [p, b.node("Div", [total, t], "chunk_mean")], "deviation")
     parts["sum"] = total
-    parts["m2"] = b.reduce("ReduceSum", b.node("Mul", [deviation, deviation], "sq"), [0], "m2")
+    parts["m2"] = b.reduce("ReduceSumSquare", deviation, [0], "m2")
     parts["argmax"] = b.node("ArgMax", [p], "argmax", axis=-1, keepdims=0)
     return parts, p
 
@@ -199,7 +199,7 @@ def _moments64(b: _Builder, y: str, num_samples: str, part: str) -> dict[str, st
     t = b.node("Cast", [num_samples], part + "t64", to=TensorProto.DOUBLE)
     centred = b.node("Sub", [deviation, b.node("Div", [total, t], part + "mean_dev")],
                      part + "centred")  # fmt: skip
-    m2 = b.reduce("ReduceSum", b.node("Mul", [centred, centred], part + "sq"), [0], part + "m2")
+    m2 = b.reduce("ReduceSumSquare", centred, [0], part + "m2")
     return {"shift": shift, "sum": total, "m2": m2}
 
 

@@ -128,9 +128,11 @@ class GrpcServer:
         self._watch: asyncio.Task[None] | None = None
         self.port = 0
         self.health_port = -1
+        self._health_models: set[str] = set()
 
     async def start(self) -> int:
-        """Bind and start serving; health reports NOT_SERVING until :meth:`set_serving`.
+        """Bind and start serving; health reports NOT_SERVING until :meth:`update_health`
+        finds the data plane ready.
 
         Returns:
             The bound port (useful with port 0).
@@ -165,11 +167,25 @@ class GrpcServer:
         )  # fmt: skip
         return self.port
 
-    async def set_serving(self) -> None:
-        """Health SERVING overall, for both services, and per loaded model (service = model
-        name)."""
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME, *self._plane.model_names()):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    async def update_health(self) -> None:
+        """Health from the data plane (it calls this after every model change): overall and
+        both services SERVING when the plane is ready, else NOT_SERVING; per model (service =
+        model name) SERVING while it serves, NOT_SERVING when it failed to load, was unloaded
+        or its folder was removed. A name never seen stays NOT_FOUND. Ignored once shutting
+        down (the health servicer keeps NOT_SERVING)."""
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        overall = serving if self._plane.ready else not_serving
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+            await self.health.set(service, overall)
+        models = self._plane.model_health()
+        for name in sorted(self._health_models - models.keys()):
+            await self.health.set(name, not_serving)
+        for name, ready in models.items():
+            await self.health.set(name, serving if ready else not_serving)
+        self._health_models |= models.keys()
 
     async def stop(
         self, grace_s: float, drain_s: float = 0.0, end_drain: asyncio.Event | None = None

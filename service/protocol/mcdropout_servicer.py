@@ -12,7 +12,14 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.dataplane import DataPlane, OutputResult, PredictInput, PredictResult
+from service.core.dataplane import (
+    DataPlane,
+    OutputResult,
+    PredictInput,
+    PredictResult,
+    State,
+    VersionState,
+)
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.protocol.codec import PB_DTYPE_OF, encode_tensor, wire_tensor
@@ -24,6 +31,12 @@ _TASK = {
     Task.CLASSIFICATION: pb.TASK_CLASSIFICATION,
     Task.REGRESSION: pb.TASK_REGRESSION,
     Task.MIXED: pb.TASK_MIXED,
+}
+_STATE = {
+    State.READY: pb.VERSION_STATE_READY,
+    State.LOADING: pb.VERSION_STATE_LOADING,
+    State.UNAVAILABLE: pb.VERSION_STATE_UNAVAILABLE,
+    State.UNLOADING: pb.VERSION_STATE_UNLOADING,
 }
 _SEMANTICS = {
     Semantics.LOGITS: pb.OUTPUT_SEMANTICS_LOGITS,
@@ -74,6 +87,17 @@ def encode_result(result: PredictResult) -> pb.PredictResponse:
     return response
 
 
+def _version_status(states: tuple[VersionState, ...]) -> list[pb.VersionStatus]:
+    return [
+        pb.VersionStatus(
+            version="" if s.version is None else str(s.version),
+            state=_STATE[s.state],
+            reason=s.reason,
+        )
+        for s in states
+    ]
+
+
 def _spec(spec: TensorSpec) -> pb.TensorSpec:
     return pb.TensorSpec(
         name=spec.name,
@@ -119,8 +143,10 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
                 pb.ModelSummary(
                     name=model.name,
                     versions=[str(v) for v in model.versions],
-                    task=_TASK[model.task],
+                    task=pb.TASK_UNSPECIFIED if model.task is None else _TASK[model.task],
                     ready=model.ready,
+                    reason=model.reason,
+                    version_status=_version_status(model.states),
                 )
                 for model in self._plane.list_models()
             ]
@@ -149,4 +175,5 @@ class MCDropoutServicer(pb_grpc.MCDropoutServiceServicer):
             ],
             verified=provenance.verified,
             weights_sha256=provenance.weights_sha256,
+            version_status=_version_status(metadata.states),
         )

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from mcdropout_client import Client, Prediction
 from tests.deploy.conftest import ROOT, free_port, scrape, tool
-from tests.integration.client import Client
 
 pytestmark = [
     pytest.mark.container,
@@ -157,12 +156,12 @@ def test_runtime_has_only_the_serving_dependencies(container: Container) -> None
 def test_health_predict_and_metrics(container: Container) -> None:
     rng = np.random.default_rng(0)
     with Client(container.target) as client:
-        listed = client.stub.ListModels(pb.ListModelsRequest(), timeout=10)
-        assert sorted(m.name for m in listed.models) == ["digits", "housing"]
-        digits = client.predict("digits", {"image": rng.random((3, 1, 8, 8), np.float32)}, 50)
-        assert digits["logits"]["mean"].shape == (3, 10)
-        housing = client.predict("housing", {"features": rng.random((2, 13), np.float32)}, 50)
-        assert housing["num_samples"] == 50
+        listed = client.list_models(timeout=10)
+        assert sorted(m.name for m in listed) == ["digits", "housing"]
+        digits = client.predict("digits", rng.random((3, 1, 8, 8), np.float32), num_samples=50)
+        assert digits.mean.shape == (3, 10)
+        housing = client.predict("housing", rng.random((2, 13), np.float32), num_samples=50)
+        assert housing.num_samples == 50
     text = scrape(container.metrics_port)
     assert 'mcd_request_duration_seconds_count{code="OK",method="Predict",model="digits"} 1.0' in text  # fmt: skip
     assert 'provider="CPUExecutionProvider"' in text
@@ -183,8 +182,8 @@ def test_mounted_repository_replaces_the_baked_in_one(image: str) -> None:
                         "--volume", f"{repository}:/models:ro")  # fmt: skip
         try:
             with Client(mounted.target) as client:
-                listed = client.stub.ListModels(pb.ListModelsRequest(), timeout=10)
-            assert [m.name for m in listed.models] == ["housing"]
+                listed = client.list_models(timeout=10)
+            assert [m.name for m in listed] == ["housing"]
         finally:
             podman("rm", "--force", "--time", "0", mounted.name, check=False)
     finally:
@@ -208,7 +207,7 @@ def test_sigterm_during_a_burst_fails_no_request(container: Container) -> None:
     def call(i: int) -> None:
         try:
             with Client(container.target) as client:
-                results[i] = client.predict("digits", {"image": images[i]}, 2000, timeout=60)
+                results[i] = client.predict("digits", images[i], num_samples=2000, timeout=60)
         except Exception as exc:
             results[i] = exc
         done_at[i] = time.monotonic()
@@ -225,7 +224,7 @@ def test_sigterm_during_a_burst_fails_no_request(container: Container) -> None:
         t.join(GRACE_PERIOD_S + 30)
     exit_code = podman("wait", container.name, timeout_s=GRACE_PERIOD_S + 30).stdout.strip()
     logs = container.logs()
-    failed = [r for r in results if not isinstance(r, dict)]
+    failed = [r for r in results if not isinstance(r, Prediction)]
     assert not failed, f"{len(failed)} of {burst} requests failed: {failed[:3]}\n{logs}"
     finished_after = sum(t > signalled_at for t in done_at)
     assert finished_after > 0, "no request was in flight at SIGTERM: the test proved nothing"

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import yaml
 
+from mcdropout_client import Client, InvalidArgumentError, NotFoundError
 from tests.deploy.conftest import DEPLOY, free_port, scrape, tool
-from tests.integration.client import Client
 from tests.support.server import RunningServer
 from tools.launcher import ChildProcess
 
@@ -40,9 +39,11 @@ def send_requests(client: Client) -> None:
     rng = np.random.default_rng()
     client.predict("tiny_cls", {"x": rng.normal(size=(4, 6)).astype(np.float32)}, num_samples=50)
     client.predict("tiny_reg", {"features": rng.normal(size=(2, 5)).astype(np.float32)})
-    for model in ("no_such_model", "tiny_reg"):  # NOT_FOUND, then INVALID_ARGUMENT (wrong dtype)
-        with pytest.raises(grpc.RpcError):
-            client.predict(model, {"features": np.zeros((1, 5), np.float64)})
+    # NOT_FOUND (the model's metadata), then INVALID_ARGUMENT (a wrong shape, from Predict)
+    with pytest.raises(NotFoundError):
+        client.predict("no_such_model", {"features": np.zeros((1, 5), np.float32)})
+    with pytest.raises(InvalidArgumentError):
+        client.predict("tiny_reg", {"features": np.zeros((1, 4), np.float32)})
 
 
 class Traffic:

@@ -20,8 +20,8 @@ import pytest
 from tests.gpu import cuda
 
 if cuda.skip_reason() is None:
+    from mcdropout_client import Client
     from tests.gpu import bundle
-    from tests.integration.client import Client
     from tests.integration.conftest import ExportedModels
     from tests.support.server import RunningServer, start_server, stop_server
 
@@ -54,5 +54,5 @@ if cuda.skip_reason() is None:
 
     @pytest.fixture(scope="session")
     def gpu_client(gpu_server: RunningServer) -> Iterator[Client]:
-        with Client(gpu_server.target) as client:
+        with Client(gpu_server.target, timeout=60) as client:
             yield client

@@ -22,9 +22,8 @@ import re
 
 import numpy as np
 
-from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
+from mcdropout_client import Client, OutputPrediction
 from tests.gpu.cuda import PROVIDER
-from tests.integration.client import Client
 from tests.integration.conftest import ExportedModels, RunningServer
 from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples
 from tests.integration.test_predict import inputs_for
@@ -35,10 +34,13 @@ pytestmark = pytest.mark.gpu
 SERVED = ("digits", "housing", "tiny_cls", "tiny_reg", "tiny_d2")
 
 
+def moments(out: OutputPrediction) -> dict[str, np.ndarray]:
+    return {"mean": out.mean, "variance": out.variance}
+
+
 @pytest.mark.parametrize("model", SERVED)
 def test_metadata_reports_cuda(gpu_client: Client, model: str) -> None:
-    meta = gpu_client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model))
-    assert meta.provider == PROVIDER
+    assert gpu_client.model_metadata(model).provider == PROVIDER
 
 
 def test_server_log_names_cuda_for_every_model(
@@ -54,21 +56,22 @@ def test_bundled_examples_match_pytorch_on_gpu(
     gpu_client: Client, test_models: ExportedModels, name: str, input_name: str
 ) -> None:
     # housing answers "medv", or "target" where its data fell back to scikit-learn's diabetes.
-    meta = gpu_client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model=name))
-    output = meta.outputs[0].name
+    output = gpu_client.model_metadata(name).outputs[0].name
     x = test_models.examples[name].numpy()
     t = 4000
     answer = gpu_client.predict(name, {input_name: x}, num_samples=t)
-    assert answer["num_samples"] == t
+    assert answer.num_samples == t
     reference = torch_mc_samples(
         test_models.torch_models[name], x, N_TORCH, softmax=name == "digits"
     )
-    assert_matches_torch(answer[output], reference, t)
+    stats = answer.outputs[output]
+    assert_matches_torch(moments(stats), reference, t)
     if name == "digits":
-        stats = answer[output]
-        assert stats["predicted_class"].shape == (x.shape[0],)
-        assert np.all(stats["mutual_information"] >= -1e-12)
-        np.testing.assert_allclose(stats["mean"].sum(axis=1), 1.0, rtol=1e-9)
+        assert stats.predicted_class is not None
+        assert stats.mutual_information is not None
+        assert stats.predicted_class.shape == (x.shape[0],)
+        assert np.all(stats.mutual_information >= -1e-12)
+        np.testing.assert_allclose(stats.mean.sum(axis=1), 1.0, rtol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +85,7 @@ def test_test_models_match_pytorch_on_gpu(
     answer = gpu_client.predict(name, x, num_samples=t)
     reference = torch_mc_samples(test_models.torch_models[name], next(iter(x.values())), N_TORCH,
                                  softmax=name == "tiny_cls")  # fmt: skip
-    assert_matches_torch(answer[output], reference, t)
+    assert_matches_torch(moments(answer.outputs[output]), reference, t)
 
 
 def test_large_t_goes_through_many_chunks_on_gpu(
@@ -93,10 +96,10 @@ def test_large_t_goes_through_many_chunks_on_gpu(
     x = test_models.examples["digits"].numpy()
     t = 10_000
     answer = gpu_client.predict("digits", {"image": x}, num_samples=t, timeout=120)
-    assert answer["num_samples"] == t
+    assert answer.num_samples == t
     # As many reference samples as the server's (see test_large_t_in_many_chunks_on_cuda).
     reference = torch_mc_samples(test_models.torch_models["digits"], x, t, softmax=True)
-    assert_matches_torch(answer["logits"], reference, t)
+    assert_matches_torch(moments(answer.outputs["logits"]), reference, t)
 
 
 @pytest.mark.parametrize(
@@ -106,8 +109,7 @@ def test_large_t_goes_through_many_chunks_on_gpu(
 def test_seeded_requests_are_bit_identical_on_gpu(
     gpu_client: Client, model: str, name: str
 ) -> None:
-    meta = gpu_client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model))
-    shape = list(meta.inputs[0].shape)[1:]
+    shape = gpu_client.model_metadata(model).input().row_shape
     batch = np.random.default_rng(3).random((12, *shape)).astype(np.float32)
     alone = seeded(gpu_client, model, name, batch[4:5], seed=7)
     again = seeded(gpu_client, model, name, batch[4:5], seed=7)

@@ -15,7 +15,7 @@ from torch import nn
 
 from export import export_model
 from export.examples import export_example, train_digits, train_housing
-from tests.integration.client import Client
+from mcdropout_client import Client
 from tests.support.server import RunningServer, running_server, start_server, stop_server
 
 __all__ = ["ExportedModels", "RunningServer", "start_server", "stop_server", "test_models"]
@@ -128,5 +128,5 @@ def server(
 
 @pytest.fixture(scope="session")
 def client(server: RunningServer) -> Iterator[Client]:
-    with Client(server.target) as c:
+    with Client(server.target, timeout=60) as c:
         yield c

@@ -9,15 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from export import export_model
-from service.protocol.codec import decode_tensor
-from tests.integration.client import Client
+from mcdropout_client import Client, InvalidArgumentError
 from tests.integration.conftest import RunningServer, start_server, stop_server
 
 P = 0.3
@@ -41,13 +39,11 @@ def test_every_row_meets_the_target(known_server: RunningServer) -> None:
     x = np.array([[0.1, 0.1, 0.1, 0.1], [1.0, 0.5, 1.0, 0.2], [2.0, 1.0, 0.0, 1.0]], np.float32)
     sigma = np.sqrt(P / (1 - P) * ((W * x) ** 2).sum(axis=1))  # exact per-row std
     target = 0.02
-    with Client(known_server.target) as client:
-        request = client.request("known", {"x": x})
-        request.target_standard_error = target
-        answer = client.predict_raw(request)
-    per_row = decode_tensor(answer.num_samples_per_row, "n")
-    y = answer.outputs[0]
-    mean, variance = decode_tensor(y.mean, "m")[:, 0], decode_tensor(y.variance, "v")[:, 0]
+    with Client(known_server.target, timeout=120) as client:
+        answer = client.predict("known", x, target_standard_error=target)
+    per_row = answer.num_samples_per_row
+    assert per_row is not None
+    mean, variance = answer.mean[:, 0], answer.variance[:, 0]
     assert answer.num_samples == per_row.max()
     # The reported precision meets the target on every row...
     assert (np.sqrt(variance / per_row) <= target).all()
@@ -62,16 +58,14 @@ def test_every_row_meets_the_target(known_server: RunningServer) -> None:
 
 def test_cap_and_bad_targets(known_server: RunningServer) -> None:
     x = np.array([[2.0, 1.0, 0.0, 1.0]], np.float32)
-    with Client(known_server.target) as client:
-        request = client.request("known", {"x": x}, num_samples=100)
-        request.target_standard_error = 1e-9  # unreachable: stops at the cap
-        answer = client.predict_raw(request)
-        assert decode_tensor(answer.num_samples_per_row, "n").tolist() == [100]
-        for value, extra in ((-1.0, {}), (0.1, {"return_samples": True})):
-            request = client.request("known", {"x": x})
-            request.target_standard_error = value
-            for key, flag in extra.items():
-                setattr(request, key, flag)
-            with pytest.raises(grpc.RpcError) as info:
-                client.predict_raw(request)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with Client(known_server.target, timeout=120) as client:
+        # unreachable: stops at the cap
+        answer = client.predict("known", x, num_samples=100, target_standard_error=1e-9)
+        assert answer.num_samples_per_row is not None
+        assert answer.num_samples_per_row.tolist() == [100]
+        assert answer.num_samples == 100
+        with pytest.raises(ValueError, match="positive"):  # refused before sending
+            client.predict("known", x, target_standard_error=-1.0)
+        for extra in ({"return_samples": True}, {"interval_levels": [0.9]}, {"seed": 1}):
+            with pytest.raises(InvalidArgumentError, match="cannot be combined"):
+                client.predict("known", x, target_standard_error=0.1, **extra)

@@ -26,7 +26,7 @@ import pytest
 from numpy.typing import NDArray
 
 from export.stats import Moments, mean_z_test
-from tests.integration.client import Client
+from mcdropout_client import Client, OutputPrediction
 from tests.integration.conftest import (
     ExportedModels,
     RunningServer,
@@ -72,31 +72,35 @@ def moments(answer: dict[str, Any], t: int) -> Moments:
     return Moments(n=t, mean=answer["mean"].reshape(-1), m2=m2, m4=3 * m2**2)
 
 
+def shapes(out: OutputPrediction) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape for k, v in vars(out).items() if isinstance(v, np.ndarray)}
+
+
 def test_concurrent_requests_share_runs_and_get_their_own_rows(
     batching_server: RunningServer,
 ) -> None:
     inputs = [request_rows(i) for i in range(NUM_REQUESTS)]
-    with Client(batching_server.target) as client:
+    with Client(batching_server.target, timeout=60) as client:
+        client.model_metadata("tiny_reg")  # kept: the concurrent calls go straight to Predict
         before = scrape(batching_server)
         with ThreadPoolExecutor(max_workers=NUM_REQUESTS) as pool:
             answers = list(
-                pool.map(lambda x: client.predict("tiny_reg", {"features": x}, T)["y"], inputs)
+                pool.map(lambda x: client.predict("tiny_reg", x, num_samples=T).output, inputs)
             )
         after = scrape(batching_server)
-        sequential = client.predict("tiny_reg", {"features": inputs[0]}, T)["y"]
+        sequential = client.predict("tiny_reg", inputs[0], num_samples=T).output
         all_rows = np.concatenate(inputs)
-        reference = client.predict("tiny_reg", {"features": all_rows}, T_REFERENCE)["y"]
+        reference = client.predict("tiny_reg", all_rows, num_samples=T_REFERENCE).output
 
-    assert {k: v.shape for k, v in answers[0].items() if isinstance(v, np.ndarray)} == {
-        k: v.shape for k, v in sequential.items() if isinstance(v, np.ndarray)
-    }
+    assert shapes(answers[0]) == shapes(sequential)
     start = 0
     for x, answer in zip(inputs, answers, strict=True):
         stop = start + len(x)
-        assert answer["mean"].shape == (len(x), 2)
-        assert answer["variance"].shape == (len(x), 2)
-        expected = {k: v[start:stop] for k, v in reference.items() if isinstance(v, np.ndarray)}
-        result = mean_z_test(moments(answer, T), moments(expected, T_REFERENCE), ALPHA)
+        assert answer.mean.shape == (len(x), 2)
+        assert answer.variance.shape == (len(x), 2)
+        expected = {"mean": reference.mean[start:stop], "variance": reference.variance[start:stop]}
+        ours = {"mean": answer.mean, "variance": answer.variance}
+        result = mean_z_test(moments(ours, T), moments(expected, T_REFERENCE), ALPHA)
         assert result.passed, result
         start = stop
 

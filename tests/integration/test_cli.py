@@ -1,8 +1,9 @@
-"""The command line client (``python -m service.client``) against the real server."""
+"""The command line client (``python -m mcdropout_client``) against the real server."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +14,25 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import RunningServer
-from tests.integration.test_client import LABELS, closed_port, health_server, make_certificate
+from tests.integration.test_client import (
+    LABELS,
+    RequireToken,
+    closed_port,
+    health_server,
+    make_certificate,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(
-    target: str, *args: str, stdin: str | bytes | None = None
+    target: str, *args: str, stdin: str | bytes | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     data = stdin.encode() if isinstance(stdin, str) else stdin
+    environment = {k: v for k, v in os.environ.items() if k != "MCDROPOUT_TOKEN"} | (env or {})
     result = subprocess.run(
-        [sys.executable, "-m", "service.client", "--target", target, "--timeout", "60", *args],
-        cwd=ROOT, input=data, capture_output=True, timeout=120, check=False,
+        [sys.executable, "-m", "mcdropout_client", "--target", target, "--timeout", "60", *args],
+        cwd=ROOT, input=data, capture_output=True, timeout=120, check=False, env=environment,
     )  # fmt: skip
     return subprocess.CompletedProcess(
         result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
@@ -159,6 +167,59 @@ def test_batches_with_a_progress_bar(
     assert quiet.stderr == ""  # stderr is not a terminal here
 
 
+def test_intervals_seed_and_samples(server: RunningServer) -> None:
+    rows = json.dumps(np.random.default_rng(9).normal(size=(3, 5)).tolist())
+    args = ["predict", "-m", "tiny_reg", "-T", "50", "--seed", "7", "--interval", "0.9",
+            "--interval", "0.5", "-"]  # fmt: skip
+    table = cli(server.target, *args, stdin=rows)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0] == "tiny_reg v2, T=50, 3 rows, seed 7"
+    assert table.stdout.splitlines()[1].split() == [
+        "row", "mean", "+-std", "0.9", "empirical", "0.5", "empirical",
+    ]  # fmt: skip
+    again = cli(server.target, *args, stdin=rows)
+    assert again.stdout == table.stdout  # seeded: the same answer
+    document = json.loads(
+        cli(server.target, *args, "--json", "--return-samples", stdin=rows).stdout
+    )
+    y = document["outputs"]["y"]
+    assert document["seed"] == 7
+    assert np.asarray(y["samples"]).shape == (3, 50, 2)
+    assert [(i["level"], i["method"]) for i in y["intervals"]] == [
+        (0.9, "gaussian"), (0.9, "empirical"), (0.5, "gaussian"), (0.5, "empirical"),
+    ]  # fmt: skip
+
+
+def test_adaptive_sampling_shows_each_rows_t(server: RunningServer) -> None:
+    rows = json.dumps(np.random.default_rng(10).normal(size=(4, 5)).tolist())
+    result = cli(server.target, "predict", "-m", "tiny_reg", "-T", "128", "--target-se", "0.01",
+                 "--batch-size", "2", "--json", "-", stdin=rows)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    per_row = document["num_samples_per_row"]
+    assert len(per_row) == 4
+    assert document["num_samples"] == max(per_row) <= 128
+    table = cli(server.target, "predict", "-m", "tiny_reg", "--target-se", "0.01", "-", stdin=rows)
+    assert table.stdout.splitlines()[1].split()[-1] == "T"
+
+
+def test_the_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    guard = RequireToken("cli-token")
+    port = closed_port()
+    token_server = health_server(port, interceptors=(guard,))
+    try:
+        target = f"127.0.0.1:{port}"
+        refused = cli(target, "health")
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("error: UNAUTHENTICATED: ")
+        path = tmp_path / "token"
+        path.write_text("cli-token\n")
+        assert cli(target, "--token-file", str(path), "health").returncode == 0
+        assert cli(target, "health", env={"MCDROPOUT_TOKEN": "cli-token"}).returncode == 0
+    finally:
+        token_server.stop(None)
+
+
 def test_models_metadata_and_health(server: RunningServer) -> None:
     models = cli(server.target, "models")
     assert models.returncode == 0, models.stderr
@@ -178,8 +239,10 @@ def test_models_metadata_and_health(server: RunningServer) -> None:
     metadata = json.loads(cli(server.target, "metadata", "-m", "tiny_cls", "--json").stdout)
     assert metadata["labels"] == list(LABELS)
     assert metadata["inputs"] == [
-        {"name": "x", "dtype": "float32", "shape": [-1, 6], "semantics": None}
-    ]
+        {"name": "x", "dtype": "float32", "shape": [-1, 6], "semantics": None,
+         "max_shape": None, "labels": []}
+    ]  # fmt: skip
+    assert metadata["outputs"][0]["labels"] == list(LABELS)
     text = cli(server.target, "metadata", "-m", "digits")
     assert text.returncode == 0
     assert "input image: float32 [-1, 1, 8, 8]" in text.stdout
@@ -271,15 +334,15 @@ def test_usage_and_input_errors_exit_2(  # noqa: PLR0917 (parametrized)
 
 
 def test_readme_cli_examples_parse() -> None:
-    """Every ``python -m service.client`` line of the README section is valid usage."""
+    """Every ``python -m mcdropout_client`` line of the README section is valid usage."""
     readme = (ROOT / "README.md").read_text().split("## Python client and CLI", 1)[1]
     readme = readme.split("\n## ", 1)[0]
-    commands = [line.strip() for line in readme.splitlines() if "-m service.client " in line]
+    commands = [line.strip() for line in readme.splitlines() if "-m mcdropout_client " in line]
     assert len(commands) >= 3
-    from service.client.cli import build_parser
+    from mcdropout_client.cli import build_parser
 
     parser = build_parser()
     for command in commands:
-        words = command.split("-m service.client ", 1)[1].split("#")[0].split()
+        words = command.split("-m mcdropout_client ", 1)[1].split("#")[0].split()
         args: Any = parser.parse_args(words)
         assert args.command in {"predict", "models", "metadata", "health"}

@@ -1,4 +1,4 @@
-"""The Python client (``service.client``) against the real server, sync and asyncio."""
+"""The Python client (``mcdropout_client``) against the real server, sync and asyncio."""
 
 from __future__ import annotations
 
@@ -17,7 +17,20 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from service.client import AsyncClient, Client, ClientError, ModelInfo, Prediction
+from mcdropout_client import (
+    AccessDeniedError,
+    AsyncClient,
+    Client,
+    ClientError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelInfo,
+    NotFoundError,
+    Prediction,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from tests.integration.conftest import TEST_MAX_SAMPLES, RunningServer
 
 LABELS = ("ant", "bee", "cat", "dog")
@@ -122,35 +135,31 @@ def test_wrong_dtype_is_refused_before_sending(server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("call", "code"),
+    ("call", "family", "code"),
     [
-        (lambda c: c.predict("no_such_model", rows(1, 6)), grpc.StatusCode.NOT_FOUND),
-        (lambda c: c.predict("tiny_reg", rows(1, 5), version=9), grpc.StatusCode.NOT_FOUND),
-        (lambda c: c.model_metadata("no_such_model"), grpc.StatusCode.NOT_FOUND),
-        (lambda c: c.predict("tiny_cls", rows(2, 5)), grpc.StatusCode.INVALID_ARGUMENT),
-        (
-            lambda c: c.predict("tiny_cls", rows(1, 6), num_samples=TEST_MAX_SAMPLES + 1),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        (
-            lambda c: c.predict("tiny_cls", rows(1, 6), version="x"),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
+        (lambda c: c.predict("no_such_model", rows(1, 6)), NotFoundError, grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.predict("tiny_reg", rows(1, 5), version=9), NotFoundError, grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.model_metadata("no_such_model"), NotFoundError, grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.predict("tiny_cls", rows(2, 5)), InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.predict("tiny_cls", rows(1, 6), num_samples=TEST_MAX_SAMPLES + 1), InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.predict("tiny_cls", rows(1, 6), version="x"), InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.predict("tiny_cls", rows(1, 6), interval_levels=[0.9]), InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.predict("tiny_cls", rows(64, 6), num_samples=1000, return_samples=True), ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ],
-)
-def test_errors_carry_the_status_code(
-    mc: Client, call: Callable[[Client], Any], code: grpc.StatusCode
+)  # fmt: skip
+def test_errors_carry_their_family_and_status_code(
+    mc: Client, call: Callable[[Client], Any], family: type[ClientError], code: grpc.StatusCode
 ) -> None:
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(family) as info:
         call(mc)
     assert info.value.code == code
-    assert info.value.message
+    assert info.value.details
     assert str(info.value).startswith(code.name)
 
 
 def test_deadline_exceeded(mc: Client) -> None:
     mc.model_metadata("tiny_cls")
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(DeadlineExceededError) as info:
         mc.predict("tiny_cls", rows(20, 6), num_samples=TEST_MAX_SAMPLES, timeout=0.001)
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -167,7 +176,7 @@ def test_unavailable_is_retried_a_bounded_number_of_times() -> None:
     counter = CountingInterceptor()
     target = f"127.0.0.1:{closed_port()}"
     client = Client(target, max_retries=2, retry_backoff_s=0.01, interceptors=[counter])
-    with client, pytest.raises(ClientError) as info:
+    with client, pytest.raises(UnavailableError) as info:
         client.list_models()
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert len(counter.methods) == 3
@@ -184,8 +193,28 @@ def test_retries_stop_at_the_deadline() -> None:
     assert 1 <= len(counter.methods) <= 4
 
 
-def health_server(port: int, credentials: Any = None) -> Any:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+class RequireToken(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Answers UNAUTHENTICATED unless a call carries ``authorization: Bearer <token>``; keeps
+    the metadata of every call."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.seen: list[dict[str, str]] = []
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        metadata = dict(details.invocation_metadata)
+        self.seen.append(metadata)
+        if metadata.get("authorization") == f"Bearer {self.token}":
+            return continuation(details)
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def health_server(port: int, credentials: Any = None, interceptors: tuple[Any, ...] = ()) -> Any:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     address = f"127.0.0.1:{port}"
     bound = (
@@ -219,10 +248,10 @@ def test_health_list_models_and_metadata(mc: Client) -> None:
     assert mc.health() == "SERVING"
     assert mc.health("tiny_cls") == "SERVING"
     assert mc.health("mcdropout.v1.MCDropoutService") == "SERVING"
-    with pytest.raises(ClientError) as error:
+    with pytest.raises(NotFoundError) as error:
         mc.health("no_such_model")
     assert error.value.code == grpc.StatusCode.NOT_FOUND
-    assert "no_such_model" in error.value.message
+    assert "no_such_model" in error.value.details
 
     models = {m.name: m for m in mc.list_models()}
     assert {"tiny_cls", "tiny_reg", "tiny_d2", "digits", "housing"} <= set(models)
@@ -245,6 +274,9 @@ def test_health_list_models_and_metadata(mc: Client) -> None:
     assert info.dropout
     assert info.verified
     assert info.provider.endswith("ExecutionProvider")
+    assert info.opset == 18
+    assert len(info.weights_sha256) == 64
+    assert sorted(layer.type for layer in info.dropout) == ["Dropout", "Dropout"]
     housing = mc.model_metadata("housing")
     assert (housing.input().name, housing.outputs[0].name) == ("features", "medv")
 
@@ -256,12 +288,79 @@ def test_context_manager_closes_the_channel(server: RunningServer) -> None:
         client.health()
 
 
+def test_every_predict_option_reaches_the_server_and_comes_back_decoded(mc: Client) -> None:
+    x = rows(3, 5, seed=4)
+    sampled = mc.predict("tiny_reg", x, num_samples=40, return_samples=True, seed=9)
+    assert sampled.seed == 9
+    assert sampled.samples is not None
+    assert sampled.samples.shape == (3, 40, 2)
+    np.testing.assert_allclose(sampled.mean, sampled.samples.mean(axis=1), rtol=1e-12)
+    again = mc.predict("tiny_reg", x, num_samples=40, return_samples=True, seed=9)
+    np.testing.assert_array_equal(again.samples, sampled.samples)  # type: ignore[arg-type]
+
+    intervals = mc.predict("tiny_reg", x, num_samples=200, interval_levels=(0.95, 0.5))
+    assert [(i.level, i.method) for i in intervals.intervals] == [
+        (0.95, "gaussian"), (0.95, "empirical"), (0.5, "gaussian"), (0.5, "empirical"),
+    ]  # fmt: skip
+    wide, narrow = intervals.interval(0.95), intervals.interval(0.5)
+    assert (wide.lower <= narrow.lower).all()
+    assert (narrow.upper <= wide.upper).all()
+    assert ((wide.lower < intervals.mean) & (intervals.mean < wide.upper)).all()
+
+    adaptive = mc.predict("tiny_reg", x, num_samples=256, target_standard_error=0.01)
+    assert adaptive.num_samples_per_row is not None
+    assert adaptive.num_samples_per_row.shape == (3,)
+    assert adaptive.num_samples == adaptive.num_samples_per_row.max() <= 256
+    assert mc.predict("tiny_reg", x, num_samples=5).num_samples_per_row is None
+
+
+# --- bearer token ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_target() -> Iterator[tuple[str, RequireToken]]:
+    """A health server that requires the bearer token "s3cr3t-token"."""
+    guard = RequireToken("s3cr3t-token")
+    port = closed_port()
+    server = health_server(port, interceptors=(guard,))
+    yield f"127.0.0.1:{port}", guard
+    server.stop(None)
+
+
+def test_the_token_is_sent_with_every_call(token_target: tuple[str, RequireToken]) -> None:
+    target, guard = token_target
+    extra = [("x-request-source", "tests")]
+    with Client(target, token="s3cr3t-token", metadata=extra, timeout=10) as client:
+        assert client.health() == "SERVING"
+    assert guard.seen[-1]["authorization"] == "Bearer s3cr3t-token"
+    assert guard.seen[-1]["x-request-source"] == "tests"
+    for token in (None, "wrong"):
+        with (
+            Client(target, token=token, timeout=10) as client,
+            pytest.raises(UnauthenticatedError) as info,
+        ):
+            client.health()
+        assert isinstance(info.value, AccessDeniedError)
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "bearer token is required" in info.value.details
+
+    async def scenario() -> None:
+        async with AsyncClient(target, token="s3cr3t-token", timeout=10) as client:
+            assert await client.health() == "SERVING"
+        async with AsyncClient(target, timeout=10) as client:
+            with pytest.raises(UnauthenticatedError):
+                await client.health()
+
+    asyncio.run(scenario())
+
+
 # --- TLS ------------------------------------------------------------------------------------
 
 
 def test_tls_client_against_the_plaintext_server_is_unavailable(server: RunningServer) -> None:
     client = Client(server.target, tls=True, max_retries=0)
-    with client, pytest.raises(ClientError) as info:
+    assert client.is_secure
+    with client, pytest.raises(UnavailableError) as info:
         client.health(timeout=10)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
@@ -323,6 +422,29 @@ def test_async_client_predicts_and_describes(server: RunningServer) -> None:
             await client.health()
 
     asyncio.run(scenario())
+
+
+def test_async_and_sync_clients_give_the_same_seeded_answers(
+    server: RunningServer, mc: Client
+) -> None:
+    """One core, two transports: with a seed, the same bits for every option."""
+    x = rows(2, 5, seed=11)
+    options: dict[str, Any] = {"num_samples": 30, "seed": 4, "return_samples": True,
+                               "interval_levels": [0.8]}  # fmt: skip
+    expected = mc.predict("tiny_reg", x, **options)
+
+    async def scenario() -> Prediction:
+        async with AsyncClient(server.target, timeout=60) as client:
+            return await client.predict("tiny_reg", x, **options)
+
+    got = asyncio.run(scenario())
+    assert (got.version, got.num_samples, got.seed) == (expected.version, 30, 4)
+    for field in ("mean", "variance", "std", "samples"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+    for a, b in zip(got.intervals, expected.intervals, strict=True):
+        assert (a.level, a.method) == (b.level, b.method)
+        np.testing.assert_array_equal(a.lower, b.lower)
+        np.testing.assert_array_equal(a.upper, b.upper)
 
 
 def test_async_client_errors(server: RunningServer) -> None:

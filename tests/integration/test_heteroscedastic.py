@@ -17,8 +17,7 @@ from torch import nn
 from export import export_model
 from export.mc_mode import mc_dropout_copy
 from export.stats import Moments, mean_z_test
-from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
-from tests.integration.client import Client
+from mcdropout_client import Client
 from tests.integration.conftest import RunningServer, start_server, stop_server
 from tests.integration.parity import ALPHA, assert_matches_torch
 
@@ -59,15 +58,11 @@ def test_aleatoric_epistemic_and_total_variance(
 ) -> None:
     server, model = het_server
     x = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
-    with Client(server.target) as client:
-        answer = client.predict_raw(client.request("het", {"x": x}, num_samples=T))
-    from service.protocol.codec import decode_tensor
-
-    mu = next(o for o in answer.outputs if o.name == "mu")
-    assert mu.HasField("aleatoric_variance")
-    epistemic = decode_tensor(mu.variance, "v")
-    aleatoric = decode_tensor(mu.aleatoric_variance, "a")
-    total = decode_tensor(mu.total_variance, "t")
+    with Client(server.target, timeout=60) as client:
+        mu = client.predict("het", x, num_samples=T).outputs["mu"]
+    epistemic, aleatoric, total = mu.variance, mu.aleatoric_variance, mu.total_variance
+    assert aleatoric is not None
+    assert total is not None
     np.testing.assert_allclose(total, epistemic + aleatoric, rtol=1e-12)
 
     mc = mc_dropout_copy(model)
@@ -76,7 +71,7 @@ def test_aleatoric_epistemic_and_total_variance(
     means = means.double().reshape(N_TORCH, 4, 2).numpy()
     variances = log_vars.double().exp().reshape(N_TORCH, 4, 2).numpy()
     # Epistemic: mean and variance of the predicted means agree with PyTorch.
-    assert_matches_torch({"mean": decode_tensor(mu.mean, "m"), "variance": epistemic}, means, T)
+    assert_matches_torch({"mean": mu.mean, "variance": epistemic}, means, T)
     # Aleatoric: the server's mean of exp(log_var) against PyTorch's (z-test on the mean; the
     # server's own spread of exp(log_var) is estimated by PyTorch's, the same distribution).
     reference = Moments.from_samples(variances.reshape(N_TORCH, -1))
@@ -89,17 +84,12 @@ def test_homoscedastic_outputs_have_no_decomposition(
     het_server: tuple[RunningServer, nn.Module],
 ) -> None:
     server, _ = het_server
-    with Client(server.target) as client:
-        answer = client.predict_raw(
-            client.request("het", {"x": np.zeros((1, 3), np.float32)}, num_samples=10)
-        )
-        meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="het"))
-    log_var = next(o for o in answer.outputs if o.name == "log_var")
-    assert not log_var.HasField("aleatoric_variance")
-    assert [o.semantics for o in meta.outputs] == [
-        pb.OUTPUT_SEMANTICS_VALUES,
-        pb.OUTPUT_SEMANTICS_LOG_VARIANCE,
-    ]
+    with Client(server.target, timeout=60) as client:
+        answer = client.predict("het", np.zeros((1, 3), np.float32), num_samples=10)
+        meta = client.model_metadata("het")
+    assert answer.outputs["log_var"].aleatoric_variance is None
+    assert answer.outputs["log_var"].total_variance is None
+    assert [o.semantics for o in meta.outputs] == ["values", "log_variance"]
 
 
 def test_open_inference_protocol_lists_the_decomposition(
@@ -137,22 +127,19 @@ def test_empirical_interval_of_the_normal_mixture(
     the mixture of the T predicted normals (checked with math.erf on the returned samples)."""
     import math
 
-    from service.protocol.codec import decode_tensor
-
     server, _ = het_server
     x = np.random.default_rng(6).standard_normal((2, 3)).astype(np.float32)
-    with Client(server.target) as client:
-        request = client.request("het", {"x": x}, num_samples=300)
-        request.interval_levels.append(0.8)
-        request.return_samples = True
-        answer = client.predict_raw(request)
-    mu = next(o for o in answer.outputs if o.name == "mu")
-    means = decode_tensor(mu.samples, "s")  # (B, T, 2)
-    variances = np.exp(
-        decode_tensor(next(o for o in answer.outputs if o.name == "log_var").samples, "lv")
-    )
-    empirical = next(i for i in mu.intervals if i.method == "empirical")
-    lower, upper = decode_tensor(empirical.lower, "l"), decode_tensor(empirical.upper, "u")
+    with Client(server.target, timeout=60) as client:
+        answer = client.predict(
+            "het", x, num_samples=300, interval_levels=[0.8], return_samples=True
+        )
+    mu = answer.outputs["mu"]
+    means = mu.samples  # (B, T, 2)
+    log_var_samples = answer.outputs["log_var"].samples
+    assert means is not None
+    assert log_var_samples is not None
+    variances = np.exp(log_var_samples)
+    lower, upper = mu.interval(0.8, "empirical").lower, mu.interval(0.8, "empirical").upper
     for b in range(2):
         for d in range(2):
 
@@ -162,7 +149,7 @@ def test_empirical_interval_of_the_normal_mixture(
 
             assert cdf(lower[b, d]) == pytest.approx(0.1, abs=1e-6)
             assert cdf(upper[b, d]) == pytest.approx(0.9, abs=1e-6)
-    gaussian = next(i for i in mu.intervals if i.method == "gaussian")
-    total = decode_tensor(mu.total_variance, "t")
-    np.testing.assert_allclose(decode_tensor(gaussian.upper, "u") - decode_tensor(mu.mean, "m"),
-                               1.2815515655446004 * np.sqrt(total), rtol=1e-9)  # fmt: skip
+    gaussian = mu.interval(0.8, "gaussian")
+    assert mu.total_variance is not None
+    np.testing.assert_allclose(gaussian.upper - mu.mean, 1.2815515655446004 * np.sqrt(mu.total_variance),
+                               rtol=1e-9)  # fmt: skip

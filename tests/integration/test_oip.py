@@ -35,9 +35,10 @@ from torch import nn
 import service
 from export import export_model
 from export.stats import Moments, mean_z_test, variance_ratio_test
+from mcdropout_client import Client
+from mcdropout_client import oip as client_oip
 from service.gen.inference import grpc_service_pb2 as oip
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.integration.client import Client
 from tests.integration.conftest import ExportedModels, RunningServer, start_server, stop_server
 from tests.integration.parity import ALPHA, N_TORCH, server_moments, torch_mc_samples
 
@@ -402,7 +403,7 @@ def test_oip_agrees_with_predict(
     x = rows(name, 4, seed=7)
     t = 2000
     ours = decode(stub.ModelInfer(infer_request(name, x, t)))
-    theirs = client.predict(name, x, num_samples=t)[output]
+    theirs = client.predict(name, x, num_samples=t).outputs[output]
     # The answers carry no fourth moment: the variance test takes the kurtosis from PyTorch MC
     # dropout samples of the same model (the same distribution under the null hypothesis).
     samples = torch_mc_samples(
@@ -410,11 +411,71 @@ def test_oip_agrees_with_predict(
     )
     reference = Moments.from_samples(samples.reshape(N_TORCH, -1))
     oip_side = server_moments(ours[f"{output}_mean"], ours[f"{output}_variance"], t, reference)
-    predict_side = server_moments(theirs["mean"], theirs["variance"], t, reference)
+    predict_side = server_moments(theirs.mean, theirs.variance, t, reference)
     mean = mean_z_test(oip_side, predict_side, ALPHA)
     assert mean.passed, mean
     variance = variance_ratio_test(oip_side, predict_side, ALPHA)
     assert variance.passed, variance
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("tiny_cls", {"num_samples": 30, "return_samples": True, "seed": 5}),
+        ("tiny_reg", {"num_samples": 40, "interval_levels": [0.9, 0.5], "seed": 2**63 - 1}),
+        ("tiny_reg", {"num_samples": 64, "target_standard_error": 0.05}),
+    ],
+)
+def test_the_clients_oip_helpers_decode_what_predict_answers(
+    stub: oip_grpc.GRPCInferenceServiceStub, client: Client, name: str, options: dict[str, Any]
+) -> None:
+    """mcdropout_client.oip: its parameters set every option, and the OIP answer decodes into
+    the Prediction that Predict gives; with a seed, bit for bit."""
+    x = rows(name, 3, seed=8)
+    request = infer_request(name, x)
+    for key, value in client_oip.mc_parameters(**options).items():
+        parameter = request.parameters[key]
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, int):
+            parameter.int64_param = value
+        elif isinstance(value, float):
+            parameter.double_param = value
+        else:
+            parameter.string_param = value
+    response = stub.ModelInfer(request)
+    ours = client_oip.prediction_from_outputs(
+        decode(response),
+        model=response.model_name,
+        version=response.model_version,
+        num_samples=response.parameters[client_oip.MC_SAMPLES].int64_param,
+    )
+    theirs = client.predict(name, x, **options)
+    assert (ours.model, ours.version) == (name, theirs.version)
+    out, expected = ours.output, theirs.output
+    assert out.is_classification == expected.is_classification
+    if options.get("seed") is not None:  # reproducible: the same numbers through both protocols
+        assert ours.num_samples == theirs.num_samples
+        for field in ("mean", "variance", "std", "predictive_entropy", "samples"):
+            a, b = getattr(out, field), getattr(expected, field)
+            assert (a is None) == (b is None), field
+            if a is not None:
+                np.testing.assert_array_equal(a, b, err_msg=field)
+        assert out.predicted_label == expected.predicted_label
+        assert [(i.level, i.method) for i in out.intervals] == sorted(
+            ((i.level, i.method) for i in expected.intervals),
+            key=lambda k: (k[0], ["gaussian", "empirical"].index(k[1])),
+        )
+        for interval in expected.intervals:
+            got = out.interval(interval.level, interval.method)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(got.lower, interval.lower)
+            np.testing.assert_array_equal(got.upper, interval.upper)
+    else:  # adaptive: both report each row's T, capped at 64
+        assert ours.num_samples_per_row is not None
+        assert theirs.num_samples_per_row is not None
+        assert ours.num_samples_per_row.shape == theirs.num_samples_per_row.shape == (3,)
+        assert ours.num_samples_per_row.max() <= 64
+        assert ours.num_samples == ours.num_samples_per_row.max()
 
 
 # --- every datatype a model may take ---------------------------------------------------------

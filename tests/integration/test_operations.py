@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tests.integration.client import Client
+from mcdropout_client import Client, InvalidArgumentError, NotFoundError
 from tests.integration.conftest import RunningServer
 
 SERVICE = "mcdropout.v1.MCDropoutService"
@@ -24,13 +24,23 @@ def test_health_is_serving_overall_and_per_model(client: Client, service: str) -
     stub = health_pb2_grpc.HealthStub(client.channel)
     response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert client.health(service) == "SERVING"
 
 
 def test_health_of_an_unknown_model_is_not_found(client: Client) -> None:
     stub = health_pb2_grpc.HealthStub(client.channel)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Check(health_pb2.HealthCheckRequest(service="deterministic"), timeout=5)
+        stub.Check(health_pb2.HealthCheckRequest(service="no_such_model"), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotFoundError, match="no health status for 'no_such_model'"):
+        client.health("no_such_model")
+
+
+def test_health_of_a_model_that_failed_to_load_is_not_serving(client: Client) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    response = stub.Check(health_pb2.HealthCheckRequest(service="deterministic"), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert client.health("deterministic") == "NOT_SERVING"
 
 
 def test_reflection_lists_and_describes_the_api(client: Client) -> None:
@@ -69,7 +79,7 @@ def test_metrics_count_requests_errors_rows_and_samples(
     x = np.zeros((3, 5), np.float32)
     for _ in range(3):
         client.predict("tiny_reg", {"features": x}, num_samples=7)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(InvalidArgumentError):
         client.predict("tiny_reg", {"features": np.zeros((3, 4), np.float32)})
     after = scrape(server)
 
@@ -93,9 +103,13 @@ def test_metrics_count_requests_errors_rows_and_samples(
 def test_unknown_model_names_do_not_create_label_values(
     client: Client, server: RunningServer
 ) -> None:
-    for name in ("a1", "a2"):
-        with pytest.raises(grpc.RpcError):
+    for name in ("a1", "a2"):  # the client asks for the metadata first: NOT_FOUND there
+        with pytest.raises(NotFoundError):
             client.predict(name, {"x": np.zeros((1, 6), np.float32)})
     text = scrape(server)
     assert 'model="a1"' not in text
-    assert sample_value(text, "mcd_request_errors_total", model="_unknown", code="NOT_FOUND") >= 2
+    errors = sample_value(
+        text, "mcd_request_errors_total", model="_unknown", method="GetModelMetadata",
+        code="NOT_FOUND",
+    )  # fmt: skip
+    assert errors >= 2

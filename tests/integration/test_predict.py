@@ -15,8 +15,14 @@ import pytest
 from numpy.typing import NDArray
 
 from export.stats import Moments, mean_z_test, variance_ratio_test
+from mcdropout_client import (
+    Client,
+    InvalidArgumentError,
+    OutputPrediction,
+    ResourceExhaustedError,
+)
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
-from tests.integration.client import Client
+from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from tests.integration.conftest import ExportedModels
 from tests.integration.parity import (
     ALPHA,
@@ -38,6 +44,10 @@ def inputs_for(name: str, rows: int, seed: int = 0) -> dict[str, NDArray[Any]]:
     return {key: rng.standard_normal((rows, *shape)).astype(np.float32)}
 
 
+def moments(out: OutputPrediction) -> dict[str, NDArray[np.float64]]:
+    return {"mean": out.mean, "variance": out.variance}
+
+
 @pytest.mark.parametrize(
     ("name", "output"), [("tiny_cls", "logits"), ("tiny_reg", "y"), ("tiny_d2", "y")]
 )
@@ -47,10 +57,10 @@ def test_mean_and_variance_match_pytorch_mc_dropout(
     x = inputs_for(name, rows=5)
     t = 4000
     answer = client.predict(name, x, num_samples=t)
-    assert answer["num_samples"] == t
+    assert answer.num_samples == t
     reference = torch_mc_samples(test_models.torch_models[name], next(iter(x.values())), N_TORCH,
                                  softmax=name == "tiny_cls")  # fmt: skip
-    assert_matches_torch(answer[output], reference, t)
+    assert_matches_torch(moments(answer.outputs[output]), reference, t)
 
 
 @pytest.mark.parametrize(
@@ -66,72 +76,78 @@ def test_bundled_examples_match_pytorch_mc_dropout(
     reference = torch_mc_samples(
         test_models.torch_models[name], x, N_TORCH, softmax=name == "digits"
     )
-    assert_matches_torch(answer[output], reference, t)
+    assert_matches_torch(moments(answer.outputs[output]), reference, t)
 
 
 def test_two_identical_requests_differ_but_agree(
     client: Client, test_models: ExportedModels
 ) -> None:
     x = inputs_for("tiny_reg", rows=4, seed=1)
-    a = client.predict("tiny_reg", x, num_samples=2000)["y"]
-    b = client.predict("tiny_reg", x, num_samples=2000)["y"]
-    assert not np.array_equal(a["mean"], b["mean"]), "two requests drew the same samples"
+    a = client.predict("tiny_reg", x, num_samples=2000).outputs["y"]
+    b = client.predict("tiny_reg", x, num_samples=2000).outputs["y"]
+    assert not np.array_equal(a.mean, b.mean), "two requests drew the same samples"
     reference = Moments.from_samples(
         torch_mc_samples(
             test_models.torch_models["tiny_reg"], x["features"], N_TORCH, False
         ).reshape(N_TORCH, -1)
     )
-    first, second = (server_moments(r["mean"], r["variance"], 2000, reference) for r in (a, b))
+    first, second = (server_moments(r.mean, r.variance, 2000, reference) for r in (a, b))
     assert mean_z_test(first, second, ALPHA).passed
     assert variance_ratio_test(first, second, ALPHA).passed
 
 
 def test_classification_answer_is_consistent(client: Client) -> None:
     answer = client.predict("tiny_cls", inputs_for("tiny_cls", rows=7), num_samples=300)
-    out = answer["logits"]
-    assert out["semantics"] == pb.OUTPUT_SEMANTICS_LOGITS
-    assert out["mean"].shape == (7, 4)
-    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
-    np.testing.assert_array_equal(out["predicted_class"], out["mean"].argmax(axis=1))
-    assert out["predicted_label"] == [
-        ["ant", "bee", "cat", "dog"][c] for c in out["predicted_class"]
-    ]
-    np.testing.assert_allclose(out["std"] ** 2, out["variance"], rtol=1e-9)
-    entropy = -(out["mean"] * np.log(out["mean"])).sum(axis=1)
-    np.testing.assert_allclose(out["predictive_entropy"], entropy, rtol=1e-9)
-    np.testing.assert_allclose(
-        out["mutual_information"], out["predictive_entropy"] - out["expected_entropy"], atol=1e-12
+    out = answer.outputs["logits"]
+    assert out.semantics == "logits"
+    assert out.mean.shape == (7, 4)
+    np.testing.assert_allclose(out.mean.sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
+    assert out.predicted_class is not None
+    np.testing.assert_array_equal(out.predicted_class, out.mean.argmax(axis=1))
+    assert out.predicted_label == tuple(
+        ["ant", "bee", "cat", "dog"][c] for c in out.predicted_class
     )
-    assert np.all(out["mutual_information"] >= 0)
-    assert np.all((out["variation_ratio"] >= 0) & (out["variation_ratio"] <= 0.75))
+    np.testing.assert_allclose(out.std**2, out.variance, rtol=1e-9)
+    entropy = -(out.mean * np.log(out.mean)).sum(axis=1)
+    assert out.predictive_entropy is not None
+    assert out.expected_entropy is not None
+    assert out.mutual_information is not None
+    assert out.variation_ratio is not None
+    np.testing.assert_allclose(out.predictive_entropy, entropy, rtol=1e-9)
+    np.testing.assert_allclose(
+        out.mutual_information, out.predictive_entropy - out.expected_entropy, atol=1e-12
+    )
+    assert np.all(out.mutual_information >= 0)
+    assert np.all((out.variation_ratio >= 0) & (out.variation_ratio <= 0.75))
 
 
 def test_default_samples_and_newest_version(client: Client, test_models: ExportedModels) -> None:
     answer = client.predict("tiny_cls", inputs_for("tiny_cls", rows=1))
-    assert answer["num_samples"] == 50  # the model's default
-    assert client.predict("tiny_reg", inputs_for("tiny_reg", rows=1), 10)["version"] == "2"
+    assert answer.num_samples == 50  # the model's default
+    assert client.predict("tiny_reg", inputs_for("tiny_reg", rows=1), num_samples=10).version == "2"
 
 
 def test_an_older_version_is_served_on_request(client: Client, test_models: ExportedModels) -> None:
     x = inputs_for("tiny_reg", rows=3, seed=4)
     answer = client.predict("tiny_reg", x, num_samples=3000, version="1")
-    assert answer["version"] == "1"
+    assert answer.version == "1"
     reference = torch_mc_samples(
         test_models.torch_models["tiny_reg@1"], x["features"], N_TORCH, False
     )
-    assert_matches_torch(answer["y"], reference, 3000)
+    assert_matches_torch(moments(answer.outputs["y"]), reference, 3000)
 
 
 def test_one_sample(client: Client) -> None:
     answer = client.predict("tiny_cls", inputs_for("tiny_cls", rows=3), num_samples=1)
-    out = answer["logits"]
-    assert answer["num_samples"] == 1
-    assert np.isnan(out["variance"]).all()  # unbiased variance is undefined at T = 1
+    out = answer.outputs["logits"]
+    assert answer.num_samples == 1
+    assert np.isnan(out.variance).all()  # unbiased variance is undefined at T = 1
     # H[mean] - mean H over one sample: 0 up to the float32 rounding of the per-sample
     # entropies (service/engine/summaries.py states the accuracy).
-    np.testing.assert_allclose(out["mutual_information"], 0.0, atol=1e-6)
-    np.testing.assert_array_equal(out["variation_ratio"], 0.0)
-    np.testing.assert_allclose(out["mean"].sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
+    assert out.mutual_information is not None
+    np.testing.assert_allclose(out.mutual_information, 0.0, atol=1e-6)
+    np.testing.assert_array_equal(out.variation_ratio, 0.0)  # type: ignore[arg-type]
+    np.testing.assert_allclose(out.mean.sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
 
 
 def test_large_number_of_samples_in_many_chunks(
@@ -141,26 +157,31 @@ def test_large_number_of_samples_in_many_chunks(
     x = inputs_for("tiny_d2", rows=2, seed=5)
     t = 20_000
     answer = client.predict("tiny_d2", x, num_samples=t)
-    assert answer["num_samples"] == t
+    assert answer.num_samples == t
     reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x["image"], N_TORCH, False)
-    assert_matches_torch(answer["y"], reference, t)
+    assert_matches_torch(moments(answer.outputs["y"]), reference, t)
 
 
 def test_model_without_active_dropout_is_refused(client: Client, server: Any) -> None:
-    models = client.stub.ListModels(pb.ListModelsRequest()).models
-    assert {m.name for m in models} == {"tiny_cls", "tiny_reg", "tiny_d2", "digits", "housing"}
+    models = {m.name: m for m in client.list_models()}
+    ready = {name for name, m in models.items() if m.ready}
+    assert ready == {"tiny_cls", "tiny_reg", "tiny_d2", "digits", "housing"}
+    assert (models["deterministic"].ready, models["deterministic"].versions) == (False, ())
+    listed = pb_grpc.MCDropoutServiceStub(client.channel).ListModels(pb.ListModelsRequest())
+    [refused] = [m for m in listed.models if m.name == "deterministic"]
+    assert "deterministic/1: copies of one row gave identical outputs" in refused.reason
     assert "deterministic/1: copies of one row gave identical outputs" in server.log()
 
 
 def test_metadata_describes_the_model(client: Client) -> None:
-    meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="tiny_cls"))
-    assert (meta.name, meta.version, list(meta.versions)) == ("tiny_cls", "1", ["1"])
-    assert meta.task == pb.TASK_CLASSIFICATION
-    assert [(i.name, i.dtype, list(i.shape)) for i in meta.inputs] == [
-        ("x", pb.DATA_TYPE_FLOAT32, [-1, 6])
+    meta = client.model_metadata("tiny_cls")
+    assert (meta.name, meta.version, meta.versions) == ("tiny_cls", "1", ("1",))
+    assert meta.task == "classification"
+    assert [(i.name, i.dtype, i.shape) for i in meta.inputs] == [
+        ("x", np.dtype(np.float32), (-1, 6))
     ]
-    assert meta.outputs[0].semantics == pb.OUTPUT_SEMANTICS_LOGITS
-    assert list(meta.labels) == ["ant", "bee", "cat", "dog"]
+    assert meta.outputs[0].semantics == "logits"
+    assert meta.labels == ("ant", "bee", "cat", "dog")
     assert (meta.default_num_samples, meta.max_num_samples) == (50, 20_000)
     assert meta.provider in {"CPUExecutionProvider", "CUDAExecutionProvider"}
     assert meta.opset == 18
@@ -170,54 +191,36 @@ def test_metadata_describes_the_model(client: Client) -> None:
         ("Dropout", 0.4),
     ]
     assert len(meta.weights_sha256) == 64
-    old = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="tiny_reg", version="1"))
-    assert (old.version, list(old.versions)) == ("1", ["2", "1"])
+    old = client.model_metadata("tiny_reg", version="1")
+    assert (old.version, old.versions) == ("1", ("2", "1"))
 
 
 def test_raw_samples_on_request(client: Client) -> None:
     x = inputs_for("tiny_reg", rows=3, seed=9)
-    out = client.predict_raw(client.request("tiny_reg", x, num_samples=40))
-    assert not out.outputs[0].HasField("samples")  # not asked: not sent
-    request = client.request("tiny_reg", x, num_samples=40)
-    request.return_samples = True
-    response = client.predict_raw(request)
-    from service.protocol.codec import decode_tensor
-
-    y = response.outputs[0]
-    samples = decode_tensor(y.samples, "samples")
-    assert samples.shape == (3, 40, 2)  # (B, T, outputs), rows first
-    np.testing.assert_allclose(decode_tensor(y.mean, "m"), samples.mean(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(
-        decode_tensor(y.variance, "v"), samples.var(axis=1, ddof=1), rtol=1e-10
-    )
-    assert len({tuple(s) for s in samples[0]}) > 1  # the samples differ
+    assert client.predict("tiny_reg", x, num_samples=40).samples is None  # not asked: not sent
+    y = client.predict("tiny_reg", x, num_samples=40, return_samples=True).output
+    assert y.samples is not None
+    assert y.samples.shape == (3, 40, 2)  # (B, T, outputs), rows first
+    np.testing.assert_allclose(y.mean, y.samples.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(y.variance, y.samples.var(axis=1, ddof=1), rtol=1e-10)
+    assert len({tuple(s) for s in y.samples[0]}) > 1  # the samples differ
 
 
 def test_raw_samples_are_bounded(client: Client) -> None:
-    import grpc
-
-    request = client.request("tiny_cls", {"x": np.zeros((64, 6), np.float32)}, num_samples=6000)
-    request.return_samples = (
-        True  # 64 x 6000 x 4 = 1,536,000 values > 1,000,000 (the test server's limit)
-    )
-    with pytest.raises(grpc.RpcError) as info:
-        client.predict_raw(request)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "returning the samples" in (info.value.details() or "")
+    # 64 x 6000 x 4 = 1,536,000 values > 1,000,000 (the test server's limit)
+    x = {"x": np.zeros((64, 6), np.float32)}
+    with pytest.raises(ResourceExhaustedError, match="returning the samples"):
+        client.predict("tiny_cls", x, num_samples=6000, return_samples=True)
 
 
 def test_prediction_intervals(client: Client) -> None:
     from statistics import NormalDist
 
-    from service.protocol.codec import decode_tensor
-
     x = inputs_for("tiny_reg", rows=3, seed=10)
-    request = client.request("tiny_reg", x, num_samples=500)
-    request.interval_levels.extend([0.9, 0.5])
-    request.return_samples = True
-    y = client.predict_raw(request).outputs[0]
-    mean, variance = decode_tensor(y.mean, "m"), decode_tensor(y.variance, "v")
-    samples = decode_tensor(y.samples, "s")  # (B, T, 2)
+    y = client.predict(
+        "tiny_reg", x, num_samples=500, interval_levels=[0.9, 0.5], return_samples=True
+    ).output
+    assert y.samples is not None  # (B, T, 2)
     assert [(i.level, i.method) for i in y.intervals] == [
         (0.9, "gaussian"),
         (0.9, "empirical"),
@@ -225,16 +228,18 @@ def test_prediction_intervals(client: Client) -> None:
         (0.5, "empirical"),
     ]
     for interval in y.intervals:
-        lower, upper = decode_tensor(interval.lower, "l"), decode_tensor(interval.upper, "u")
+        lower, upper = interval.lower, interval.upper
         assert lower.shape == upper.shape == (3, 2)
         if interval.method == "gaussian":
             z = NormalDist().inv_cdf((1 + interval.level) / 2)
-            np.testing.assert_allclose(upper, mean + z * np.sqrt(variance), rtol=1e-12)
-            np.testing.assert_allclose(lower, mean - z * np.sqrt(variance), rtol=1e-12)
+            np.testing.assert_allclose(upper, y.mean + z * y.std, rtol=1e-12)
+            np.testing.assert_allclose(lower, y.mean - z * y.std, rtol=1e-12)
         else:  # quantiles of the very samples answered
-            q = np.quantile(samples, [(1 - interval.level) / 2, (1 + interval.level) / 2], axis=1)
+            level = interval.level
+            q = np.quantile(y.samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
             np.testing.assert_allclose(lower, q[0], rtol=1e-12)
             np.testing.assert_allclose(upper, q[1], rtol=1e-12)
+    assert y.interval(0.5, "gaussian") is y.intervals[2]
 
 
 @pytest.mark.parametrize(
@@ -249,12 +254,8 @@ def test_prediction_intervals(client: Client) -> None:
 def test_bad_interval_requests(
     client: Client, model: str, levels: list[float], samples: int, fragment: str
 ) -> None:
-    import grpc
-
-    x = inputs_for(model, rows=1)
-    request = client.request(model, x, num_samples=samples)
-    request.interval_levels.extend(levels)
-    with pytest.raises(grpc.RpcError) as info:
-        client.predict_raw(request)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert fragment in (info.value.details() or "")
+    with pytest.raises(InvalidArgumentError) as info:
+        client.predict(
+            model, inputs_for(model, rows=1), num_samples=samples, interval_levels=levels
+        )
+    assert fragment in info.value.details

@@ -7,33 +7,31 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
-from service.protocol.codec import decode_tensor
-from tests.integration.client import Client
+from mcdropout_client import Client, InvalidArgumentError, Prediction
 from tests.integration.conftest import ExportedModels
 from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples
 
 
 def seeded(
     client: Client, model: str, name: str, x: NDArray[Any], *, seed: int, t: int = 200
-) -> pb.PredictResponse:
-    request = client.request(model, {name: x}, num_samples=t)
-    request.seed = seed
-    return client.predict_raw(request)
+) -> Prediction:
+    answer = client.predict(model, {name: x}, num_samples=t, seed=seed)
+    assert answer.seed == seed
+    return answer
 
 
-def row_bytes(response: pb.PredictResponse, row: int) -> list[bytes]:
+def row_bytes(answer: Prediction, row: int) -> list[bytes]:
     """The raw bytes of every statistic of one row (bit-identity, not closeness)."""
     out = []
-    for o in response.outputs:
+    for o in answer.outputs.values():
         for field in ("mean", "variance", "predictive_entropy", "mutual_information"):
-            if o.HasField(field):
-                out.append(decode_tensor(getattr(o, field), field)[row].tobytes())
+            value = getattr(o, field)
+            if value is not None:
+                out.append(value[row].tobytes())
     return out
 
 
@@ -43,8 +41,7 @@ def row_bytes(response: pb.PredictResponse, row: int) -> list[bytes]:
 def test_bit_identical_alone_in_a_batch_and_moved(
     client: Client, test_models: ExportedModels, model: str, name: str
 ) -> None:
-    meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model))
-    shape = list(meta.inputs[0].shape)[1:]
+    shape = client.model_metadata(model).input().row_shape
     batch = np.random.default_rng(3).random((12, *shape)).astype(np.float32)
     alone = seeded(client, model, name, batch[4:5], seed=7)
     in_batch = seeded(client, model, name, batch, seed=7)
@@ -71,22 +68,13 @@ def test_bit_identical_when_merged_with_concurrent_requests(client: Client) -> N
 def test_seeded_answers_are_mc_dropout(client: Client, test_models: ExportedModels) -> None:
     x = test_models.examples["digits"].numpy()
     answer = seeded(client, "digits", "image", x, seed=123, t=4000)
-    logits = answer.outputs[0]
     reference = torch_mc_samples(test_models.torch_models["digits"], x, N_TORCH, softmax=True)
-    stats = {
-        "mean": decode_tensor(logits.mean, "m"),
-        "variance": decode_tensor(logits.variance, "v"),
-    }
-    assert_matches_torch(stats, reference, 4000)
+    assert_matches_torch({"mean": answer.mean, "variance": answer.variance}, reference, 4000)
 
 
 def test_seed_with_adaptive_sampling_is_refused(client: Client) -> None:
-    request = client.request("tiny_cls", {"x": np.zeros((1, 6), np.float32)})
-    request.seed = 1
-    request.target_standard_error = 0.1
-    with pytest.raises(grpc.RpcError) as info:
-        client.predict_raw(request)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(InvalidArgumentError, match="cannot be combined"):
+        client.predict("tiny_cls", np.zeros((1, 6), np.float32), seed=1, target_standard_error=0.1)
 
 
 def test_dropout2d_model_samples_with_a_seed(client: Client) -> None:
@@ -94,3 +82,12 @@ def test_dropout2d_model_samples_with_a_seed(client: Client) -> None:
     x = np.random.default_rng(5).standard_normal((2, 2, 5, 5)).astype(np.float32)
     first = seeded(client, "tiny_d2", "image", x, seed=3)
     assert row_bytes(first, 1) == row_bytes(seeded(client, "tiny_d2", "image", x[1:], seed=3), 0)
+
+
+def test_the_largest_seed_and_seed_zero_are_seeds(client: Client) -> None:
+    x = np.random.default_rng(6).random((2, 6)).astype(np.float32)
+    for seed in (0, 2**64 - 1):  # the wire field is a uint64; 0 is a seed, not "no seed"
+        first = seeded(client, "tiny_cls", "x", x, seed=seed)
+        assert row_bytes(first, 1) == row_bytes(seeded(client, "tiny_cls", "x", x, seed=seed), 1)
+    unseeded = [client.predict("tiny_cls", x, num_samples=200) for _ in range(2)]
+    assert row_bytes(unseeded[0], 0) != row_bytes(unseeded[1], 0)

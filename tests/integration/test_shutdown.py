@@ -8,12 +8,11 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.client import Client
+from mcdropout_client import Client, ClientError, DeadlineExceededError, UnavailableError
 from tests.integration.conftest import ExportedModels, start_server
 
 #: Far longer than the test needs: the test ends the drain with a second SIGTERM, so the drain
@@ -42,7 +41,7 @@ def test_sigterm_drains_then_stops_and_a_second_sigterm_ends_the_drain(
     try:
         with Client(running.target) as client:
             health = health_pb2_grpc.HealthStub(client.channel)
-            assert client.predict("tiny_cls", rows, num_samples=20)["num_samples"] == 20
+            assert client.predict("tiny_cls", rows, num_samples=20).num_samples == 20
 
             running.process.send_signal(signal.SIGTERM)
             for service in ("", "mcdropout.v1.MCDropoutService", "tiny_cls"):
@@ -51,7 +50,7 @@ def test_sigterm_drains_then_stops_and_a_second_sigterm_ends_the_drain(
             # yet loses nothing), and the process is still there.
             for _ in range(5):
                 answer = client.predict("tiny_cls", rows, num_samples=20)
-                assert answer["logits"]["mean"].shape == (3, 4)
+                assert answer.mean.shape == (3, 4)
             assert running.process.poll() is None
 
             running.process.send_signal(signal.SIGTERM)  # ends the drain; then the grace
@@ -61,12 +60,9 @@ def test_sigterm_drains_then_stops_and_a_second_sigterm_ends_the_drain(
         assert "draining 120.0 s" in log
         assert "second stop signal: ending the drain now" in log
         # Stopped: the port no longer answers.
-        with Client(running.target) as client, pytest.raises(grpc.RpcError) as error:
+        with Client(running.target) as client, pytest.raises(ClientError) as error:
             client.predict("tiny_cls", rows, num_samples=20, timeout=2)
-        assert error.value.code() in {
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        }
+        assert isinstance(error.value, UnavailableError | DeadlineExceededError)
     finally:
         if running.process.poll() is None:
             running.process.kill()

@@ -95,7 +95,7 @@ def test_a_bad_setting_is_one_line(
 
 @pytest.mark.parametrize("level", ["debug", "DEBUG"])
 def test_log_level_in_any_case(empty_repository: Path, tmp_path: Path, level: str) -> None:
-    server = start_server(empty_repository, tmp_path, "--log-level", level)
+    server = start_server(empty_repository, tmp_path, "--log-level", level, "--allow-empty-start")
     assert stop_server(server) == 0, server.log()
     # asyncio logs its selector at DEBUG when the server's loop starts: only seen at DEBUG.
     assert "DEBUG asyncio: Using selector" in server.log(), server.log()

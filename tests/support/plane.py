@@ -9,8 +9,9 @@ from typing import Any
 from numpy.typing import NDArray
 
 from service import tensors
+from service.core.catalogue import Catalogue
 from service.core.dataplane import DataPlane
-from service.core.registry import ModelRegistry, open_version
+from service.core.registry import PreparedVersion, open_version
 from service.engine.runtime import Engine
 from service.repository import ProvenanceInfo, VersionSource, parse_config
 from service.settings import Settings
@@ -31,10 +32,10 @@ def make_plane(versions: Iterable[tuple[VersionSource, Engine]], **settings: Any
     """A ready plane serving ``versions``, each opened as at load time."""
     config = Settings(**settings)
     plane = DataPlane(config)
-    registry = ModelRegistry()
     for version_source, engine in versions:
-        registry.add(open_version(version_source, engine, plane.batcher, config.max_batch_rows))
-    plane.serve(registry)
+        prepared = PreparedVersion(version_source, engine, Catalogue(version_source.config), ())
+        plane.registry.put(open_version(prepared, plane.batcher, config.max_batch_rows))
+    plane.serve()
     return plane
 
 

@@ -3,6 +3,7 @@ collisions, selection of requested outputs, and agreement with the maths' statis
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from service.core.catalogue import SAMPLES_PER_ROW_NAME, Catalogue, statistics_of
 from service.core.dataplane import DataPlane
-from service.core.registry import load_repository
+from service.core.registry import State
 from service.errors import InvalidInput, ModelLoadError
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.maths.predictive import gaussian_interval
@@ -168,10 +169,18 @@ def test_loading_refuses_a_version_with_colliding_names_before_building_its_engi
     outputs = [values("x"), variance("s", of="x"), values("x_total")]
     config = {"task": "regression", "inputs": X, "outputs": outputs}
     (folder / "config.json").write_text(json.dumps(config))
-    settings = Settings(model_repository=tmp_path)
-    plane = DataPlane(settings)
-    registry = load_repository(settings, plane.batcher)
-    assert registry.names() == []
-    [(path, reason)] = registry.failed
-    assert path == folder
-    assert "'x_total_variance' would be both" in reason
+
+    def build(_: object) -> Any:
+        raise AssertionError("an engine was built for a version refused by its names")
+
+    plane = DataPlane(Settings(model_repository=tmp_path), build)
+
+    async def scenario() -> None:
+        await plane.start()
+        await plane.close()
+
+    asyncio.run(scenario())
+    assert plane.model_names() == []
+    [state] = plane.index()
+    assert (state.model, state.version, state.state) == ("reg", 1, State.UNAVAILABLE)
+    assert "'x_total_variance' would be both" in state.reason

@@ -1,39 +1,62 @@
-"""The client's conversions, retry policy, file readers and CLI formatting: no sockets."""
+"""The client's conversions, options, errors, retry policy and shared core: no sockets.
+
+The core's flows are driven here by fake transports, for the sync and the asyncio client
+alike: the two share every line but the transport call and the sleep.
+"""
 
 from __future__ import annotations
 
-import importlib
-import io
+import asyncio
 import json
-import subprocess
-import sys
-import tomllib
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from service.client import Client, ClientError, ModelInfo, Prediction
-from service.client import cli as client_cli
-from service.client._common import RetryPolicy, channel_options, check_timeout
-from service.client._convert import (
+from mcdropout_client import (
+    AccessDeniedError,
+    AsyncClient,
+    CallCancelledError,
+    Client,
+    ClientError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelInfo,
+    NotFoundError,
+    PermissionDeniedError,
+    Prediction,
+    ResourceExhaustedError,
+    RetryPolicy,
+    ServerError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from mcdropout_client._convert import (
+    PredictOptions,
     as_dtype,
     concat_predictions,
     model_info_from_proto,
     model_summary_from_proto,
-    num_samples_field,
     predict_request,
     prediction_from_proto,
     prepare_inputs,
     version_str,
 )
-from service.client.files import detect_format, parse, parse_csv, parse_json, shape_rows
-from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
-from service.protocol.codec import decode_tensor, encode_tensor
+from mcdropout_client._core import (
+    GET_MODEL_METADATA,
+    HEALTH_CHECK,
+    LIST_MODELS,
+    PREDICT,
+    call_metadata,
+    channel_options,
+    check_timeout,
+)
+from mcdropout_client._gen.mcdropout.v1 import mcdropout_pb2 as pb
+from mcdropout_client._tensors import decode_tensor, encode_tensor
+from mcdropout_client.errors import error_for, from_rpc_error
 
-ROOT = Path(__file__).resolve().parents[2]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
@@ -46,7 +69,7 @@ def metadata_proto(
         version="2",
         versions=["2", "1"],
         task=pb.TASK_CLASSIFICATION,
-        inputs=[pb.TensorSpec(name=n, dtype=d, shape=s) for n, s, d in inputs],
+        inputs=[pb.TensorSpec(name=n, dtype=d, shape=s) for n, s, d in inputs],  # type: ignore[misc]
         outputs=[
             pb.TensorSpec(
                 name="logits",
@@ -92,17 +115,32 @@ def classification_output(rows: int, name: str = "logits") -> pb.OutputStatistic
     )
 
 
-def regression_output(rows: int, name: str = "y") -> pb.OutputStatistics:
+def regression_output(
+    rows: int, name: str = "y", levels: tuple[float, ...] = (), samples: int = 0
+) -> pb.OutputStatistics:
     mean = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
     variance = np.full((rows, 2), 4.0)
     variance[:, 1] = 0.25
-    return pb.OutputStatistics(
+    out = pb.OutputStatistics(
         name=name,
         semantics=pb.OUTPUT_SEMANTICS_VALUES,
         mean=encode_tensor(mean),
         variance=encode_tensor(variance),
         std=encode_tensor(np.sqrt(variance)),
     )
+    for level in levels:
+        for method, width in (("gaussian", 1.0), ("empirical", 2.0)):
+            out.intervals.append(
+                pb.Interval(
+                    level=level,
+                    method=method,
+                    lower=encode_tensor(mean - width * level),
+                    upper=encode_tensor(mean + width * level),
+                )
+            )
+    if samples:
+        out.samples.CopyFrom(encode_tensor(np.ones((rows, samples, 2))))
+    return out
 
 
 def response(*outputs: pb.OutputStatistics, version: str = "2") -> pb.PredictResponse:
@@ -125,11 +163,33 @@ def test_model_metadata_becomes_model_info_with_numpy_dtypes() -> None:
     assert model.outputs[0].semantics == "logits"
     assert (model.default_num_samples, model.max_num_samples) == (50, 1000)
     assert model.dropout[0].p == 0.5
-    assert model.verified
+    assert (model.provider, model.opset, model.verified) == ("CPUExecutionProvider", 18, True)
+    assert model.weights_sha256 == "ab" * 32
     assert model.input().name == "x"
     assert model.input("x") is model.inputs[0]
     with pytest.raises(ValueError, match="no input 'z'"):
         model.input("z")
+    assert json.loads(json.dumps(model.to_dict()))["inputs"][0]["dtype"] == "float32"
+
+
+def test_variance_outputs_keep_their_semantics() -> None:
+    proto = metadata_proto()
+    proto.outputs.append(
+        pb.TensorSpec(
+            name="s",
+            dtype=pb.DATA_TYPE_FLOAT32,
+            shape=[-1, 3],
+            semantics=pb.OUTPUT_SEMANTICS_LOG_VARIANCE,
+        )
+    )
+    assert model_info_from_proto(proto).outputs[1].semantics == "log_variance"
+
+
+def test_metadata_with_an_unknown_dtype_is_a_server_error() -> None:
+    proto = metadata_proto(inputs=(("x", [-1, 6], 99),))
+    with pytest.raises(ServerError) as error:
+        model_info_from_proto(proto)
+    assert error.value.code == grpc.StatusCode.INTERNAL
 
 
 def test_model_summary() -> None:
@@ -151,6 +211,7 @@ def test_classification_response_decodes_every_statistic() -> None:
     assert (result.model, result.version, result.num_samples, result.num_rows) == ("m", "2", 50, 4)
     np.testing.assert_array_equal(result.mean, decode_tensor(proto.mean, "mean"))
     assert result.mean.dtype == np.float64
+    assert not result.mean.flags.writeable
     assert result.predicted_class is not None
     assert result.predicted_class.dtype == np.int64
     assert result.predicted_label == tuple(proto.predicted_label)
@@ -158,6 +219,10 @@ def test_classification_response_decodes_every_statistic() -> None:
     for name in ("predictive_entropy", "expected_entropy", "mutual_information"):
         assert getattr(result, name).shape == (4,)
     assert result.variation_ratio is not None
+    for name in ("samples", "aleatoric_variance", "total_variance", "num_samples_per_row"):
+        assert getattr(result, name) is None
+    assert result.intervals == ()
+    assert result.seed is None
 
 
 def test_regression_response_has_no_classification_measures() -> None:
@@ -165,15 +230,38 @@ def test_regression_response_has_no_classification_measures() -> None:
     assert result.mean.shape == (3, 2)
     np.testing.assert_array_equal(result.std[:, 0], 2.0)
     assert not result.output.is_classification
-    for name in (
-        "predicted_class",
-        "predicted_label",
-        "predictive_entropy",
-        "expected_entropy",
-        "mutual_information",
-        "variation_ratio",
-    ):
+    for name in ("predicted_class", "predicted_label", "predictive_entropy", "expected_entropy",
+                 "mutual_information", "variation_ratio"):  # fmt: skip
         assert getattr(result, name) is None
+
+
+def test_samples_intervals_heteroscedastic_and_per_row_t_are_decoded() -> None:
+    y = regression_output(3, levels=(0.9, 0.5), samples=7)
+    y.aleatoric_variance.CopyFrom(encode_tensor(np.full((3, 2), 0.5)))
+    y.total_variance.CopyFrom(encode_tensor(np.full((3, 2), 4.5)))
+    proto = response(y)
+    proto.num_samples_per_row.CopyFrom(encode_tensor(np.array([50, 12, 3], np.int64)))
+    result = prediction_from_proto(proto, seed=42)
+    assert result.samples is not None
+    assert result.samples.shape == (3, 7, 2)
+    np.testing.assert_array_equal(result.aleatoric_variance, 0.5)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(result.total_variance, 4.5)  # type: ignore[arg-type]
+    assert [(i.level, i.method) for i in result.intervals] == [
+        (0.9, "gaussian"), (0.9, "empirical"), (0.5, "gaussian"), (0.5, "empirical"),
+    ]  # fmt: skip
+    empirical = result.interval(0.9)
+    np.testing.assert_allclose(empirical.upper - result.mean, 1.8)
+    np.testing.assert_allclose(result.interval(0.5, "gaussian").lower, result.mean - 0.5)
+    with pytest.raises(KeyError, match=r"no empirical interval at 0\.8"):
+        result.interval(0.8)
+    assert result.num_samples_per_row is not None
+    assert result.num_samples_per_row.tolist() == [50, 12, 3]
+    assert result.seed == 42
+    document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert document["num_samples_per_row"] == [50, 12, 3]
+    assert document["seed"] == 42
+    assert len(document["outputs"]["y"]["intervals"]) == 4
+    assert np.asarray(document["outputs"]["y"]["samples"]).shape == (3, 7, 2)
 
 
 def test_several_outputs_need_an_explicit_choice() -> None:
@@ -184,12 +272,15 @@ def test_several_outputs_need_an_explicit_choice() -> None:
     assert result.outputs["b"].mean.shape == (2, 2)
 
 
-def test_malformed_response_tensor_is_a_client_error() -> None:
-    bad = regression_output(2)
-    bad.mean.data = b"\x00"
-    with pytest.raises(ClientError) as info_:
+@pytest.mark.parametrize("field", ["mean", "samples", "interval"])
+def test_malformed_response_tensor_is_a_server_error(field: str) -> None:
+    bad = regression_output(2, levels=(0.9,), samples=2)
+    tensor = bad.intervals[1].upper if field == "interval" else getattr(bad, field)
+    tensor.data = b"\x00"
+    with pytest.raises(ServerError) as info_:
         prediction_from_proto(response(bad))
     assert info_.value.code == grpc.StatusCode.INTERNAL
+    assert "malformed response" in info_.value.details
 
 
 def test_to_dict_is_strict_json_with_nan_as_null() -> None:
@@ -201,7 +292,7 @@ def test_to_dict_is_strict_json_with_nan_as_null() -> None:
     assert parsed["semantics"] == "logits"
 
 
-# --- inputs -> request --------------------------------------------------------------------
+# --- arguments and inputs -> request --------------------------------------------------------
 
 
 def test_ndarray_with_the_model_dtype_is_sent_as_it_is() -> None:
@@ -252,19 +343,56 @@ def test_dict_inputs_and_input_name_for_multi_input_models() -> None:
         prepare_inputs(two, {})
 
 
-def test_request_carries_the_encoded_inputs() -> None:
+def test_request_carries_the_inputs_and_every_option() -> None:
     x = np.arange(12, dtype=np.float32).reshape(2, 6)
-    request = predict_request("m", "3", {"x": x}, 7)
+    options = PredictOptions.of(7, True, [0.9, 0.5], None, 2**64 - 1)
+    request = predict_request("m", "3", {"x": x}, options)
     assert (request.model, request.version, request.num_samples) == ("m", "3", 7)
     np.testing.assert_array_equal(decode_tensor(request.inputs[0].tensor, "x"), x)
+    assert request.return_samples
+    assert list(request.interval_levels) == [0.9, 0.5]
+    assert request.seed == 2**64 - 1
+    adaptive = predict_request("m", "", {"x": x}, PredictOptions.of(target_standard_error=0.01))
+    assert adaptive.target_standard_error == 0.01
+    assert not adaptive.HasField("seed")
+    assert adaptive.num_samples == 0
+    # seed 0 is a seed: sent, not confused with "no seed"
+    assert predict_request("m", "", {"x": x}, PredictOptions.of(seed=0)).HasField("seed")
 
 
-def test_version_and_num_samples_arguments() -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_samples": 0}, ValueError, "num_samples"),
+        ({"num_samples": 2.5}, ValueError, "num_samples"),
+        ({"num_samples": True}, ValueError, "num_samples"),
+        ({"return_samples": "yes"}, TypeError, "return_samples"),
+        ({"interval_levels": "0.9"}, TypeError, "interval_levels"),
+        ({"interval_levels": [0.9, None]}, TypeError, "interval_levels"),
+        ({"interval_levels": [float("nan")]}, ValueError, "finite"),
+        ({"target_standard_error": 0.0}, ValueError, "None turns adaptive sampling off"),
+        ({"target_standard_error": float("inf")}, ValueError, "target_standard_error"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"seed": 1.0}, ValueError, "seed"),
+    ],
+)
+def test_bad_options_are_refused_before_sending(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        PredictOptions.of(**kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_options() -> None:
+    options = PredictOptions.of(np.int64(5), np.bool_(True), np.array([0.9]), np.float32(0.5),
+                                np.uint64(2**64 - 1))  # fmt: skip
+    assert options == PredictOptions(5, True, (0.9,), 0.5, 2**64 - 1)
+    assert type(options.seed) is int
+
+
+def test_version_argument() -> None:
     assert (version_str(None), version_str(3), version_str("2")) == ("", "3", "2")
-    assert (num_samples_field(None), num_samples_field(10)) == (0, 10)
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="num_samples"):
-            num_samples_field(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         version_str(1.0)  # type: ignore[arg-type]
 
@@ -282,7 +410,24 @@ def test_concat_predictions_keeps_row_order() -> None:
         concat_predictions([])
 
 
-# --- errors, retries, deadlines --------------------------------------------------------------
+def test_concat_predictions_joins_samples_intervals_and_per_row_t() -> None:
+    def part(rows: int, t: int) -> Prediction:
+        proto = response(regression_output(rows, levels=(0.9,), samples=4))
+        proto.num_samples = t
+        proto.num_samples_per_row.CopyFrom(encode_tensor(np.full(rows, t, np.int64)))
+        return prediction_from_proto(proto)
+
+    joined = concat_predictions([part(2, 10), part(3, 40)])
+    assert joined.num_samples == 40  # the largest, as in one adaptive answer
+    assert joined.num_samples_per_row.tolist() == [10, 10, 40, 40, 40]  # type: ignore[union-attr]
+    assert joined.samples.shape == (5, 4, 2)  # type: ignore[union-attr]
+    assert joined.interval(0.9, "gaussian").lower.shape == (5, 2)
+    plain = prediction_from_proto(response(regression_output(2)))
+    with pytest.raises(ValueError, match=r"different interval levels|only some"):
+        concat_predictions([part(2, 10), plain])
+
+
+# --- errors ---------------------------------------------------------------------------------
 
 
 class FakeRpcError(grpc.RpcError):
@@ -297,12 +442,44 @@ class FakeRpcError(grpc.RpcError):
         return self._details
 
 
-def test_client_error_carries_code_and_message() -> None:
-    error = ClientError.from_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "model 'x'"))
-    assert error.code == grpc.StatusCode.NOT_FOUND
-    assert error.message == "model 'x'"
-    assert str(error) == "NOT_FOUND: model 'x'"
-    assert ClientError.from_rpc_error(grpc.RpcError()).code == grpc.StatusCode.UNKNOWN
+@pytest.mark.parametrize(
+    ("code", "family"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
+        (grpc.StatusCode.OUT_OF_RANGE, InvalidArgumentError),
+        (grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
+        (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
+        (grpc.StatusCode.CANCELLED, CallCancelledError),
+        (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
+        (grpc.StatusCode.INTERNAL, ServerError),
+        (grpc.StatusCode.UNKNOWN, ServerError),
+        (grpc.StatusCode.DATA_LOSS, ServerError),
+        (grpc.StatusCode.UNIMPLEMENTED, ServerError),
+        (grpc.StatusCode.FAILED_PRECONDITION, ClientError),
+    ],
+)
+def test_each_status_family_has_its_class(code: grpc.StatusCode, family: type) -> None:
+    error = from_rpc_error(FakeRpcError(code, "why"))
+    assert type(error) is family
+    assert isinstance(error, ClientError)
+    assert (error.code, error.details, str(error)) == (code, "why", f"{code.name}: why")
+
+
+def test_access_denied_covers_both_auth_codes() -> None:
+    for code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        assert isinstance(error_for(code, "no"), AccessDeniedError)
+
+
+def test_an_rpc_error_without_a_code_is_unknown() -> None:
+    error = from_rpc_error(grpc.RpcError())
+    assert error.code == grpc.StatusCode.UNKNOWN
+    assert isinstance(error, ServerError)
+
+
+# --- retry policy, deadlines, settings ------------------------------------------------------
 
 
 def test_retry_policy_backs_off_exponentially_on_unavailable_only() -> None:
@@ -325,6 +502,7 @@ def test_retry_policy_never_sleeps_past_the_deadline() -> None:
     ("kwargs", "message"),
     [
         ({"max_retries": -1}, "max_retries"),
+        ({"max_retries": 1.5}, "max_retries"),
         ({"backoff_s": -0.1}, "retry_backoff_s"),
         ({"backoff_s": 1.0, "max_backoff_s": 0.5}, "max_backoff_s"),
     ],
@@ -343,190 +521,284 @@ def test_timeouts_must_be_positive() -> None:
         channel_options(0, RetryPolicy())
 
 
-class FakeStub:
-    """Answers ListModels from a script of errors and responses, recording the timeouts."""
+def test_bearer_token_and_metadata() -> None:
+    assert call_metadata("abc.DEF-123_~+/==", [("x-trace", "1")]) == (
+        ("authorization", "Bearer abc.DEF-123_~+/=="),
+        ("x-trace", "1"),
+    )
+    assert call_metadata(None, ()) == ()
+    for bad in ("", "two words", "Bearer abc", "line\nbreak", "é"):
+        with pytest.raises(ValueError, match="bearer token"):
+            call_metadata(bad, ())
+    with pytest.raises(ValueError, match="not both"):
+        call_metadata("abc", [("authorization", "Bearer other")])
+    with pytest.raises(ValueError, match="metadata key"):
+        call_metadata(None, [("X-Upper", "1")])
+    with pytest.raises(ValueError, match="text values"):
+        call_metadata(None, [("trace-bin", "1")])
 
-    def __init__(self, script: list[Exception | pb.ListModelsResponse]) -> None:
-        self.script = script
-        self.timeouts: list[float | None] = []
 
-    def ListModels(  # noqa: N802 (the generated name)
-        self, request: pb.ListModelsRequest, timeout: float | None = None
-    ) -> pb.ListModelsResponse:
-        self.timeouts.append(timeout)
-        step = self.script.pop(0)
+def test_the_token_never_shows_in_repr() -> None:
+    client = Client("127.0.0.1:1", token="s3cret")
+    with client:
+        assert "s3cret" not in repr(client)
+        assert repr(client) == "Client('127.0.0.1:1')"
+
+
+# --- the shared core, driven by fake transports -------------------------------------------
+
+META = metadata_proto()
+
+
+class Script:
+    """Answers the RPCs of a client from a script of (method, answer or error), recording
+    every request, its timeout and metadata."""
+
+    def __init__(self, steps: list[tuple[str, Any]]) -> None:
+        self.steps = steps
+        self.calls: list[tuple[str, Any, float | None, Any]] = []
+
+    def answer(self, method: str, request: Any, timeout: float | None, metadata: Any) -> Any:
+        self.calls.append((method, request, timeout, metadata))
+        expected, step = self.steps.pop(0)
+        assert method == expected, f"called {method}, the script expected {expected}"
         if isinstance(step, Exception):
             raise step
         return step
 
 
-def fake_client(
-    monkeypatch: pytest.MonkeyPatch, script: list[Exception | pb.ListModelsResponse], **kw: Any
-) -> tuple[Client, FakeStub, list[float]]:
+def sync_client(
+    monkeypatch: pytest.MonkeyPatch, script: Script, **kw: Any
+) -> tuple[Client, list[float]]:
     sleeps: list[float] = []
-    monkeypatch.setattr("service.client.sync.time.sleep", sleeps.append)
-    # A channel opens no connection until its first RPC, and the fake stub makes none.
+    monkeypatch.setattr("mcdropout_client._sync.time.sleep", sleeps.append)
+    # A channel opens no connection until its first RPC, and the fakes make none.
     client = Client("127.0.0.1:1", **kw)
-    stub = FakeStub(script)
-    client._stub = stub  # type: ignore[assignment]
-    return client, stub, sleeps
+    for method in list(client._methods):
+        client._methods[method] = lambda request, timeout=None, metadata=None, m=method: (
+            script.answer(m, request, timeout, metadata)
+        )
+    return client, sleeps
 
 
-def test_client_retries_unavailable_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
-    ok = pb.ListModelsResponse(models=[pb.ModelSummary(name="m", versions=["1"])])
-    down = FakeRpcError(UNAVAILABLE, "down")
-    client, stub, sleeps = fake_client(monkeypatch, [down, down, ok], retry_backoff_s=0.05)
+def async_run(
+    monkeypatch: pytest.MonkeyPatch, script: Script, call: Callable[[AsyncClient], Any], **kw: Any
+) -> tuple[Any, list[float]]:
+    sleeps: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    monkeypatch.setattr("mcdropout_client._aio.asyncio.sleep", fake_sleep)
+
+    async def scenario() -> Any:
+        async with AsyncClient("127.0.0.1:1", **kw) as client:
+            for method in list(client._methods):
+
+                async def fake(
+                    request: Any,
+                    timeout: float | None = None,
+                    metadata: Any = None,
+                    m: str = method,
+                ) -> Any:
+                    return script.answer(m, request, timeout, metadata)
+
+                client._methods[method] = fake
+            return await call(client)
+
+    return asyncio.run(scenario()), sleeps
+
+
+def run_both(
+    monkeypatch: pytest.MonkeyPatch,
+    steps: Callable[[], list[tuple[str, Any]]],
+    call: Callable[[Any], Any],
+    **kw: Any,
+) -> list[tuple[Any, Script, list[float]]]:
+    """The same call on the sync and on the asyncio client, each with a fresh script."""
+    results = []
+    script = Script(steps())
+    client, sleeps = sync_client(monkeypatch, script, **kw)
     with client:
-        assert [m.name for m in client.list_models()] == ["m"]
-    assert sleeps == [0.05, 0.1]
-    assert len(stub.timeouts) == 3
+        try:
+            result: Any = call(client)
+        except ClientError as error:
+            result = error
+    results.append((result, script, sleeps))
+    script = Script(steps())
+
+    async def acall(client: AsyncClient) -> Any:
+        try:
+            return await call(client)
+        except ClientError as error:
+            return error
+
+    result, sleeps = async_run(monkeypatch, script, acall, **kw)
+    results.append((result, script, sleeps))
+    return results
 
 
-def test_client_gives_up_after_max_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    down = FakeRpcError(UNAVAILABLE, "down")
-    client, stub, sleeps = fake_client(monkeypatch, [down] * 5, max_retries=2)
-    with client, pytest.raises(ClientError) as info_:
-        client.list_models()
-    assert info_.value.code == UNAVAILABLE
-    assert len(stub.timeouts) == 3
-    assert len(sleeps) == 2
+def predict_answer(request: pb.PredictRequest) -> pb.PredictResponse:
+    return response(classification_output(2))
 
 
-def test_client_never_retries_other_codes(monkeypatch: pytest.MonkeyPatch) -> None:
-    lost = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "late")
-    client, stub, sleeps = fake_client(monkeypatch, [lost], max_retries=5)
-    with client, pytest.raises(ClientError, match="DEADLINE_EXCEEDED: late"):
-        client.list_models()
-    assert (len(stub.timeouts), sleeps) == (1, [])
-
-
-def test_client_passes_the_remaining_deadline_to_each_attempt(
+def test_predict_fetches_metadata_once_then_sends_every_option(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ok = pb.ListModelsResponse()
-    client, stub, _ = fake_client(monkeypatch, [FakeRpcError(UNAVAILABLE), ok], timeout=30.0)
-    with client:
-        client.list_models()
+    def steps() -> list[tuple[str, Any]]:
+        return [(GET_MODEL_METADATA, META), (PREDICT, response(classification_output(2))),
+                (PREDICT, response(classification_output(2)))]  # fmt: skip
+
+    def call(client: Any) -> Any:
+        x = np.zeros((2, 6), np.float32)
+        first = client.predict("cls", x, num_samples=9, seed=5, return_samples=True)
+        second = client.predict("cls", x, interval_levels=[0.9], version=None)
+        if asyncio.iscoroutine(first):
+
+            async def both() -> Any:
+                return await first, await second
+
+            return both()
+        return first, second
+
+    for (first, second), script, _ in run_both(monkeypatch, steps, call, token="tok"):
+        assert isinstance(first, Prediction)
+        assert first.seed == 5
+        assert second.seed is None
+        methods = [c[0] for c in script.calls]
+        assert methods == [GET_MODEL_METADATA, PREDICT, PREDICT]  # metadata kept
+        request = script.calls[1][1]
+        assert (request.model, request.num_samples, request.seed, request.return_samples) == (
+            "cls", 9, 5, True,
+        )  # fmt: skip
+        assert list(script.calls[2][1].interval_levels) == [0.9]
+        assert all(c[3] == (("authorization", "Bearer tok"),) for c in script.calls)
+
+
+def test_unavailable_is_retried_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = pb.ListModelsResponse(models=[pb.ModelSummary(name="m", versions=["1"])])
+
+    def steps() -> list[tuple[str, Any]]:
+        down = FakeRpcError(UNAVAILABLE, "down")
+        return [(LIST_MODELS, down), (LIST_MODELS, down), (LIST_MODELS, ok)]
+
+    for result, script, sleeps in run_both(
+        monkeypatch, steps, lambda c: c.list_models(), retry_backoff_s=0.05
+    ):
+        assert [m.name for m in result] == ["m"]
+        assert sleeps == [0.05, 0.1]
+        assert len(script.calls) == 3
+
+
+def test_retries_give_up_after_max_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    def steps() -> list[tuple[str, Any]]:
+        return [(LIST_MODELS, FakeRpcError(UNAVAILABLE, "down"))] * 5
+
+    for result, script, sleeps in run_both(
+        monkeypatch, steps, lambda c: c.list_models(), max_retries=2
+    ):
+        assert isinstance(result, UnavailableError)
+        assert (len(script.calls), len(sleeps)) == (3, 2)
+
+
+def test_other_codes_are_never_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    def steps() -> list[tuple[str, Any]]:
+        return [(GET_MODEL_METADATA, FakeRpcError(grpc.StatusCode.NOT_FOUND, "no model"))]
+
+    def call(client: Any) -> Any:
+        return client.predict("nope", np.zeros((1, 6), np.float32))
+
+    for result, script, sleeps in run_both(monkeypatch, steps, call, max_retries=5):
+        assert isinstance(result, NotFoundError)
+        assert str(result) == "NOT_FOUND: no model"
+        assert (len(script.calls), sleeps) == (1, [])
+
+
+def test_every_attempt_gets_the_time_left_and_none_after_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("mcdropout_client._core.monotonic", lambda: clock[0])
+
+    def steps() -> list[tuple[str, Any]]:
+        clock[0] = 100.0
+        return [(GET_MODEL_METADATA, META)]
+
+    def call(client: Any) -> Any:
+        clock[0] = 100.0
+        return client.predict("cls", np.zeros((1, 6), np.float32), timeout=30.0)
+
+    # The metadata look-up "takes" 31 s of the 30 s deadline: Predict is never sent.
+    original = Script.answer
+
+    def slow(self: Script, *args: Any) -> Any:
+        clock[0] += 31.0
+        return original(self, *args)
+
+    monkeypatch.setattr(Script, "answer", slow)
+    for result, script, _ in run_both(monkeypatch, steps, call):
+        assert isinstance(result, DeadlineExceededError)
+        assert "deadline of 30.0 s exceeded" in result.details
+        assert [(c[0], c[2]) for c in script.calls] == [(GET_MODEL_METADATA, 30.0)]
+
+
+def test_health_names_the_unknown_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpc_health.v1 import health_pb2
+
+    def steps() -> list[tuple[str, Any]]:
+        return [
+            (HEALTH_CHECK, health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)),
+            (HEALTH_CHECK, FakeRpcError(grpc.StatusCode.NOT_FOUND)),
+        ]  # fmt: skip
+
+    def call(client: Any) -> Any:
+        first = client.health("m")
+        if asyncio.iscoroutine(first):
+
+            async def both() -> Any:
+                serving = await first
+                try:
+                    await client.health("nope")
+                except NotFoundError as error:
+                    return serving, error
+                raise AssertionError("no error")
+
+            return both()
+        try:
+            client.health("nope")
+        except NotFoundError as error:
+            return first, error
+        raise AssertionError("no error")
+
+    for (serving, error), script, _ in run_both(monkeypatch, steps, call):
+        assert serving == "SERVING"
+        assert script.calls[0][1].service == "m"
+        assert "no health status for 'nope'" in error.details
+        assert isinstance(error.__cause__, NotFoundError)
+
+
+def test_a_closed_client_refuses_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = sync_client(monkeypatch, Script([]))
+    client.close()
+    client.close()  # closing twice is harmless
     with pytest.raises(RuntimeError, match="closed"):
         client.list_models()
-    client.close()  # closing twice is harmless
-    assert all(t is not None and 0 < t <= 30.0 for t in stub.timeouts)
+
+    async def scenario() -> None:
+        aclient = AsyncClient("127.0.0.1:1")
+        await aclient.close()
+        await aclient.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await aclient.health()
+
+    asyncio.run(scenario())
 
 
-# --- files and the CLI's formatting ---------------------------------------------------------
-
-
-def test_csv_with_and_without_header() -> None:
-    np.testing.assert_array_equal(parse_csv("a,b\n1,2\n\n3,4.5\n"), [[1, 2], [3, 4.5]])
-    np.testing.assert_array_equal(parse_csv("1,2\n3,4\n"), [[1, 2], [3, 4]])
-    with pytest.raises(ValueError, match="line 3: 'x' is not a number"):
-        parse_csv("a,b\n1,2\n3,x\n")
-    with pytest.raises(ValueError, match="line 2: 3 columns, expected 2"):
-        parse_csv("1,2\n3,4,5\n")
-    with pytest.raises(ValueError, match="no rows"):
-        parse_csv("a,b\n")
-
-
-def test_json_rows_or_named_inputs() -> None:
-    array = parse_json("[[1, 2], [3, 4]]")
-    assert isinstance(array, np.ndarray)
-    assert array.shape == (2, 2)
-    named = parse_json('{"a": [[1]], "b": [[2, 3]]}')
-    assert isinstance(named, dict)
-    assert set(named) == {"a", "b"}
-    for bad, message in (("[[1, 2], [3]]", "different lengths"), ('[["a"]]', "numbers"),
-                         ("{", "invalid JSON"), ("3", "list of rows"), ("[]", "no rows")):  # fmt: skip
-        with pytest.raises(ValueError, match=message):
-            parse_json(bad)
-
-
-def test_npy_and_npz_bytes() -> None:
-    x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    buffer = io.BytesIO()
-    np.save(buffer, x)
-    np.testing.assert_array_equal(parse(buffer.getvalue(), "npy"), x)  # type: ignore[arg-type]
-    buffer = io.BytesIO()
-    np.savez(buffer, a=x, b=x[:, :1])
-    named = parse(buffer.getvalue(), "npz")
-    assert isinstance(named, dict)
-    assert named["b"].shape == (2, 1)
-    with pytest.raises(ValueError, match=r"not a valid \.npy"):
-        parse(b"junk", "npy")
-
-
-def test_format_from_suffix_or_flag() -> None:
-    assert detect_format("rows.CSV", None) == "csv"
-    assert detect_format("-", None) == "json"
-    assert detect_format("-", "csv") == "csv"
-    with pytest.raises(ValueError, match="--format"):
-        detect_format("rows.txt", None)
-
-
-def test_rows_are_shaped_to_the_model_input() -> None:
-    image = info(inputs=(("image", [-1, 1, 8, 8], pb.DATA_TYPE_FLOAT32),))
-    flat = np.arange(3 * 64, dtype=np.float64).reshape(3, 64)
-    shaped = shape_rows(image, flat)["image"]
-    assert (shaped.shape, shaped.dtype) == ((3, 1, 8, 8), np.float32)
-    np.testing.assert_array_equal(shaped[1].ravel(), flat[1])
-    assert shape_rows(image, flat[0])["image"].shape == (1, 1, 8, 8)
-    assert shape_rows(info(), np.ones(6))["x"].shape == (1, 6)
-    two = info(inputs=(("a", [-1, 2], pb.DATA_TYPE_FLOAT32), ("b", [-1, 1], pb.DATA_TYPE_FLOAT32)))
-    with pytest.raises(ValueError, match="different numbers of rows"):
-        shape_rows(two, {"a": np.ones((3, 2)), "b": np.ones((2, 1))})
-
-
-def test_table_flags_rows_above_the_threshold() -> None:
-    result = prediction_from_proto(response(classification_output(4)))
-    mi = result.mutual_information
-    assert mi is not None
-    threshold = float(np.median(mi))
-    lines = client_cli.prediction_table(result, info(), threshold)
-    assert lines[0] == "m v2, T=50, 4 rows"
-    assert lines[1].split() == ["row", "prediction", "p(pred)", "+-std", "entropy", "MI", "flag"]
-    flagged = [line.endswith("!") for line in lines[2:6]]
-    assert flagged == (mi > threshold).tolist()
-    assert lines[-1] == f"{sum(flagged)} of 4 rows flagged: mutual information > {threshold:g}"
-    assert all(not line.endswith("!") for line in client_cli.prediction_table(result, info(), None))
-
-
-def test_regression_uncertainty_is_the_largest_std_of_a_row() -> None:
-    result = prediction_from_proto(response(regression_output(2)))
-    measure, values = client_cli.row_uncertainty(result.output)
-    assert measure == "std"
-    np.testing.assert_array_equal(values, [2.0, 2.0])
-    document = client_cli.prediction_document(result, threshold=1.0)
-    uncertainty = document["outputs"]["y"]["uncertainty"]
-    assert uncertainty == {"measure": "std", "values": [2.0, 2.0], "flagged": [True, True]}
-    lines = client_cli.prediction_table(result, info(), None)
-    assert lines[2].split() == ["0", "0,", "1", "2,", "0.5"]
-
-
-def test_progress_bar_is_silent_without_a_stream() -> None:
-    stream = io.StringIO()
-    bar = client_cli.Progress(10, stream)
-    bar.update(5)
-    bar.close()
-    assert "5/10 rows  50%" in stream.getvalue()
-    client_cli.Progress(10, None).update(5)  # no stream, no output, no error
-
-
-# --- packaging ------------------------------------------------------------------------------
-
-
-def test_console_script_points_at_the_cli() -> None:
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, name = scripts["mcdropout"].partition(":")
-    assert getattr(importlib.import_module(module), name) is client_cli.main
-
-
-def test_client_imports_neither_torch_nor_onnxruntime() -> None:
-    code = (
-        "import sys, service.client, service.client.cli; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'torch', 'onnxruntime', 'onnx', 'export', 'prometheus_client'}); "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, f"service.client imported {result.stdout} {result.stderr}"
+def test_bad_arguments_send_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Script([])
+    client, _ = sync_client(monkeypatch, script)
+    with client:
+        for kwargs in ({"num_samples": 0}, {"seed": -1}, {"timeout": 0}, {"version": 1.5}):
+            with pytest.raises((ValueError, TypeError)):
+                client.predict("cls", np.zeros((1, 6), np.float32), **kwargs)
+    assert script.calls == []

@@ -27,6 +27,7 @@ from torch import nn
 import export.verify
 from export import (
     DropoutNotKeptError,
+    DropoutNotRunError,
     ExportArgumentError,
     ExportReport,
     NoDropoutError,
@@ -190,6 +191,8 @@ def test_metadata_matches_the_contract(export_published: Published) -> None:
         "weights_sha256",
         "onnx_sha256",
         "dropout",
+        "dropout_not_run",
+        "mha_fastpath_enabled",
         "stochastic_nodes",
         "exported_at",
         "versions",
@@ -201,6 +204,8 @@ def test_metadata_matches_the_contract(export_published: Published) -> None:
     assert metadata["onnx_sha256"] == hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
     assert metadata["weights_sha256"] == _reference_weights_sha256(export_published.model)
     assert metadata["dropout"] == [{"module": "head.0", "type": "Dropout", "p": 0.3}]
+    assert metadata["dropout_not_run"] == []
+    assert metadata["mha_fastpath_enabled"] is False
     assert [n["op_type"] for n in metadata["stochastic_nodes"]] == ["Dropout"]
     assert datetime.fromisoformat(metadata["exported_at"]).tzinfo is not None
     assert set(metadata["versions"]) == {"torch", "onnx", "onnxruntime"}
@@ -210,6 +215,9 @@ def test_metadata_matches_the_contract(export_published: Published) -> None:
     assert verification["passed"] is True
     assert verification["num_samples"] == VERIFY_SAMPLES
     assert verification["false_failure_probability"] == 1e-4
+    assert verification["plan"]["rows"] == 4
+    assert verification["plan"]["torch_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert verification["plan"]["reason"] == "n fixed by the caller"
     checks = {c["name"]: c for c in verification["checks"]}
     assert list(checks) == [
         "repeated_runs_differ",
@@ -375,15 +383,100 @@ class UnusedDropout(nn.Module):
         return out
 
 
-def test_fewer_stochastic_nodes_than_dropout_modules_is_refused(tmp_path: Path) -> None:
+def test_a_dropout_module_that_never_runs_is_reported_not_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    report = export_model(
+        UnusedDropout(), torch.randn(4, 6), repository=tmp_path, name="m", task="regression",
+        verify_samples=500,
+    )  # fmt: skip
+    forgotten = {"module": "forgotten", "type": "Dropout", "p": 0.5}
+    assert [d.to_dict() for d in report.dropout_not_run] == [forgotten]
+    assert report.metadata["dropout_not_run"] == [forgotten]
+    assert _read_json(report.path / "metadata.json")["dropout_not_run"] == [forgotten]
+    assert "dropout not run in the MC-mode forward (1, " in report.summary()
+    assert len(report.metadata["stochastic_nodes"]) == 1
+
+
+class ExportBlindDropout(nn.Dropout):
+    """Samples in PyTorch but traces as identity, as an exporter that froze it would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return x
+        return super().forward(x)
+
+
+class FrozenDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = nn.Dropout(0.2)
+        self.frozen = ExportBlindDropout(0.3)
+        self.forgotten = nn.Dropout(0.5)
+        self.linear = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(self.frozen(self.kept(x)))
+        return out
+
+
+def test_a_running_dropout_module_missing_from_the_graph_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DropoutNotKeptError) as raised:
         export_model(
-            UnusedDropout(), torch.randn(2, 6), repository=tmp_path, name="m", task="regression"
+            FrozenDropout(), torch.randn(2, 6), repository=tmp_path, name="m", task="regression"
         )
     message = str(raised.value)
-    assert "1 stochastic nodes for 2 active dropout modules" in message
-    assert "forgotten (Dropout, p=0.5)" in message
+    assert "1 stochastic nodes for 2 active dropout modules that run" in message
+    assert "frozen (ExportBlindDropout, p=0.3)" in message
+    assert "1 more do not run in the MC-mode forward and are not counted: forgotten" in message
     assert list(tmp_path.iterdir()) == []
+
+
+class TrainingOnlyDropout(nn.Module):
+    """Calls its dropout module only in training mode, so MC mode (eval) never runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.linear = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(self.drop(x) if self.training else x)
+        return out
+
+
+def test_model_whose_dropout_never_runs_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DropoutNotRunError, match=r"none of the 1 dropout modules .*\(drop\)"):
+        export_model(
+            TrainingOnlyDropout(), torch.randn(2, 6), repository=tmp_path, name="m",
+            task="regression",
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+class FunctionalDropout(nn.Module):
+    """Samples with its dropout module's rate and flag without calling the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.linear = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sampled = nn.functional.dropout(x, self.drop.p, training=self.drop.training)
+        out: torch.Tensor = self.linear(sampled)
+        return out
+
+
+def test_dropout_sampled_without_calling_its_module_still_exports(tmp_path: Path) -> None:
+    # No module runs, but the graph samples: verification, not the hook count, decides.
+    torch.manual_seed(0)
+    report = export_model(
+        FunctionalDropout(), torch.randn(4, 6), repository=tmp_path, name="m",
+        task="regression", verify_samples=500,
+    )  # fmt: skip
+    assert report.verification.passed
+    assert [d.module for d in report.dropout_not_run] == ["drop"]
+    assert len(report.metadata["stochastic_nodes"]) == 1
 
 
 def test_exporter_failure_on_a_dropout_op_names_the_module_type(
@@ -428,11 +521,19 @@ def test_invalid_arguments_are_refused_early(
 def test_deterministic_graph_fails_verification_and_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def default_session(model: bytes, config: SessionConfig | None = None) -> ort.InferenceSession:
-        # Default options: ONNX Runtime's EliminateDropout removes the Dropout node.
-        return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    def default_sampler(model: bytes, config: Any = None) -> Any:
+        """The ONNX side in a session with ONNX Runtime's default options, whose
+        EliminateDropout removes the Dropout node: every sample is the same."""
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
 
-    monkeypatch.setattr(export.verify, "create_session", default_session)
+        def sample(inputs: Any, count: int) -> list[Any]:
+            tiled = [np.tile(x, (count,) + (1,) * (x.ndim - 1)) for x in inputs]
+            return list(session.run(None, dict(zip(names, tiled, strict=True))))
+
+        return sample
+
+    monkeypatch.setattr(export.verify, "onnx_sampler", default_sampler)
     with pytest.raises(VerificationError) as raised:
         export_model(
             make_tiny(), torch.randn(4, 6), repository=tmp_path, name="m", task="regression",
@@ -465,10 +566,13 @@ def test_wrong_dropout_rate_fails_the_variance_test(
         dropout=find_dropout_modules(other),
     )
 
-    def wrong_session(model: bytes, config: SessionConfig | None = None) -> ort.InferenceSession:
-        return create_session(wrong_bytes, config)
+    real_sampler = export.verify.onnx_sampler
 
-    monkeypatch.setattr(export.verify, "create_session", wrong_session)
+    def wrong_sampler(model: bytes, config: Any = None) -> Any:
+        """The server's sampling path, on the graph exported with the wrong rate."""
+        return real_sampler(wrong_bytes, config)
+
+    monkeypatch.setattr(export.verify, "onnx_sampler", wrong_sampler)
     with pytest.raises(VerificationError) as raised:
         export_model(
             make_tiny(), torch.randn(4, 6), repository=tmp_path, name="m", task="regression"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 
 from service.errors import ModelLoadError
-from service.repository import Semantics, Task, parse_config, scan_repository
+from service.repository import (
+    Semantics,
+    Task,
+    find_versions,
+    fingerprint,
+    parse_config,
+    scan_repository,
+)
 
 GOOD: dict[str, Any] = {
     "format_version": 1,
@@ -160,6 +168,44 @@ def test_scan_finds_versions_and_reports_broken_ones(tmp_path: Path) -> None:
     assert len(problems) == 1
     assert problems[0][0].name == "3"
     assert "config.json is missing" in problems[0][1]
+
+
+def test_find_versions_lists_version_folders_without_parsing_them(tmp_path: Path) -> None:
+    _version(tmp_path, "digits", "1", None)  # no config.json: still a version folder
+    _version(tmp_path, "digits", "2", GOOD)
+    _version(tmp_path, "digits", ".tmp-3-abc", GOOD)
+    _version(tmp_path, "other", "latest", GOOD)  # a model folder without versions: left out
+    (tmp_path / ".hidden" / "1").mkdir(parents=True)
+    found = find_versions(tmp_path)
+    assert {name: sorted(v) for name, v in found.items()} == {"digits": [1, 2]}
+    assert [f[0] for f in found["digits"][2].fingerprint] == ["config.json", "model.onnx"]
+    assert list(find_versions(tmp_path, {"other", "nothing"})) == []
+
+
+def test_a_fingerprint_changes_with_any_write_or_replacement_not_with_reads(
+    tmp_path: Path,
+) -> None:
+    folder = _version(tmp_path, "digits", "1", GOOD)
+    before = fingerprint(folder)
+    (folder / "model.onnx").read_bytes()
+    assert fingerprint(folder) == before
+    # Replaced by a copy with the same size and modification time: a new inode.
+    model = folder / "model.onnx"
+    stat = model.stat()
+    replacement = folder / ".replacement"
+    replacement.write_bytes(b"not really onnx")
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, model)
+    assert fingerprint(folder) != before
+    after_replace = fingerprint(folder)
+    with model.open("ab") as file:  # written in place
+        file.write(b"!")
+    assert fingerprint(folder) != after_replace
+    written = fingerprint(folder)
+    (folder / ".notes.txt.swp").write_text("hidden: an editor's, a copy's temporary file")
+    assert fingerprint(folder) == written
+    (folder / "notes.txt").write_text("an added file")
+    assert fingerprint(folder) != written
 
 
 def test_scan_of_a_missing_folder_fails_clearly(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def test_fed_dropout_uses_the_graphs_rate(rate: float) -> None:
     np.testing.assert_allclose(y[0], kept @ W2, rtol=1e-5)
 
 
-def test_fed_random_uniform_like_takes_the_top_24_bits() -> None:
+def test_fed_random_uniform_like_maps_the_uniforms_to_its_range() -> None:
     model = _model(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]),
          helper.make_node("RandomUniformLike", ["h"], ["r"], low=2.0, high=6.0),
@@ -149,9 +149,10 @@ def test_fed_random_uniform_like_takes_the_top_24_bits() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
     )  # fmt: skip
     graph, session = _fed_session(model)
+    assert graph.noise[0].kind == "uniform"
     x = RNG.standard_normal((1, 4)).astype(np.float32)
-    bits = np.full(8, (2**22 << 8) | 0xFF, np.uint32)  # top 24 bits = 2^22: u = 0.25
-    feed = {"x": x, NUM_SAMPLES_INPUT: np.array([1], np.int64), graph.noise[0].name: bits}
+    u = np.full(8, 0.25, np.float32)
+    feed = {"x": x, NUM_SAMPLES_INPUT: np.array([1], np.int64), graph.noise[0].name: u}
     y = session.run([graph.raw[0]], feed)[0]
     np.testing.assert_allclose(y, x @ W1 + 3.0, rtol=1e-5)  # 2 + 0.25 * (6 - 2)
 

@@ -26,6 +26,13 @@ def test_flag_beats_environment_beats_default() -> None:
     assert s.port_file == Path("/tmp/p.json")
 
 
+def test_lifecycle_settings_from_flags_and_environment() -> None:
+    s = load_settings([], environ={})
+    assert (s.repository_poll_s, s.allow_empty_start) == (0.0, False)  # off by default
+    s = load_settings(["--allow-empty-start"], environ={"MCD_REPOSITORY_POLL_S": "2.5"})
+    assert (s.repository_poll_s, s.allow_empty_start) == (2.5, True)
+
+
 def test_log_level_is_case_insensitive_in_environment() -> None:
     assert load_settings([], environ={"MCD_LOG_LEVEL": "debug"}).log_level == "DEBUG"
 
@@ -40,6 +47,7 @@ def test_log_level_is_case_insensitive_in_environment() -> None:
         ("grace_period_s", -1.0, "grace_period_s must be >= 0"),
         ("drain_period_s", -0.5, "drain_period_s must be >= 0"),
         ("drain_period_s", float("nan"), "drain_period_s must be >= 0"),
+        ("repository_poll_s", -1.0, "repository_poll_s must be >= 0"),
         ("device", "tpu", "device must be one of auto, cpu, gpu, got 'tpu'"),
         (
             "cuda_conv_algo_search",

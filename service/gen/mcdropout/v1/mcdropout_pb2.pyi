@@ -34,6 +34,14 @@ class OutputSemantics(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_SEMANTICS_VALUES: _ClassVar[OutputSemantics]
     OUTPUT_SEMANTICS_VARIANCE: _ClassVar[OutputSemantics]
     OUTPUT_SEMANTICS_LOG_VARIANCE: _ClassVar[OutputSemantics]
+
+class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERSION_STATE_UNSPECIFIED: _ClassVar[VersionState]
+    VERSION_STATE_READY: _ClassVar[VersionState]
+    VERSION_STATE_LOADING: _ClassVar[VersionState]
+    VERSION_STATE_UNAVAILABLE: _ClassVar[VersionState]
+    VERSION_STATE_UNLOADING: _ClassVar[VersionState]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT64: DataType
@@ -53,6 +61,11 @@ OUTPUT_SEMANTICS_PROBABILITIES: OutputSemantics
 OUTPUT_SEMANTICS_VALUES: OutputSemantics
 OUTPUT_SEMANTICS_VARIANCE: OutputSemantics
 OUTPUT_SEMANTICS_LOG_VARIANCE: OutputSemantics
+VERSION_STATE_UNSPECIFIED: VersionState
+VERSION_STATE_READY: VersionState
+VERSION_STATE_LOADING: VersionState
+VERSION_STATE_UNAVAILABLE: VersionState
+VERSION_STATE_UNLOADING: VersionState
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -156,17 +169,31 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class VersionStatus(_message.Message):
+    __slots__ = ("version", "state", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    state: VersionState
+    reason: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "versions", "task", "ready")
+    __slots__ = ("name", "versions", "task", "ready", "reason", "version_status")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[str]
     task: Task
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    reason: str
+    version_status: _containers.RepeatedCompositeFieldContainer[VersionStatus]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., version_status: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -209,7 +236,7 @@ class DropoutLayer(_message.Message):
     def __init__(self, module: _Optional[str] = ..., type: _Optional[str] = ..., p: _Optional[float] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "versions", "task", "description", "inputs", "outputs", "labels", "default_num_samples", "max_num_samples", "provider", "opset", "dropout", "verified", "weights_sha256")
+    __slots__ = ("name", "version", "versions", "task", "description", "inputs", "outputs", "labels", "default_num_samples", "max_num_samples", "provider", "opset", "dropout", "verified", "weights_sha256", "version_status")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +252,7 @@ class ModelMetadata(_message.Message):
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VERSION_STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -240,4 +268,5 @@ class ModelMetadata(_message.Message):
     dropout: _containers.RepeatedCompositeFieldContainer[DropoutLayer]
     verified: bool
     weights_sha256: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., default_num_samples: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., provider: _Optional[str] = ..., opset: _Optional[int] = ..., dropout: _Optional[_Iterable[_Union[DropoutLayer, _Mapping]]] = ..., verified: _Optional[bool] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    version_status: _containers.RepeatedCompositeFieldContainer[VersionStatus]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., default_num_samples: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., provider: _Optional[str] = ..., opset: _Optional[int] = ..., dropout: _Optional[_Iterable[_Union[DropoutLayer, _Mapping]]] = ..., verified: _Optional[bool] = ..., weights_sha256: _Optional[str] = ..., version_status: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...

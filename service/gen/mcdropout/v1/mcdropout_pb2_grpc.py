@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.gen.mcdropout.v1 import mcdropout_pb2 as service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2
+from service.gen.mcdropout.v1 import mcdropout_pb2 as mcdropout_dot_v1_dot_mcdropout__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/gen/mcdropout/v1/mcdropout_pb2_grpc.py depends on'
+        + ' but the generated code in mcdropout/v1/mcdropout_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class MCDropoutServiceStub:
         """
         self.Predict = channel.unary_unary(
                 '/mcdropout.v1.MCDropoutService/Predict',
-                request_serializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.PredictRequest.SerializeToString,
-                response_deserializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.PredictResponse.FromString,
+                request_serializer=mcdropout_dot_v1_dot_mcdropout__pb2.PredictRequest.SerializeToString,
+                response_deserializer=mcdropout_dot_v1_dot_mcdropout__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/mcdropout.v1.MCDropoutService/ListModels',
-                request_serializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsResponse.FromString,
+                request_serializer=mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModelMetadata = channel.unary_unary(
                 '/mcdropout.v1.MCDropoutService/GetModelMetadata',
-                request_serializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.GetModelMetadataRequest.SerializeToString,
-                response_deserializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ModelMetadata.FromString,
+                request_serializer=mcdropout_dot_v1_dot_mcdropout__pb2.GetModelMetadataRequest.SerializeToString,
+                response_deserializer=mcdropout_dot_v1_dot_mcdropout__pb2.ModelMetadata.FromString,
                 _registered_method=True)
 
 
@@ -62,7 +62,8 @@ class MCDropoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models of the repository with their versions.
+        """Lists the models of the repository with their versions: those serving, and those that
+        are not (failed to load, unloaded) with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +71,7 @@ class MCDropoutServiceServicer:
 
     def GetModelMetadata(self, request, context):
         """Describes one model version: inputs, outputs, task, labels, sample limits, provider.
+        UNAVAILABLE, with the reason, for a model or version that failed to load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,18 +82,18 @@ def add_MCDropoutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.PredictRequest.FromString,
-                    response_serializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=mcdropout_dot_v1_dot_mcdropout__pb2.PredictRequest.FromString,
+                    response_serializer=mcdropout_dot_v1_dot_mcdropout__pb2.PredictResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsRequest.FromString,
-                    response_serializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsRequest.FromString,
+                    response_serializer=mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelMetadata,
-                    request_deserializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.GetModelMetadataRequest.FromString,
-                    response_serializer=service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ModelMetadata.SerializeToString,
+                    request_deserializer=mcdropout_dot_v1_dot_mcdropout__pb2.GetModelMetadataRequest.FromString,
+                    response_serializer=mcdropout_dot_v1_dot_mcdropout__pb2.ModelMetadata.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +121,8 @@ class MCDropoutService:
             request,
             target,
             '/mcdropout.v1.MCDropoutService/Predict',
-            service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.PredictRequest.SerializeToString,
-            service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.PredictResponse.FromString,
+            mcdropout_dot_v1_dot_mcdropout__pb2.PredictRequest.SerializeToString,
+            mcdropout_dot_v1_dot_mcdropout__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +148,8 @@ class MCDropoutService:
             request,
             target,
             '/mcdropout.v1.MCDropoutService/ListModels',
-            service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsRequest.SerializeToString,
-            service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsResponse.FromString,
+            mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsRequest.SerializeToString,
+            mcdropout_dot_v1_dot_mcdropout__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +175,8 @@ class MCDropoutService:
             request,
             target,
             '/mcdropout.v1.MCDropoutService/GetModelMetadata',
-            service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.GetModelMetadataRequest.SerializeToString,
-            service_dot_gen_dot_mcdropout_dot_v1_dot_mcdropout__pb2.ModelMetadata.FromString,
+            mcdropout_dot_v1_dot_mcdropout__pb2.GetModelMetadataRequest.SerializeToString,
+            mcdropout_dot_v1_dot_mcdropout__pb2.ModelMetadata.FromString,
             options,
             channel_credentials,
             insecure,

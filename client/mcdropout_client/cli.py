@@ -1,12 +1,16 @@
-"""The command line client: ``python -m service.client`` (or the ``mcdropout`` script).
+"""The command line client: ``python -m mcdropout_client`` (or the ``mcdropout`` script).
 
 ::
 
-    python -m service.client [--target HOST:PORT] [--timeout S] [--tls ...] COMMAND
-        predict --model NAME [--version V] [--samples T] [--threshold X] [--json] FILE|-
+    python -m mcdropout_client [--target HOST:PORT] [--timeout S] [--tls ...] [--token-file F]
+        predict --model NAME [--version V] [--samples T] [--threshold X] [--json]
+                [--interval LEVEL ...] [--target-se SE] [--seed N] [--return-samples] FILE|-
         models [--json]
         metadata --model NAME [--version V] [--json]
         health [SERVICE]
+
+A bearer token comes from ``--token-file`` or the ``MCDROPOUT_TOKEN`` variable (never from
+the command line, where other users of the machine could read it).
 
 Exit codes: 0 done (``health``: SERVING), 1 the server refused or failed a call (or
 ``health`` is not SERVING), 2 bad usage or an input file that cannot be used.
@@ -26,16 +30,18 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from service.client._common import DEFAULT_TARGET
-from service.client._convert import concat_predictions
-from service.client.errors import ClientError
-from service.client.files import FORMATS, read_input, shape_rows
-from service.client.sync import Client
-from service.client.types import ModelInfo, OutputPrediction, Prediction
+from mcdropout_client._convert import concat_predictions
+from mcdropout_client._core import DEFAULT_TARGET
+from mcdropout_client._sync import Client
+from mcdropout_client.errors import ClientError
+from mcdropout_client.files import FORMATS, read_input, shape_rows
+from mcdropout_client.types import IntervalMethod, ModelInfo, OutputPrediction, Prediction
 
 __all__ = ["main"]
 
 DEFAULT_BATCH_ROWS = 256
+#: The environment variable that may hold a bearer token.
+TOKEN_VARIABLE = "MCDROPOUT_TOKEN"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code: int = args.run(client, args, sys.stdout, sys.stderr)
             return code
     except ClientError as error:
-        print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+        print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): stop quietly, as cat does.
@@ -59,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.client",
+        prog="python -m mcdropout_client",
         description="Call an MC dropout server: predictions with their uncertainty.",
         epilog="Exit codes: 0 ok, 1 server or RPC error (or health not SERVING), 2 usage or "
         "input error.",
@@ -75,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-cert", type=Path, help="PEM root certificates (implies --tls)")
     parser.add_argument("--client-cert", type=Path, help="PEM client certificate chain (mTLS)")
     parser.add_argument("--client-key", type=Path, help="PEM client private key (mTLS)")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"a file holding a bearer token to send (default: ${TOKEN_VARIABLE}, if set)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     predict = commands.add_parser(
@@ -109,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--json", action="store_true", help="print one JSON document")
     predict.add_argument(
+        "--interval",
+        type=float,
+        action="append",
+        default=[],
+        metavar="LEVEL",
+        help="regression: a central prediction interval at LEVEL in (0, 1); repeat for more",
+    )
+    predict.add_argument(
+        "--interval-method",
+        choices=("empirical", "gaussian"),
+        default="empirical",
+        help="the interval the table shows (%(default)s; --json has both)",
+    )
+    predict.add_argument(
+        "--target-se",
+        type=float,
+        metavar="SE",
+        help="adaptive sampling: sample until each row's Monte Carlo standard error is at most "
+        "SE (--samples caps T)",
+    )
+    predict.add_argument("--seed", type=int, help="reproducible sampling with this seed")
+    predict.add_argument(
+        "--return-samples", action="store_true", help="every sample in the output (needs --json)"
+    )
+    predict.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -137,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        return str(args.token_file.read_text().strip())
+    return os.environ.get(TOKEN_VARIABLE) or None
+
+
 def _client(args: argparse.Namespace) -> Client:
     credentials = None
     if args.tls or args.ca_cert or args.client_cert or args.client_key:
@@ -148,13 +190,19 @@ def _client(args: argparse.Namespace) -> Client:
             certificate_chain=args.client_cert.read_bytes() if args.client_cert else None,
         )
     return Client(
-        args.target, credentials=credentials, timeout=args.timeout, max_retries=args.retries
+        args.target,
+        credentials=credentials,
+        token=_token(args),
+        timeout=args.timeout,
+        max_retries=args.retries,
     )
 
 
 def run_predict(client: Client, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.return_samples and not args.json:
+        raise ValueError("--return-samples needs --json (the table does not show samples)")
     raw = read_input(args.file, args.format, sys.stdin.buffer)
     info = client.model_metadata(args.model, version=args.version)
     inputs = shape_rows(info, raw, args.input_name)
@@ -170,7 +218,16 @@ def run_predict(client: Client, args: argparse.Namespace, out: IO[str], err: IO[
             batch = {name: a[start : start + args.batch_size] for name, a in inputs.items()}
             # The version is pinned so that every batch is answered by the same one.
             parts.append(
-                client.predict(args.model, batch, num_samples=args.samples, version=info.version)
+                client.predict(
+                    args.model,
+                    batch,
+                    num_samples=args.samples,
+                    version=info.version,
+                    return_samples=args.return_samples,
+                    interval_levels=args.interval,
+                    target_standard_error=args.target_se,
+                    seed=args.seed,
+                )
             )
             progress.update(min(start + args.batch_size, rows))
     finally:
@@ -180,18 +237,15 @@ def run_predict(client: Client, args: argparse.Namespace, out: IO[str], err: IO[
         json.dump(prediction_document(prediction, args.threshold), out, allow_nan=False)
         out.write("\n")
     else:
-        out.write("\n".join(prediction_table(prediction, info, args.threshold)) + "\n")
+        table = prediction_table(prediction, info, args.threshold, args.interval_method)
+        out.write("\n".join(table) + "\n")
     return 0
 
 
 def run_models(client: Client, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     models = client.list_models()
     if args.json:
-        document = [
-            {"name": m.name, "versions": list(m.versions), "task": m.task, "ready": m.ready}
-            for m in models
-        ]
-        json.dump(document, out)
+        json.dump([m.to_dict() for m in models], out)
         out.write("\n")
         return 0
     table = [[m.name, ", ".join(m.versions), m.task, "yes" if m.ready else "no"] for m in models]
@@ -202,7 +256,7 @@ def run_models(client: Client, args: argparse.Namespace, out: IO[str], err: IO[s
 def run_metadata(client: Client, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     info = client.model_metadata(args.model, version=args.version)
     if args.json:
-        json.dump(metadata_document(info), out)
+        json.dump(info.to_dict(), out)
         out.write("\n")
         return 0
     lines = [
@@ -255,12 +309,20 @@ def prediction_document(prediction: Prediction, threshold: float | None) -> dict
     return document
 
 
-def prediction_table(prediction: Prediction, info: ModelInfo, threshold: float | None) -> list[str]:
-    """Lines of a readable table per output: row, prediction, uncertainty, '!' flag."""
-    lines = [
-        f"{prediction.model} v{prediction.version}, T={prediction.num_samples}, "
-        f"{prediction.num_rows} row{'' if prediction.num_rows == 1 else 's'}"
-    ]
+def prediction_table(
+    prediction: Prediction,
+    info: ModelInfo,
+    threshold: float | None,
+    interval_method: IntervalMethod = "empirical",
+) -> list[str]:
+    """Lines of a readable table per output: row, prediction, uncertainty, the intervals
+    (by ``interval_method``), the T of each row (adaptive sampling), the '!' flag."""
+    rows = prediction.num_rows
+    header = f"{prediction.model} v{prediction.version}, T={prediction.num_samples}, "
+    header += f"{rows} row{'' if rows == 1 else 's'}"
+    if prediction.seed is not None:
+        header += f", seed {prediction.seed}"
+    lines = [header]
     for output in prediction.outputs.values():
         if len(prediction.outputs) > 1:
             lines.append(f"\noutput {output.name} ({output.semantics})")
@@ -270,8 +332,11 @@ def prediction_table(prediction: Prediction, info: ModelInfo, threshold: float |
             headers = ["row", "prediction", "p(pred)", "+-std", "entropy", "MI"]
             table = _classification_rows(output, info)
         else:
-            headers = ["row", "mean", "+-std"]
-            table = _regression_rows(output)
+            headers, table = _regression_columns(output, interval_method)
+        if prediction.num_samples_per_row is not None:
+            headers.append("T")
+            for cells, t in zip(table, prediction.num_samples_per_row.tolist(), strict=True):
+                cells.append(str(t))
         if threshold is not None:
             headers.append("flag")
             for cells, flag in zip(table, flagged.tolist(), strict=True):
@@ -305,10 +370,34 @@ def _classification_rows(output: OutputPrediction, info: ModelInfo) -> list[list
     return rows
 
 
-def _regression_rows(output: OutputPrediction) -> list[list[str]]:
-    mean = output.mean.reshape(output.num_rows, -1)
-    std = output.std.reshape(output.num_rows, -1)
-    return [[str(i), _values(mean[i]), _values(std[i])] for i in range(output.num_rows)]
+def _regression_columns(
+    output: OutputPrediction, interval_method: IntervalMethod
+) -> tuple[list[str], list[list[str]]]:
+    """Mean and std per row; the total std of heteroscedastic outputs; the intervals."""
+    n = output.num_rows
+    columns: list[tuple[str, NDArray[np.float64]]] = [("mean", output.mean), ("+-std", output.std)]
+    if output.total_variance is not None:
+        columns.append(("+-total", np.sqrt(output.total_variance)))
+    headers = ["row"] + [name for name, _ in columns]
+    flat = [values.reshape(n, -1) for _, values in columns]
+    table = [[str(i)] + [_values(values[i]) for values in flat] for i in range(n)]
+    for interval in output.intervals:
+        if interval.method != interval_method:
+            continue
+        headers.append(f"{interval.level:g} {interval.method}")
+        lower, upper = interval.lower.reshape(n, -1), interval.upper.reshape(n, -1)
+        for i, cells in enumerate(table):
+            cells.append(_bounds(lower[i], upper[i]))
+    return headers, table
+
+
+def _bounds(lower: NDArray[np.float64], upper: NDArray[np.float64], limit: int = 4) -> str:
+    shown = ", ".join(
+        f"[{lo:.4g}, {hi:.4g}]" for lo, hi in zip(lower[:limit], upper[:limit], strict=True)
+    )
+    if len(lower) > limit:
+        shown += f", ... ({len(lower)} values)"
+    return shown
 
 
 def _values(values: NDArray[np.float64], limit: int = 4) -> str:
@@ -330,34 +419,6 @@ def render(headers: list[str], rows: list[list[str]], align: str) -> list[str]:
         return "  ".join(padded).rstrip()
 
     return [line(headers), *(line(r) for r in rows)]
-
-
-def metadata_document(info: ModelInfo) -> dict[str, Any]:
-    def tensor(spec: Any) -> dict[str, Any]:
-        return {
-            "name": spec.name,
-            "dtype": spec.dtype.name,
-            "shape": list(spec.shape),
-            "semantics": spec.semantics,
-        }
-
-    return {
-        "name": info.name,
-        "version": info.version,
-        "versions": list(info.versions),
-        "task": info.task,
-        "description": info.description,
-        "inputs": [tensor(s) for s in info.inputs],
-        "outputs": [tensor(s) for s in info.outputs],
-        "labels": list(info.labels),
-        "default_num_samples": info.default_num_samples,
-        "max_num_samples": info.max_num_samples,
-        "provider": info.provider,
-        "opset": info.opset,
-        "dropout": [{"module": d.module, "type": d.type, "p": d.p} for d in info.dropout],
-        "verified": info.verified,
-        "weights_sha256": info.weights_sha256,
-    }
 
 
 class Progress:

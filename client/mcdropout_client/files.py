@@ -17,8 +17,8 @@ from typing import IO, Any, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-from service.client._convert import as_dtype
-from service.client.types import ModelInfo
+from mcdropout_client._convert import as_dtype
+from mcdropout_client.types import ModelInfo
 
 __all__ = ["FORMATS", "RawRows", "detect_format", "parse", "read_input", "shape_rows"]
 
