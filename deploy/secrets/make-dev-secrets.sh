@@ -31,8 +31,9 @@ issue tls "subjectAltName=DNS:localhost,DNS:mcdropout,IP:127.0.0.1
 extendedKeyUsage=serverAuth"
 issue client "extendedKeyUsage=clientAuth"
 if [[ ! -f tokens ]]; then
-  { echo "# bearer tokens, one per line (python -m service --auth-token-file)"
-    openssl rand -hex 32; } > tokens
+  # One token alone on its line: the server reads one per line, the client's --token-file
+  # sends the file's content.
+  openssl rand -hex 32 > tokens
 fi
 chmod 0644 ca.crt tls.crt tls.key client.crt client.key tokens
 chmod 0600 ca.key
