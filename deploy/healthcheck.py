@@ -3,8 +3,9 @@
 Asks the server's ``grpc.health.v1.Health/Check`` and exits 0 when the answer is SERVING, 1
 otherwise (NOT_SERVING while models load or during shutdown, unknown service, no answer).
 The address comes from the server's own settings, so a probe in the container follows them:
-``MCD_GRPC_PORT`` (default 8001) and ``MCD_HOST``, where a wildcard address (0.0.0.0, ::)
-means the loopback.
+``MCD_HEALTH_PORT`` when it is set to a port (the plaintext health-only port: with TLS or mutual
+TLS on the gRPC port, the probe needs no certificate), else ``MCD_GRPC_PORT`` (default 8001);
+and ``MCD_HOST``, where a wildcard address (0.0.0.0, ::) means the loopback.
 
 Usage: ``python healthcheck.py [--service NAME] [--target HOST:PORT] [--timeout-s S]``; the
 default service ``""`` is the server overall, ``mcdropout.v1.MCDropoutService`` the API, and a
@@ -25,12 +26,16 @@ _WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
 def default_target(environ: Mapping[str, str] = os.environ) -> str:
-    """The server's address from its ``MCD_HOST`` / ``MCD_GRPC_PORT`` settings."""
+    """The server's address from its ``MCD_HOST`` and ``MCD_HEALTH_PORT`` (when it names a
+    port) or ``MCD_GRPC_PORT`` settings."""
     host = environ.get("MCD_HOST", "127.0.0.1").strip()
     if host in _WILDCARDS:
         host = "127.0.0.1"
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 literal
+    health_port = environ.get("MCD_HEALTH_PORT", "-1").strip()
+    if health_port.isdigit() and int(health_port) > 0:
+        return f"{host}:{health_port}"
     return f"{host}:{environ.get('MCD_GRPC_PORT', '8001').strip()}"
 
 

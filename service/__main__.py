@@ -1,8 +1,9 @@
 """``python -m service``: settings -> checks -> logging -> App.serve().
 
 Exit status: 0 after a graceful stop (SIGTERM, SIGINT); 2 when the server cannot start as
-configured: a bad flag or variable, the model repository missing, a port in use. Each of
-these is one line on stderr, ``error: ...``, naming the flag, never a traceback.
+configured: a bad flag or variable, the model repository missing, a port in use, a TLS or
+token file that cannot be used. Each of these is one line on stderr, ``error: ...``, naming
+the flag, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import socket
 import sys
 
+from service.errors import CredentialsError
 from service.settings import Settings, SettingsError, load_settings
 
 #: The exit status of every start-up error (as argparse uses for a usage error).
@@ -33,7 +35,8 @@ def check_startup(settings: Settings) -> None:
     if not repository.is_dir():
         what = "is not a folder" if repository.exists() else "no such folder"
         raise SettingsError(f"--model-repository {repository}: {what}")
-    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port}
+    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port,
+             "--health-port": settings.health_port}  # fmt: skip
     for flag, port in ports.items():
         if port > 0 and _in_use(settings.host, port):
             raise SettingsError(
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve())
-    except StartupError as exc:
+    except (StartupError, CredentialsError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_STARTUP_ERROR
     return 0

@@ -7,8 +7,12 @@ Names use the ``mcd_`` prefix and base units (seconds, counts); labels are few a
 
 from __future__ import annotations
 
+import socket
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +21,7 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "REQUEST_SECONDS",
     "UNKNOWN_MODEL",
     "exposition",
+    "metrics_app",
     "serve",
 ]
 
@@ -156,6 +161,44 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+METRICS_PATH = "/metrics"
+_NOT_FOUND = b"not found: the metrics are at /metrics\n"
+
+
+def metrics_app(registry: CollectorRegistry = REGISTRY) -> WsgiApp:
+    """The WSGI app of the metrics port: the exposition on ``/metrics`` only, 404 elsewhere
+    (so a probe or a scrape pointed at the wrong path fails instead of passing)."""
+    exposition_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            body: Iterable[bytes] = exposition_app(environ, start_response)
+            return body
+        start_response(
+            "404 Not Found",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(_NOT_FOUND))),
+            ],
+        )
+        return [_NOT_FOUND]
+
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per scrape; the threads never outlive the process."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: scrapes every few seconds would fill it."""
+
+
 def serve(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     """Start the /metrics HTTP server on its own thread.
 
@@ -163,5 +206,14 @@ def serve(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         The server (``server.server_port`` is the bound port, useful with port 0) and its
         thread. Stop it with ``server.shutdown()``.
     """
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_Server):
+        address_family = family
+
+    server = make_server(str(address[0]), port, metrics_app(), Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return server, thread

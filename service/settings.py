@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -142,6 +143,84 @@ class Settings:
     )
     reflection: bool = field(default=True, metadata=_doc("serve gRPC server reflection"))
     log_level: LogLevel = field(default="INFO", metadata=_doc("logging level"))
+    # -- security ---------------------------------------------------------------------------
+    tls_cert_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM certificate chain of the gRPC port; with tls_key_file the port speaks TLS "
+            "only. Re-read when the file changes (new connections get the new certificate)"
+        ),
+    )
+    tls_key_file: Path | None = field(
+        default=None, metadata=_doc("PEM private key (unencrypted) of tls_cert_file")
+    )
+    tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM CA certificates: clients must present a certificate signed by one of them "
+            "(mutual TLS); needs tls_cert_file"
+        ),
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "file of accepted bearer tokens, one per line (blank lines and lines starting "
+            "with # are skipped): every RPC except grpc.health.v1 then needs the metadata "
+            "'authorization: Bearer <token>', else UNAUTHENTICATED. Re-read when it changes"
+        ),
+    )
+    credentials_check_interval_s: float = field(
+        default=1.0,
+        metadata=_doc("seconds between checks of the TLS and token files for changes"),
+    )
+    health_port: int = field(
+        default=-1,
+        metadata=_doc(
+            "a plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
+            "(Kubernetes gRPC probes); -1 disables, 0 picks a free port"
+        ),
+    )
+    # -- connection limits --------------------------------------------------------------------
+    max_concurrent_streams: int = field(
+        default=1000,
+        metadata=_doc(
+            "RPCs one connection may have open at once (HTTP/2 streams); a client opening more "
+            "gets UNAVAILABLE (REFUSED_STREAM) for the excess"
+        ),
+    )
+    max_connections: int = field(
+        default=1000, metadata=_doc("client connections the gRPC port accepts at once")
+    )
+    keepalive_time_s: float = field(
+        default=60.0,
+        metadata=_doc("seconds between the server's keepalive pings on a quiet connection"),
+    )
+    keepalive_timeout_s: float = field(
+        default=20.0,
+        metadata=_doc("seconds a keepalive ping may go unanswered before the connection closes"),
+    )
+    keepalive_min_ping_interval_s: float = field(
+        default=10.0,
+        metadata=_doc(
+            "shortest interval between a client's pings on a connection without data; a client "
+            "pinging more often is sent GOAWAY (too_many_pings)"
+        ),
+    )
+    keepalive_permit_without_calls: bool = field(
+        default=True,
+        metadata=_doc("accept (and send) keepalive pings on connections without calls"),
+    )
+    max_connection_age_s: float = field(
+        default=3600.0,
+        metadata=_doc(
+            "seconds after which a connection is asked to go away (GOAWAY; clients reconnect, "
+            "which also spreads them over replicas); 0 = no limit"
+        ),
+    )
+    max_connection_age_grace_s: float = field(
+        default=60.0,
+        metadata=_doc("seconds the calls of an aged connection get to finish before it closes"),
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -156,6 +235,21 @@ _POSITIVE = (
     "max_returned_samples",
     "tile_memory_bytes",
     "max_message_bytes",
+    "max_concurrent_streams",
+    "max_connections",
+)
+_POSITIVE_SECONDS = (
+    "credentials_check_interval_s",
+    "keepalive_time_s",
+    "keepalive_timeout_s",
+    "keepalive_min_ping_interval_s",
+)
+_NON_NEGATIVE_SECONDS = (
+    "drain_period_s",
+    "grace_period_s",
+    "repository_poll_s",
+    "max_connection_age_s",
+    "max_connection_age_grace_s",
 )
 
 
@@ -174,10 +268,24 @@ def _check(s: Settings) -> None:
         raise SettingsError(
             f"metrics_port must be in -1..65535 (-1 disables), got {s.metrics_port}"
         )
-    for name in ("drain_period_s", "grace_period_s", "repository_poll_s"):
+    for name in _NON_NEGATIVE_SECONDS:
         value = getattr(s, name)
         if not value >= 0:  # also refuses NaN
             raise SettingsError(f"{name} must be >= 0, got {value}")
+        if name.startswith("max_connection_age") and math.isinf(value):
+            raise SettingsError(f"{name} must be finite (0: no limit), got {value}")
+    for name in _POSITIVE_SECONDS:
+        value = getattr(s, name)
+        if not 0 < value < math.inf:
+            raise SettingsError(f"{name} must be > 0, got {value}")
+    if not -1 <= s.health_port <= 65535:
+        raise SettingsError(f"health_port must be in -1..65535 (-1 disables), got {s.health_port}")
+    if s.health_port > 0 and s.health_port in (s.grpc_port, s.metrics_port):
+        raise SettingsError(f"health_port {s.health_port} is also the gRPC or metrics port")
+    if (s.tls_cert_file is None) != (s.tls_key_file is None):
+        raise SettingsError("tls_cert_file and tls_key_file go together: set both or neither")
+    if s.tls_client_ca_file is not None and s.tls_cert_file is None:
+        raise SettingsError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
     if s.max_message_bytes > 2**31 - 1:
         raise SettingsError(f"max_message_bytes must be < 2 GiB, got {s.max_message_bytes}")
     for f in fields(s):

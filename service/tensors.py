@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, quote
 
 __all__ = [
     "BOOL",
@@ -174,13 +174,15 @@ def check_shape(name: str, shape: Sequence[int], itemsize: int = 1) -> int:
             dimension, or dimensions too large for any array.
     """
     if not shape:
-        raise InvalidInput(f"input {name!r}: shape is empty; a batch needs at least one dimension")
+        raise InvalidInput(
+            f"input {quote(name)}: shape is empty; a batch needs at least one dimension"
+        )
     if len(shape) > MAX_RANK:
-        raise InvalidInput(f"input {name!r}: {len(shape)} dimensions, more than {MAX_RANK}")
+        raise InvalidInput(f"input {quote(name)}: {len(shape)} dimensions, more than {MAX_RANK}")
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: negative dimension in shape {list(shape)}")
+        raise InvalidInput(f"input {quote(name)}: negative dimension in shape {list(shape)}")
     if math.prod(max(d, 1) for d in shape) * itemsize > _MAX_ARRAY_BYTES:
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} is too large for any array")
+        raise InvalidInput(f"input {quote(name)}: shape {list(shape)} is too large for any array")
     return math.prod(shape)
 
 
@@ -194,7 +196,9 @@ def decode(tensor: WireTensor) -> NDArray[Any]:
     """
     dtype = tensor.dtype
     if dtype.is_bytes:
-        raise InvalidInput(f"input {tensor.name!r}: {tensor.dtype_name} is not a model input type")
+        raise InvalidInput(
+            f"input {quote(tensor.name)}: {tensor.dtype_name} is not a model input type"
+        )
     count = check_shape(tensor.name, tensor.shape, dtype.numpy.itemsize)
     if isinstance(tensor.data, bytes | bytearray | memoryview):
         array = _from_bytes(tensor, bytes(tensor.data), count)
@@ -208,11 +212,11 @@ def _from_bytes(tensor: WireTensor, data: bytes, count: int) -> NDArray[Any]:
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"input {tensor.name!r}: {len(data)} bytes of {tensor.data_name} for shape "
+            f"input {quote(tensor.name)}: {len(data)} bytes of {tensor.data_name} for shape "
             f"{list(tensor.shape)} of {tensor.dtype_name} (expected {expected})"
         )
     if dtype.kind == "b" and count and np.frombuffer(data, np.uint8).max() > 1:
-        raise InvalidInput(f"input {tensor.name!r}: {tensor.dtype_name} bytes must be 0 or 1")
+        raise InvalidInput(f"input {quote(tensor.name)}: {tensor.dtype_name} bytes must be 0 or 1")
     array = np.frombuffer(data, dtype=dtype, count=count)
     return array.astype(dtype.newbyteorder("="), copy=False)
 
@@ -221,7 +225,7 @@ def _from_values(tensor: WireTensor, values: Sequence[Any], count: int) -> NDArr
     dtype = tensor.dtype.numpy
     if len(values) != count:
         raise InvalidInput(
-            f"input {tensor.name!r}: {len(values)} values in {tensor.data_name} for shape "
+            f"input {quote(tensor.name)}: {len(values)} values in {tensor.data_name} for shape "
             f"{list(tensor.shape)} (expected {count})"
         )
     items = list(values)
@@ -232,14 +236,14 @@ def _from_values(tensor: WireTensor, values: Sequence[Any], count: int) -> NDArr
     elif count and wide.dtype.kind not in _VALUE_KINDS[dtype.kind]:
         # Converting would truncate (a float for an integer) or fail with a numpy error.
         raise InvalidInput(
-            f"input {tensor.name!r}: {tensor.dtype_name} takes {_KIND_NAMES[dtype.kind]}, got "
+            f"input {quote(tensor.name)}: {tensor.dtype_name} takes {_KIND_NAMES[dtype.kind]}, got "
             f"{wide.dtype.name} values"
         )
     if dtype.kind in "iu" and count:
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidInput(
-                f"input {tensor.name!r}: values outside the range of {tensor.dtype_name} "
+                f"input {quote(tensor.name)}: values outside the range of {tensor.dtype_name} "
                 f"({info.min}..{info.max})"
             )
     return wide.astype(dtype.newbyteorder("="))

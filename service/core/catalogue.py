@@ -45,7 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.engine.runtime import OutputStats
-from service.errors import InvalidInput, ModelLoadError
+from service.errors import InvalidInput, ModelLoadError, quote
 from service.repository import ModelConfig, Semantics, TensorSpec
 from service.tensors import BYTES, FP64, INT64, DType
 
@@ -305,11 +305,11 @@ class Catalogue:
         for name in requested:
             if name not in by_name:
                 raise InvalidInput(
-                    f"model {self._config.name!r} has no output {name!r} (outputs: "
+                    f"model {self._config.name!r} has no output {quote(name)} (outputs: "
                     f"{', '.join(by_name)})"
                 )
             if name in chosen:
-                raise InvalidInput(f"output {name!r} is requested twice")
+                raise InvalidInput(f"output {quote(name)} is requested twice")
             chosen[name] = by_name[name]
         return tuple(chosen.values())
 

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import tensors
-from service.errors import InvalidInput
+from service.errors import InvalidInput, quote
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 
 __all__ = ["DTYPE_OF", "PB_DTYPE_OF", "decode_tensor", "encode_tensor", "wire_tensor"]
@@ -33,7 +33,7 @@ def wire_tensor(tensor: pb.Tensor, name: str) -> tensors.WireTensor:
     if dtype is None:
         known = tensor.dtype in pb.DataType.values()
         label = pb.DataType.Name(tensor.dtype) if known else str(tensor.dtype)
-        raise InvalidInput(f"input {name!r}: unsupported dtype {label}")
+        raise InvalidInput(f"input {quote(name)}: unsupported dtype {label}")
     return tensors.WireTensor(
         name=name,
         dtype=dtype,

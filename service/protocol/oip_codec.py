@@ -21,7 +21,7 @@ from typing import Any
 from service import tensors
 from service.core.catalogue import Answer
 from service.core.dataplane import PredictResult
-from service.errors import InvalidInput
+from service.errors import InvalidInput, quote
 from service.gen.inference import grpc_service_pb2 as oip
 from service.repository import TensorSpec
 
@@ -77,15 +77,15 @@ def _has_typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bool:
 def _check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, Any]) -> None:
     for key, reason in _UNSUPPORTED_TENSOR_PARAMETERS.items():
         if key in parameters:
-            raise InvalidInput(f"{kind} {name!r}: parameter {key!r}: {reason}")
+            raise InvalidInput(f"{kind} {quote(name)}: parameter {key!r}: {reason}")
 
 
 def _dtype_of(tensor: oip.ModelInferRequest.InferInputTensor) -> tensors.DType:
     dtype = tensors.from_oip(tensor.datatype)
     if dtype is None or dtype.is_bytes:
         raise InvalidInput(
-            f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r} (supported: "
-            f"{', '.join(_INPUT_DATATYPES)})"
+            f"input {quote(tensor.name)}: unsupported datatype {quote(tensor.datatype)} "
+            f"(supported: {', '.join(_INPUT_DATATYPES)})"
         )
     return dtype
 
@@ -95,13 +95,13 @@ def _typed_values(tensor: oip.ModelInferRequest.InferInputTensor) -> tuple[str, 
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
         raise InvalidInput(
-            f"input {tensor.name!r}: {tensor.datatype} has no typed contents; send it in "
+            f"input {quote(tensor.name)}: {tensor.datatype} has no typed contents; send it in "
             "raw_input_contents"
         )
     present = [f for f in _ALL_CONTENTS_FIELDS if f != field and len(getattr(tensor.contents, f))]
     if present:
         raise InvalidInput(
-            f"input {tensor.name!r}: {tensor.datatype} goes in contents.{field}, got "
+            f"input {quote(tensor.name)}: {tensor.datatype} goes in contents.{field}, got "
             f"{', '.join(present)}"
         )
     values: Sequence[Any] = getattr(tensor.contents, field)
@@ -266,7 +266,8 @@ def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> McOptions:
         levels = tuple(float(x) for x in levels_text.split(",")) if levels_text else ()
     except ValueError:
         raise InvalidInput(
-            f"parameter {MC_INTERVAL_LEVELS!r} must be comma-separated numbers, got {levels_text!r}"
+            f"parameter {MC_INTERVAL_LEVELS!r} must be comma-separated numbers, got "
+            f"{quote(levels_text)}"
         ) from None
     target = _parameter(
         parameters, MC_TARGET_STANDARD_ERROR, ("double_param", "int64_param", "uint64_param")

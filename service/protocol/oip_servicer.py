@@ -21,6 +21,7 @@ from service import __version__
 from service.core.dataplane import DataPlane, PredictInput
 from service.gen.inference import grpc_service_pb2 as oip
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from service.protocol.decoding import Undecodable, note
 from service.protocol.oip_codec import (
     MC_SAMPLES,
     encode_outputs,
@@ -31,7 +32,7 @@ from service.protocol.oip_codec import (
     tensor_metadata,
     wire_inputs,
 )
-from service.protocol.status import observe
+from service.protocol.status import Gate, observe
 
 __all__ = ["EXTENSIONS", "OIP_SERVICE_NAME", "PLATFORM", "SERVER_NAME", "OpenInferenceServicer"]
 
@@ -51,10 +52,18 @@ _STREAM_METHOD = "ModelStreamInfer"
 
 
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol, over :class:`DataPlane`."""
+    """The Open Inference Protocol, over :class:`DataPlane`.
 
-    def __init__(self, plane: DataPlane) -> None:
+    Args:
+        plane: the data plane.
+        gate: the server's gate, which ModelStreamInfer messages pass like unary calls (once
+            the server stops, a stream's new messages are answered UNAVAILABLE). None: a gate
+            that never closes.
+    """
+
+    def __init__(self, plane: DataPlane, gate: Gate | None = None) -> None:
         self._plane = plane
+        self._gate = gate or Gate()
 
     async def ServerLive(  # noqa: N802 (gRPC method name)
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -101,11 +110,11 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[oip.ModelInferRequest],
+        request_iterator: AsyncIterator[oip.ModelInferRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        """Answer every request of the stream, in order; a failed request gets its error in
-        ``error_message`` and the stream goes on.
+        """Answer every request of the stream, in order; a failed request (one that did not even
+        decode included) gets its error in ``error_message`` and the stream goes on.
 
         Up to :data:`STREAM_WINDOW` requests run at once: a reader task starts them as they
         arrive and this generator yields their answers in arrival order.
@@ -139,15 +148,27 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                     pending.cancel()
 
     async def _stream_one(
-        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: oip.ModelInferRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> oip.ModelStreamInferResponse:
         """One message of a stream, with the bookkeeping of a unary call."""
-        outcome = await observe(
-            _STREAM_METHOD,
-            self._plane.model_label(request.model_name),
-            context.time_remaining,
-            lambda: self._infer(request, context),
-        )
+        if isinstance(request, Undecodable):  # answered in the stream, which goes on
+            note(f"/{OIP_SERVICE_NAME}/{_STREAM_METHOD}", request, context.peer())
+            error = request.error()
+
+            async def refuse() -> oip.ModelInferResponse:
+                raise error
+
+            outcome = await observe(_STREAM_METHOD, "", context.time_remaining, refuse, self._gate)
+            request = oip.ModelInferRequest()
+        else:
+            message = request
+            outcome = await observe(
+                _STREAM_METHOD,
+                self._plane.model_label(request.model_name),
+                context.time_remaining,
+                lambda: self._infer(message, context),
+                self._gate,
+            )
         if outcome.response is None:
             return oip.ModelStreamInferResponse(
                 error_message=f"{outcome.status.name}: {outcome.message}",

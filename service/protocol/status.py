@@ -5,7 +5,9 @@ Every request goes through :func:`observe`, once: unary RPCs from
 ``service.protocol.grpc_server.StatusInterceptor``, each message of a stream from its handler
 (a failed message must not close the stream). Either way a client sees the same code and
 message for the same error, and the metrics and the log are fed the same way: a call cut off by
-its deadline counts as DEADLINE_EXCEEDED, one cancelled by the client as CANCELLED.
+its deadline counts as DEADLINE_EXCEEDED, one cancelled by the client as CANCELLED. A
+:class:`Gate` counts the requests running and, once the server stops, refuses new ones with
+UNAVAILABLE (the code clients retry), before grpcio's own stop could cancel them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from typing import Generic, TypeVar
 import grpc
 
 from service import metrics
-from service.errors import ServiceError
+from service.errors import ServiceError, Unavailable
 
 __all__ = [
     "GENERIC_INTERNAL",
+    "MAX_MESSAGE_BYTES",
+    "SHUTTING_DOWN",
+    "Gate",
+    "LogEvery",
     "Outcome",
+    "bounded",
     "observe",
     "observe_failure",
     "record_request",
@@ -34,16 +41,125 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GENERIC_INTERNAL = "internal error (see the server log)"
+SHUTTING_DOWN = "the server is shutting down; retry (another replica will answer)"
+#: The longest status message sent, in UTF-8 bytes. The message travels percent-encoded in the
+#: ``grpc-message`` trailer (up to 3 bytes per byte) and clients refuse trailers above 16 KiB by
+#: default: 2 KiB keeps every answer far below, whatever the message echoes.
+MAX_MESSAGE_BYTES = 2048
 
 _T = TypeVar("_T")
+
+
+def bounded(message: str, max_bytes: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to ``max_bytes`` of UTF-8 (on a character boundary), marked as cut.
+
+    The last guard behind ``service.errors.quote``: a message built from many client values
+    (a list of a thousand unknown input names) still fits in a status trailer.
+    """
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= max_bytes:
+        return message
+    cut = encoded[: max_bytes - 64].decode("utf-8", "ignore")
+    return f"{cut}… (message cut: {len(encoded)} bytes)"
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-safe message of an exception raised by a handler."""
     if isinstance(exc, ServiceError):
         code = grpc.StatusCode[exc.code]
-        return code, exc.message if exc.public else GENERIC_INTERNAL
+        return code, bounded(exc.message) if exc.public else GENERIC_INTERNAL
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
+
+
+class LogEvery:
+    """One log line per ``interval_s`` at most for a kind of event a client can repeat at will
+    (undecodable messages, wrong tokens): a flood of bad requests cannot flood the log. Each
+    line says how many events it stands for.
+
+    Args:
+        logger: where the lines go (WARNING).
+        interval_s: the shortest time between two lines.
+        clock: monotonic seconds (a parameter for tests).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+        self._events = 0
+
+    def event(self, message: str) -> bool:
+        """Count one event; log ``message`` (the latest event) when the interval has passed.
+
+        Returns:
+            Whether a line was written.
+        """
+        self._events += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval_s:
+            return False
+        since = "" if self._last is None else f" in the last {now - self._last:.0f} s"
+        self._logger.warning("%s (%d such event(s)%s)", message, self._events, since)
+        self._last = now
+        self._events = 0
+        return True
+
+
+class Gate:
+    """Admits requests until the server stops, and counts the ones running.
+
+    Every request (a unary call, a message of a stream) enters through :func:`observe`. Once
+    :meth:`close` is called, new requests are answered UNAVAILABLE at once, and
+    :meth:`wait_idle` returns when the running ones are done.
+    """
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def running(self) -> int:
+        """Requests admitted and not answered yet."""
+        return self._running
+
+    def close(self) -> None:
+        """Refuse every new request (UNAVAILABLE) from now on."""
+        self._closed = True
+
+    def enter(self) -> None:
+        self._running += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request runs, at most ``timeout_s``.
+
+        Returns:
+            Whether every request finished in time.
+        """
+        if self._running == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
 
 def observe_failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -87,6 +203,7 @@ async def observe(
     model: str,
     time_remaining: Callable[[], float | None],
     call: Callable[[], Awaitable[_T]],
+    gate: Gate | None = None,
 ) -> Outcome[_T]:
     """Run one request with the bookkeeping every request gets.
 
@@ -99,6 +216,8 @@ async def observe(
         time_remaining: seconds left until the request's deadline (None: no deadline); read
             when the call is cancelled, to tell a passed deadline from a client's cancel.
         call: the handler.
+        gate: the server's gate: the request is counted while it runs, or refused with
+            UNAVAILABLE (and not run) when the server is stopping. None: always run.
 
     Returns:
         The response, or the status and message of the failure (logged when it is not a
@@ -116,6 +235,12 @@ async def observe(
         in_flight.dec()
         record_request(model, method, code, time.perf_counter() - started)
 
+    if gate is not None:
+        if gate.closed:
+            status, message = status_of(Unavailable(SHUTTING_DOWN))
+            record(status.name)
+            return Outcome(None, status, message)
+        gate.enter()
     try:
         response = await call()
     except asyncio.CancelledError:
@@ -126,5 +251,8 @@ async def observe(
         status, message = observe_failure(method, exc)
         record(status.name)
         return Outcome(None, status, message)
+    finally:
+        if gate is not None:
+            gate.leave()
     record("OK")
     return Outcome(response)

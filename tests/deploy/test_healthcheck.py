@@ -40,3 +40,14 @@ def test_no_server_is_unhealthy() -> None:
     result = probe(MCD_HOST="127.0.0.1", MCD_GRPC_PORT=str(free_port()))
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr
+
+
+def test_the_probe_asks_the_health_port_when_one_is_set(deploy_server: RunningServer) -> None:
+    """With MCD_HEALTH_PORT (the plaintext health-only port of a TLS server) the probe asks it,
+    not MCD_GRPC_PORT: here the gRPC port variable names a port nobody listens on."""
+    dead = str(free_port())
+    live = str(deploy_server.grpc_port)
+    result = probe(MCD_HOST="0.0.0.0", MCD_GRPC_PORT=dead, MCD_HEALTH_PORT=live)
+    assert result.returncode == 0, result.stderr
+    result = probe(MCD_HOST="0.0.0.0", MCD_GRPC_PORT=dead, MCD_HEALTH_PORT="-1")
+    assert result.returncode == 1

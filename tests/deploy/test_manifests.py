@@ -10,6 +10,7 @@ references between the files (labels, ports, names, settings).
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,16 @@ def test_deployment_serves_grpc_on_a_gpu_with_probes() -> None:
     (container,) = pod["containers"]
     settings = check_settings(env_of(container))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port,
+                     "health": settings.health_port}  # fmt: skip
     assert settings.host == "0.0.0.0"
     assert settings.device == "gpu"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    # TLS on the gRPC port: the kubelet's gRPC probes (no TLS) ask the plaintext health port.
+    assert settings.tls_cert_file is not None
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == settings.grpc_port, probe
+        assert container[probe]["grpc"]["port"] == settings.health_port, probe
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     # SIGKILL only after the preStop pause and the server's own drain and grace periods.
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -110,6 +114,31 @@ def test_deployment_serves_grpc_on_a_gpu_with_probes() -> None:
     assert pod["securityContext"]["runAsUser"] == 10001
     # The admission limit the queue alert divides by.
     assert settings.compute_workers + settings.max_queue_size == 65
+
+
+def test_deployment_mounts_the_tls_and_token_secrets_the_settings_name() -> None:
+    pod = resources()["Deployment", "mcdropout"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = check_settings(env_of(container))
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert {s["secretName"] for s in secrets.values()} == {"mcdropout-tls", "mcdropout-auth"}
+    mounted = {}
+    for name, secret in secrets.items():
+        assert mounts[name]["readOnly"] is True
+        # Readable by the server's group (fsGroup), by no one else.
+        assert secret["defaultMode"] == 0o440
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        mounted[secret["secretName"]] = Path(mounts[name]["mountPath"])
+    # The keys of a kubernetes.io/tls secret, and the token file's key of mcdropout-auth.
+    assert settings.tls_cert_file == mounted["mcdropout-tls"] / "tls.crt"
+    assert settings.tls_key_file == mounted["mcdropout-tls"] / "tls.key"
+    assert settings.auth_token_file == mounted["mcdropout-auth"] / "tokens"
+    text = (K8S / "deployment.yaml").read_text()
+    assert "kubectl create secret tls mcdropout-tls" in text
+    assert "kubectl create secret generic mcdropout-auth --from-file=tokens=" in text
+    # Mutual TLS is one uncommented variable away, on the same secret's ca.crt.
+    assert f"value: {mounted['mcdropout-tls'] / 'ca.crt'}" in text
 
 
 def test_services_hpa_pdb_point_at_the_deployment() -> None:
@@ -214,6 +243,17 @@ def test_compose_wires_server_prometheus_and_grafana() -> None:
     for service in services.values():  # every mounted host path exists
         for volume in service.get("volumes", ()):
             assert (ROOT / volume.split(":")[0]).exists(), volume
+    # TLS and tokens from compose secrets (files made by deploy/secrets/make-dev-secrets.sh),
+    # mounted at /run/secrets/<name>; the health check asks the plaintext health port.
+    declared = compose["secrets"]
+    assert set(server["secrets"]) == set(declared)
+    for name in server["secrets"]:
+        assert declared[name]["file"].startswith("./deploy/secrets/"), name
+    in_container = {f"/run/secrets/{name}" for name in server["secrets"]}
+    for path in (settings.tls_cert_file, settings.tls_key_file, settings.auth_token_file):
+        assert str(path) in in_container, path
+    assert settings.health_port > 0
+    assert settings.health_port not in published
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (target,) = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert target == "mcdropout:8002"
@@ -222,3 +262,26 @@ def test_compose_wires_server_prometheus_and_grafana() -> None:
     assert check_settings(gpu["environment"]).device == "gpu"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"]
+
+
+def test_the_compose_secrets_script_makes_credentials_the_server_accepts(tmp_path: Path) -> None:
+    """deploy/secrets/make-dev-secrets.sh writes every file docker-compose.yml mounts, and the
+    server takes them: certificate and key match, the CA parses, the token file has a token."""
+    from service.protocol.auth import BearerTokens
+    from service.protocol.tls import ServerCertificates
+    from tests.deploy.conftest import tool
+
+    tool("openssl", "apt-get install openssl")
+    script = DEPLOY / "secrets" / "make-dev-secrets.sh"
+    subprocess.run([str(script), str(tmp_path)], check=True, capture_output=True, timeout=60)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for secret in compose["secrets"].values():
+        assert (tmp_path / Path(secret["file"]).name).is_file(), secret
+    certificates = ServerCertificates(
+        tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"
+    )
+    assert certificates.mutual
+    BearerTokens(tmp_path / "tokens")
+    # The generated files are never committed.
+    ignored = (DEPLOY / "secrets" / ".gitignore").read_text().splitlines()
+    assert "*" in ignored

@@ -29,11 +29,6 @@ def test_serving_path_never_imports_torch() -> None:
     assert result.returncode == 0, f"serving imported {result.stdout} {result.stderr}"
 
 
-def test_readme_documents_every_setting() -> None:
-    from dataclasses import fields
-
-    from service.settings import Settings
-
-    readme = (ROOT / "README.md").read_text()
-    missing = [f.name for f in fields(Settings) if f"`MCD_{f.name.upper()}`" not in readme]
-    assert not missing, f"README.md settings table lacks {missing}"
+def test_readme_points_to_the_settings_table() -> None:
+    """The table itself is docs/settings.md, checked against Settings in test_settings.py."""
+    assert "docs/settings.md" in (ROOT / "README.md").read_text()

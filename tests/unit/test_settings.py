@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,73 @@ def test_every_field_has_a_flag_and_help() -> None:
     for f in fields(Settings):
         assert "--" + f.name.replace("_", "-") in help_text
         assert f.metadata["doc"]
+
+
+# -- security and connection settings, and their documentation ------------------------------------
+
+
+def test_docs_settings_md_is_the_table_of_every_setting() -> None:
+    """docs/settings.md is generated from Settings (python -m tools.settings_doc): a field
+    added, renamed or redocumented without regenerating it fails here."""
+    from dataclasses import fields
+
+    from tools.settings_doc import DOC, render
+
+    assert DOC.read_text() == render(), "docs/settings.md is stale: python -m tools.settings_doc"
+    for f in fields(Settings):
+        assert f"`MCD_{f.name.upper()}`" in render()
+        assert f"`--{f.name.replace('_', '-')}`" in render()
+
+
+def test_security_and_limit_settings_come_from_the_environment() -> None:
+    env = {
+        "MCD_TLS_CERT_FILE": "/run/tls/tls.crt",
+        "MCD_TLS_KEY_FILE": "/run/tls/tls.key",
+        "MCD_TLS_CLIENT_CA_FILE": "/run/tls/ca.crt",
+        "MCD_AUTH_TOKEN_FILE": "/run/auth/tokens",
+        "MCD_HEALTH_PORT": "8003",
+        "MCD_MAX_CONCURRENT_STREAMS": "64",
+        "MCD_MAX_CONNECTIONS": "200",
+        "MCD_KEEPALIVE_PERMIT_WITHOUT_CALLS": "false",
+        "MCD_KEEPALIVE_MIN_PING_INTERVAL_S": "30",
+        "MCD_MAX_CONNECTION_AGE_S": "0",
+    }
+    s = load_settings([], environ=env)
+    assert s.tls_cert_file == Path("/run/tls/tls.crt")
+    assert s.tls_client_ca_file == Path("/run/tls/ca.crt")
+    assert s.auth_token_file == Path("/run/auth/tokens")
+    assert (s.health_port, s.max_concurrent_streams, s.max_connections) == (8003, 64, 200)
+    assert s.keepalive_permit_without_calls is False
+    assert (s.keepalive_min_ping_interval_s, s.max_connection_age_s) == (30.0, 0.0)
+
+
+def test_safe_connection_defaults() -> None:
+    s = Settings()
+    assert s.tls_cert_file is None and s.auth_token_file is None  # noqa: PT018
+    assert 0 < s.max_concurrent_streams <= 10_000
+    assert 0 < s.max_connections <= 100_000
+    assert 0 < s.keepalive_min_ping_interval_s <= s.keepalive_time_s
+    assert s.max_connection_age_s > s.max_connection_age_grace_s > s.grace_period_s
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"tls_cert_file": Path("c")}, "tls_cert_file and tls_key_file go together"),
+        ({"tls_key_file": Path("k")}, "tls_cert_file and tls_key_file go together"),
+        ({"tls_client_ca_file": Path("ca")}, "needs tls_cert_file"),
+        ({"health_port": -2}, "health_port must be in -1..65535"),
+        ({"health_port": 8001}, "health_port 8001 is also the gRPC or metrics port"),
+        ({"max_concurrent_streams": 0}, "max_concurrent_streams must be an integer >= 1"),
+        ({"max_connections": 0}, "max_connections must be an integer >= 1"),
+        ({"keepalive_time_s": 0.0}, "keepalive_time_s must be > 0"),
+        ({"credentials_check_interval_s": float("nan")}, "must be > 0"),
+        ({"max_connection_age_s": -1.0}, "max_connection_age_s must be >= 0"),
+        ({"max_connection_age_s": float("inf")}, "must be finite"),
+    ],
+)
+def test_invalid_security_and_limit_settings_are_refused(
+    values: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
+        Settings(**values)  # type: ignore[arg-type]

@@ -98,6 +98,9 @@ class FakeContext:
     def time_remaining(self) -> float | None:
         return self.remaining_s
 
+    def cancelled(self) -> bool:
+        return False
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise AssertionError(f"unexpected abort {code}: {details}")
 
