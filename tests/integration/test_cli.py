@@ -228,13 +228,18 @@ def test_models_metadata_and_health(server: RunningServer) -> None:
         line.split()[:4] == ["tiny_reg", "2,", "1", "regression"]
         for line in models.stdout.splitlines()
     )
-    listed = json.loads(cli(server.target, "models", "--json").stdout)
-    assert {
+    listed = {m["name"]: m for m in json.loads(cli(server.target, "models", "--json").stdout)}
+    assert listed["tiny_cls"] | {"version_states": None} == {
         "name": "tiny_cls",
         "versions": ["1"],
         "task": "classification",
         "ready": True,
-    } in listed
+        "reason": "",
+        "version_states": None,
+    }
+    assert listed["tiny_cls"]["version_states"] == [["1", "ready", ""]]
+    assert not listed["deterministic"]["ready"]
+    assert "identical outputs" in listed["deterministic"]["reason"]
 
     metadata = json.loads(cli(server.target, "metadata", "-m", "tiny_cls", "--json").stdout)
     assert metadata["labels"] == list(LABELS)
