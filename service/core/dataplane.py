@@ -45,6 +45,7 @@ from service.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    quote,
 )
 from service.maths.adaptive import RowMerger, next_round
 from service.repository import ModelConfig, ProvenanceInfo, Task, TensorSpec
@@ -201,7 +202,7 @@ def decode_inputs(
     names: set[str] = set()
     for tensor in inputs:
         if tensor.name in names:
-            raise InvalidInput(f"input {tensor.name!r} is given twice")
+            raise InvalidInput(f"input {quote(tensor.name)} is given twice")
         names.add(tensor.name)
     expected = {spec.name for spec in config.inputs}
     missing = sorted(expected - names)
@@ -209,9 +210,15 @@ def decode_inputs(
     if missing or unexpected:
         raise InvalidInput(
             f"model {config.name!r} takes inputs {sorted(expected)}; missing {missing}, "
-            f"unexpected {unexpected}"
+            f"unexpected {_quoted(unexpected)}"
         )
     return {tensor.name: tensors.decode(tensor) for tensor in inputs}
+
+
+def _quoted(names: Sequence[str], most: int = 8) -> str:
+    """A client's list of names for a message: each cut (``quote``), at most ``most`` shown."""
+    shown = ", ".join(quote(n) for n in names[:most])
+    return f"[{shown}{', ...' if len(names) > most else ''}]"
 
 
 def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -234,9 +241,10 @@ def validate_inputs(
     """
     expected = {spec.name for spec in config.inputs}
     if set(inputs) != expected:
+        unexpected = _quoted(sorted(set(inputs) - expected))
         raise InvalidInput(
             f"model {config.name!r} takes inputs {sorted(expected)}; missing "
-            f"{sorted(expected - set(inputs))}, unexpected {sorted(set(inputs) - expected)}"
+            f"{sorted(expected - set(inputs))}, unexpected {unexpected}"
         )
     rows: int | None = None
     for spec in config.inputs:

@@ -20,7 +20,14 @@ from service.core.batching import Batcher, BatchPolicy, VersionQueue
 from service.core.catalogue import Catalogue
 from service.engine.onnx_session import SessionConfig
 from service.engine.runtime import Engine, build_engine
-from service.errors import InvalidInput, ModelLoadError, ModelNotFound, Unavailable, VersionNotFound
+from service.errors import (
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    Unavailable,
+    VersionNotFound,
+    quote,
+)
 from service.repository import Fingerprint, ModelConfig, VersionSource
 from service.settings import Settings
 
@@ -328,7 +335,9 @@ class ModelRegistry:
         try:
             number = int(version)
         except ValueError:
-            raise InvalidInput(f"version must be a positive integer, got {version!r}") from None
+            raise InvalidInput(
+                f"version must be a positive integer, got {quote(version)}"
+            ) from None
         if number in versions:
             return versions[number]
         failure = self.failure(name, number)

@@ -264,3 +264,20 @@ def test_a_dynamic_axis_beyond_the_batch_takes_any_size() -> None:
     assert validate_inputs(dynamic, {"x": np.ones((2, 1, 3), np.float32)}, 8) == 2
     with pytest.raises(InvalidInput, match=r"must have shape \[-1, -1, 3\], got \[2, 5, 4\]"):
         validate_inputs(dynamic, {"x": np.ones((2, 5, 4), np.float32)}, 8)
+
+
+def test_client_names_in_messages_are_cut(loop: asyncio.AbstractEventLoop) -> None:
+    """An unexpected input name of 100,000 characters, and many of them, come back cut: a
+    status message never carries a client's string whole (service.errors.quote)."""
+    long = "z" * 100_000
+    many = [wire(f"{long}{i}", np.ones((1, 3), np.float32)) for i in range(20)]
+    core = make_core(FakeEngine())
+    with pytest.raises(InvalidInput) as raised:
+        loop.run_until_complete(
+            core.predict(request(inputs=[wire("x", np.ones((1, 3), np.float32)), *many]))
+        )
+    assert "unexpected [" in raised.value.message
+    assert len(raised.value.message) < 1500
+    with pytest.raises(InvalidInput, match="version must be a positive integer") as bad:
+        loop.run_until_complete(core.predict(request(version=long)))
+    assert len(bad.value.message) < 200
