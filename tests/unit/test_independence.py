@@ -10,24 +10,30 @@ runs the same check on a plain ONNX Runtime CPU Dropout session and expects it t
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service.core.dataplane import PredictInput
 from service.engine.onnx_session import SessionConfig, create_session
 from service.engine.runtime import McEngine
 from service.repository import parse_config
 from tests.statistics import coin_independence
+from tests.support.plane import make_plane, source, wire
 
 WIDTH = 256
 CPU = SessionConfig(use_gpu=False)
-CONFIG = parse_config(
-    {"task": "regression",
-     "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, WIDTH]}],
-     "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, WIDTH]}]},
-    "dropout_only",
-)  # fmt: skip
+CONFIG_RAW: dict[str, Any] = {
+    "task": "regression",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, WIDTH]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, WIDTH]}],
+}
+CONFIG = parse_config(CONFIG_RAW, "dropout_only")
 
 
 def dropout_only(rate: float = 0.5) -> onnx.ModelProto:
@@ -111,3 +117,47 @@ def test_keep_frequency_is_one_minus_the_rate(rate: float) -> None:
     n = kept.size
     t = np.sqrt(np.log(2 / 1e-6) / (2 * n))
     assert abs(kept.mean() - (1 - rate)) < t
+
+
+class RecordingEngine:
+    """The real engine, recording the raw samples of every run (rounds of adaptive sampling
+    are runs of their own)."""
+
+    def __init__(self, engine: McEngine) -> None:
+        self.engine = engine
+        self.runs: list[np.ndarray] = []
+        self.provider = engine.provider
+
+    def is_stochastic(self, copies: int = 256) -> bool:
+        return self.engine.is_stochastic(copies)
+
+    def output_elements(self, inputs: Any) -> list[int]:
+        return self.engine.output_elements(inputs)
+
+    def run(self, inputs: Any, num_samples: int, cancel: Any = None, **options: Any) -> Any:
+        keep = options.pop("keep_samples", False)
+        stats = self.engine.run(inputs, num_samples, cancel, keep_samples=True, **options)
+        self.runs.append(stats[0].samples)  # (B, t, WIDTH)
+        return stats if keep else [dataclasses.replace(s, samples=None) for s in stats]
+
+
+def test_adaptive_rounds_are_independent() -> None:
+    """A target standard error of 0.1 stops the row after rounds of 32, 32 and 64 samples
+    (each an engine run through the batcher): for 150 requests, the first 32 samples of
+    rounds 1 and 2, in order (round 1 of request 1, round 2 of request 1, round 1 of
+    request 2, ...), are checked like consecutive runs."""
+    recording = RecordingEngine(engine())
+    plane = make_plane([(source(CONFIG_RAW, name="dropout_only"), recording)])
+    request = PredictInput("dropout_only", None, [wire("x", ONES)], target_standard_error=0.1)
+
+    async def predict_all() -> None:
+        for _ in range(150):
+            result = await plane.predict(request)
+            assert result.num_samples == 128
+        await plane.close()
+
+    asyncio.run(predict_all())
+    rounds = [r[0, :32].reshape(-1) != 0 for r in recording.runs if r.shape[1] == 32]
+    assert len(rounds) == 300  # rounds 1 and 2 of each request
+    report = coin_independence(np.stack(rounds))
+    assert report.independent, str(report)
