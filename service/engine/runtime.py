@@ -400,6 +400,24 @@ class McEngine:
     def config(self) -> ModelConfig:
         return self._config
 
+    def sessions(self) -> dict[str, ort.InferenceSession]:
+        """The engine's ONNX Runtime sessions that exist now, by role: ``prefix``,
+        ``sampler`` (the native one on CUDA), ``fed sampler`` (the noise-fed one: on the CPU
+        it is the sampler; on CUDA it is built by the first seeded request)."""
+        found: dict[str, ort.InferenceSession] = {}
+        if self._prefix is not None:
+            found["prefix"] = self._prefix
+        if self._native is not None:
+            found["sampler"] = self._native.session
+        if self._fed is not None:
+            found["fed sampler" if self._native is not None else "sampler"] = self._fed.session
+        return found
+
+    @property
+    def io_binding(self) -> bool:
+        """Whether runs go through IO binding (device tensors stay on the device)."""
+        return self._binding
+
     @property
     def noise_fed(self) -> bool:
         """True when unseeded samples come from fed numpy noise (always on the CPU)."""

@@ -1,11 +1,11 @@
 """Every engine form on CUDA against PyTorch MC dropout: the CUDA twin of
 tests/integration/test_engines.py (same models, T, statistical tests and thresholds), plus the
-seeded path and large T in many chunks.
+seeded path, large T in many chunks, IO binding, batch buckets and half precision.
 
 Statistical tests (tests/integration/parity.py): per element, a two-sample z-test of the mean
 and a log-variance-ratio z-test, Bonferroni-corrected over the elements compared, each at
-false-failure probability ALPHA = 1e-4. This module makes 16 such comparisons (32 tests), so a
-correct engine fails it by chance with probability below 3.2e-3.
+false-failure probability ALPHA = 1e-4. This module makes 17 such comparisons (34 tests), so a
+correct engine fails it by chance with probability below 3.4e-3.
 """
 
 # The imports follow the module-level CUDA skip, so that a host without CUDA skips at once.
@@ -18,12 +18,16 @@ from tests.gpu.cuda import require_cuda
 
 require_cuda()
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import torch
 from numpy.typing import NDArray
 
+from export import export_model, mc_dropout_copy, zoo
+from export.precision import FP16_MEAN_MARGIN, FP16_VARIANCE_MARGIN
+from export.stats import Moments, mean_z_test, variance_ratio_test
 from service.engine.onnx_session import SessionConfig
 from service.engine.runtime import build_engine
 from service.repository import load_version
@@ -48,21 +52,6 @@ def _rows(test_models: ExportedModels, name: str) -> NDArray[np.float32]:
     return np.random.default_rng(7).standard_normal((3, 2, 5, 5)).astype(np.float32)
 
 
-def _sessions(engine: Any) -> dict[str, ort.InferenceSession]:
-    """Every ONNX Runtime session of an engine, its seeded path's included (by attribute)."""
-    found = {k: v for k, v in vars(engine).items() if isinstance(v, ort.InferenceSession)}
-    seeded = getattr(engine, "_seeded", None)
-    if seeded is not None:
-        found.update(
-            {
-                f"seeded.{k}": v
-                for k, v in vars(seeded).items()
-                if isinstance(v, ort.InferenceSession)
-            }
-        )
-    return found
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ["digits", "housing", "tiny_d2"])
 def test_every_session_of_every_engine_form_runs_on_cuda(
@@ -70,10 +59,12 @@ def test_every_session_of_every_engine_form_runs_on_cuda(
 ) -> None:
     engine = _engine(test_models, name, kind)
     assert engine.provider == PROVIDER
-    sessions = _sessions(engine)
-    assert sessions, "no session found on the engine"
-    assert "seeded._session" in sessions, "the engine has no seeded path"
-    providers = {k: s.get_providers()[0] for k, s in sessions.items()}
+    assert not engine.noise_fed  # unseeded samples: CUDA's own Philox kernels
+    assert engine.io_binding  # the prefix's outputs and the tile stay on the device
+    x = _rows(test_models, name)
+    engine.run({engine.config.inputs[0].name: x[:1]}, 8, seed=1)  # builds the fed sampler
+    providers = {k: s.get_providers()[0] for k, s in engine.sessions().items()}
+    assert "fed sampler" in providers, providers
     assert set(providers.values()) == {PROVIDER}, providers
     # The server's load-time probe: copies of one row differ (Dropout was not optimised away).
     assert engine.is_stochastic()
@@ -136,8 +127,8 @@ def test_seeded_path_is_bit_identical_on_cuda(
 def test_chunked_runs_match_one_run_on_cuda(test_models: ExportedModels, kind: EngineKind) -> None:
     """A memory budget of one byte: one sample per session run, 1500 runs on the GPU."""
     engine = _engine(test_models, "tiny_d2", kind, budget=1)
-    assert engine.budget_rows == 1
     x = np.random.default_rng(8).standard_normal((2, 2, 5, 5)).astype(np.float32)
+    assert engine.budget_rows({"image": x}) == 1
     (stats,) = engine.run({"image": x}, 1500)
     assert stats.num_samples == 1500
     reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x, N_TORCH, softmax=False)
@@ -145,16 +136,14 @@ def test_chunked_runs_match_one_run_on_cuda(test_models: ExportedModels, kind: E
 
 
 def test_large_t_in_many_chunks_on_cuda(test_models: ExportedModels) -> None:
-    """T = 20,000 on the digits CNN with a budget of 256 samples of its rows per run (79 runs
-    of the server's default engine), statistics folded across chunks."""
+    """T = 20,000 on the digits CNN with a budget of 256 samples of its rows per run (79 runs),
+    statistics folded across chunks."""
     x = _rows(test_models, "digits")
-    folder = test_models.repository / "digits"
-    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-    per_row = load_version(folder, version).config.activation_bytes_per_row
-    assert per_row, "the export estimated no activation bytes per row"
+    probe = _engine(test_models, "digits", "auto")
+    per_row = probe.tile_memory_bytes // probe.budget_rows({"image": x})
     engine = _engine(test_models, "digits", "auto", budget=per_row * 256 * x.shape[0])
     assert engine.provider == PROVIDER
-    assert engine.budget_rows == 256 * x.shape[0]
+    assert engine.budget_rows({"image": x}) // x.shape[0] == 256
     t = 20_000
     (stats,) = engine.run({"image": x}, t)
     assert stats.num_samples == t
@@ -163,3 +152,38 @@ def test_large_t_in_many_chunks_on_cuda(test_models: ExportedModels) -> None:
     # ~200 here) is too noisy for the kurtosis-based standard error.
     reference = torch_mc_samples(test_models.torch_models["digits"], x, t, softmax=True)
     assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, t)
+
+
+def test_batch_sizes_are_padded_to_buckets_on_cuda(test_models: ExportedModels) -> None:
+    """On CUDA runs are padded to powers of two (a few shapes for the provider's algorithm
+    choices); the answer has the real rows and matches PyTorch."""
+    engine = _engine(test_models, "digits", "auto")
+    assert engine.batch_buckets[:4] == (1, 2, 4, 8)
+    x = np.concatenate([_rows(test_models, "digits")] * 3)[:5]  # 5 rows: padded to 8
+    (stats,) = engine.run({"image": x}, T)
+    assert stats.mean.shape == (5, 10)
+    reference = torch_mc_samples(test_models.torch_models["digits"], x, N_TORCH, softmax=True)
+    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+
+
+def test_half_precision_on_cuda(tmp_path: Path) -> None:
+    """A float16 export of the zoo's two-head model served on CUDA: within the stated
+    tolerance of PyTorch float32 (export/precision.py)."""
+    entry = zoo.ZOO["two_head"]
+    report = export_model(entry.build(), entry.example_inputs(), repository=tmp_path,
+                          name="half", precision="fp16", **entry.export_args)  # fmt: skip
+    engine = build_engine(load_version(tmp_path / "half", report.version),
+                          SessionConfig(use_gpu=USE_GPU), 1 << 28)  # fmt: skip
+    assert engine.provider == PROVIDER
+    rows = entry.example_inputs()[0][:3]
+    stats = engine.run({"features": rows.numpy()}, 2000, keep_samples=True)
+    with torch.no_grad():
+        outputs = mc_dropout_copy(entry.build())(rows.repeat(2000, 1))
+    for out, reference, spec in zip(stats, outputs, engine.config.outputs, strict=True):
+        theirs = reference.double().reshape(2000, 3, *reference.shape[1:])
+        if spec.semantics is not None and spec.semantics.is_classification:
+            theirs = torch.softmax(theirs, -1)
+        ours = Moments.from_samples(np.moveaxis(out.samples, 1, 0).reshape(2000, -1))
+        torch_side = Moments.from_samples(theirs.numpy().reshape(2000, -1))
+        assert mean_z_test(ours, torch_side, 1e-4, margin=FP16_MEAN_MARGIN).passed
+        assert variance_ratio_test(ours, torch_side, 1e-4, margin=FP16_VARIANCE_MARGIN).passed
