@@ -129,11 +129,16 @@ class DynamicBatchingConfig:
             ``--max-batch-rows``.
         max_queue_delay_us: longest time, in microseconds, the oldest waiting request is held
             back for more requests to join its run.
+        pad: models with dynamic axes whose answers do not depend on padding (a text
+            classifier that masks padded tokens): per input, the value that pads its dynamic
+            axes at the end, so that requests of different lengths share runs (padded to the
+            longest). Without it, requests of different lengths never share a run.
     """
 
     enabled: bool = True
     max_batch_rows: int | None = None
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    pad: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -346,7 +351,15 @@ def _dynamic_batching(raw: Any, where: str) -> DynamicBatchingConfig:
         "dynamic_batching.max_queue_delay_us must be an integer in "
         f"0..{_MAX_QUEUE_DELAY_LIMIT_US}, got {delay!r}",
     )
-    return DynamicBatchingConfig(enabled=enabled, max_batch_rows=rows, max_queue_delay_us=delay)
+    pad = raw.get("pad", {})
+    _require(
+        isinstance(pad, dict)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pad.values()),
+        where,
+        f"dynamic_batching.pad maps input names to numbers, got {pad!r}",
+    )
+    return DynamicBatchingConfig(enabled=enabled, max_batch_rows=rows, max_queue_delay_us=delay,
+                                 pad=tuple(sorted(pad.items())))  # fmt: skip
 
 
 def parse_config(raw: Any, model_name: str, where: str = "config.json") -> ModelConfig:
@@ -411,6 +424,21 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
             dataclasses.replace(o, labels=labels) if o is classes[0] else o for o in outputs
         )
     _check_variance_outputs(outputs, where)
+    batching = _dynamic_batching(raw.get("dynamic_batching"), where)
+    if batching.pad:
+        dynamic = sorted(spec.name for spec in inputs if spec.dynamic_axes)
+        _require(
+            sorted(name for name, _ in batching.pad) == dynamic,
+            where,
+            f"dynamic_batching.pad gives a pad value for each input with dynamic axes, "
+            f"{dynamic}, got {sorted(name for name, _ in batching.pad)}",
+        )
+        _require(
+            not any(spec.dynamic_axes for spec in outputs),
+            where,
+            "dynamic_batching.pad is for models whose outputs have no dynamic axis (a padded "
+            "request's outputs would have the longest request's length)",
+        )
     samples = raw.get("num_samples", {})
     _require(isinstance(samples, dict), where, "num_samples must be an object")
     default = samples.get("default", 100)
@@ -442,7 +470,7 @@ def parse_config(raw: Any, model_name: str, where: str = "config.json") -> Model
         default_num_samples=default,
         max_num_samples=maximum,
         activation_bytes_per_row=activation,
-        dynamic_batching=_dynamic_batching(raw.get("dynamic_batching"), where),
+        dynamic_batching=batching,
         precision=precision,
     )
 

@@ -91,6 +91,9 @@ class BatchPolicy:
     enabled: bool
     max_batch_rows: int
     max_queue_delay_s: float
+    #: per input, the value padding its dynamic axes when requests of different lengths share
+    #: a run (``dynamic_batching.pad``); empty: they never do
+    pad: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_config(cls, config: DynamicBatchingConfig, default_max_batch_rows: int) -> BatchPolicy:
@@ -104,6 +107,7 @@ class BatchPolicy:
             enabled=config.enabled,
             max_batch_rows=config.max_batch_rows or default_max_batch_rows,
             max_queue_delay_s=config.max_queue_delay_us / 1e6,
+            pad=config.pad,
         )
 
 
@@ -509,11 +513,26 @@ class Batcher:
                 self._finish(queue, request)
 
 
-def _concatenate(parts: Sequence[Mapping[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
-    """One (B_total, ...) array per input, the requests' rows in arrival order."""
+def _concatenate(
+    parts: Sequence[Mapping[str, NDArray[Any]]], pad: Mapping[str, float] | None = None
+) -> dict[str, NDArray[Any]]:
+    """One (B_total, ...) array per input, the requests' rows in arrival order; inputs named in
+    ``pad`` are padded at the end of their axes to the longest request's shape."""
     if len(parts) == 1:
         return dict(parts[0])
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    joined: dict[str, NDArray[Any]] = {}
+    for name in parts[0]:
+        arrays = [part[name] for part in parts]
+        if pad and name in pad:
+            longest = np.max([a.shape[1:] for a in arrays], axis=0)
+            arrays = [
+                np.pad(a, [(0, 0), *((0, int(m - d)) for m, d in zip(longest, a.shape[1:],
+                                                                    strict=True))],
+                       constant_values=pad[name])
+                for a in arrays
+            ]  # fmt: skip
+        joined[name] = np.concatenate(arrays)
+    return joined
 
 
 def _check_rows(stats: Sequence[OutputStats], rows: int) -> None:
@@ -536,7 +555,7 @@ def _run_engine(version: VersionQueue, run: RunKey, batch: _Batch) -> list[Outpu
         queue_seconds.observe(started - request.arrived_s)
     if batch.token.cancelled:  # every caller left while the run was handed over
         raise Cancelled("every caller of the batch gave up before it ran")
-    inputs = _concatenate([r.inputs for r in batch.requests])
+    inputs = _concatenate([r.inputs for r in batch.requests], dict(version.policy.pad))
     stats = version.engine.run(
         inputs,
         run.num_samples,

@@ -281,11 +281,15 @@ def validate_inputs(
 
 
 def _row_shapes(
-    config: ModelConfig, inputs: Mapping[str, NDArray[Any]]
+    config: ModelConfig, inputs: Mapping[str, NDArray[Any]], *, seeded: bool = False
 ) -> tuple[tuple[int, ...], ...]:
     """The row shapes of a model with dynamic axes (requests of different shapes never share a
-    run); empty for a model without (every request has the same)."""
+    run); empty for a model without (every request has the same) and for one that pads
+    (``dynamic_batching.pad``: requests of any lengths share runs), unless seeded (a padded
+    row would not be the row whose bytes seed its noise)."""
     if not any(spec.dynamic_axes for spec in config.inputs):
+        return ()
+    if config.dynamic_batching.pad and not seeded:
         return ()
     return tuple(tuple(inputs[spec.name].shape[1:]) for spec in config.inputs)
 
@@ -565,7 +569,7 @@ class DataPlane:
                 return_samples=request.return_samples,
                 interval_levels=request.interval_levels,
                 seed=request.seed,
-                row_shapes=_row_shapes(config, inputs),
+                row_shapes=_row_shapes(config, inputs, seeded=request.seed is not None),
             )
             stats = await self._submit(loaded, inputs, rows, run, timeout_s)
         metrics.REQUEST_SAMPLES.labels(model=config.name).observe(num_samples)

@@ -14,6 +14,8 @@ server's noise is not).
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,9 +134,27 @@ def zoo_server(
 ) -> Iterator[RunningServer]:
     for name in NAMES:
         zoo_export(name)
+    _add_padded_bert(zoo_repository)
     server = start_server(zoo_repository, tmp_path_factory.mktemp("zoo_server"))
     yield server
     assert stop_server(server) == 0, server.log()
+
+
+def _add_padded_bert(repository: Path) -> None:
+    """``bert_padded``: the zoo's BERT declared padding-safe (it masks padded tokens), so
+    requests of different lengths share runs; a long batching delay merges concurrent ones."""
+    target = repository / "bert_padded" / "1"
+    if target.exists():
+        return
+    shutil.copytree(repository / "bert" / "1", target)
+    config = json.loads((target / "config.json").read_text())
+    config["name"] = "bert_padded"
+    config["dynamic_batching"] = {
+        "pad": {"input_ids": 0, "attention_mask": 0},
+        "max_queue_delay_us": 500_000,
+        "max_batch_rows": 4,
+    }
+    (target / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +165,7 @@ def zoo_client(zoo_server: RunningServer) -> Iterator[Client]:
 
 def test_the_server_serves_every_architecture(zoo_client: Client) -> None:
     ready = {m.name: m.ready for m in zoo_client.list_models()}
-    assert ready == dict.fromkeys(NAMES, True)
+    assert ready == dict.fromkeys([*NAMES, "bert_padded"], True)
     assert zoo_client.model_metadata("two_head").task == "mixed"
     bert = zoo_client.model_metadata("bert")
     assert [i.shape for i in bert.inputs] == [(-1, -1), (-1, -1)]
@@ -178,6 +198,56 @@ def test_a_text_model_is_served_at_two_lengths(
     reference = torch_reference("bert", (ids, mask), report)
     logits = answer.outputs["logits"]
     assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T)
+
+
+def test_texts_of_different_lengths_share_runs_when_the_model_pads(
+    zoo_server: RunningServer, references: Any
+) -> None:
+    """Two concurrent requests at lengths 16 and 24 for ``bert_padded`` run as one batch (the
+    16-token request padded to 24 with attention mask 0); each answer matches PyTorch MC
+    dropout of its own, unpadded, text."""
+    import asyncio
+
+    from mcdropout_client import AsyncClient
+
+    report, _, _ = references("bert")
+    texts = []
+    for length in (16, 24):
+        generator = torch.Generator().manual_seed(100 + length)
+        ids = torch.randint(0, zoo.BERT_VOCAB, (1, length), generator=generator)
+        texts.append((ids, torch.ones(1, length, dtype=torch.int64)))
+
+    async def both() -> list[Any]:
+        async with AsyncClient(zoo_server.target, timeout=120) as client:
+            calls = [
+                client.predict("bert_padded", {"input_ids": i.numpy(), "attention_mask": m.numpy()},
+                               num_samples=T)
+                for i, m in texts
+            ]  # fmt: skip
+            return list(await asyncio.gather(*calls))
+
+    runs_before, requests_before = _batch_requests(zoo_server)
+    answers = asyncio.run(both())
+    runs, requests = _batch_requests(zoo_server)
+    assert (runs - runs_before, requests - requests_before) == (1, 2)  # one run, two requests
+    for (ids, mask), answer in zip(texts, answers, strict=True):
+        reference = torch_reference("bert", (ids, mask), report)
+        logits = answer.outputs["logits"]
+        assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T)
+
+
+def _batch_requests(server: RunningServer) -> tuple[float, float]:
+    """(runs, requests) of bert_padded so far, from the server's metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as answer:
+        text = answer.read().decode()
+    values = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for part in values:
+            if line.startswith(f"mcd_batch_requests_{part}") and 'model="bert_padded"' in line:
+                values[part] = float(line.rsplit(" ", 1)[1])
+    return values["count"], values["sum"]
 
 
 def test_a_longer_text_than_the_model_allows_is_refused(zoo_client: Client) -> None:

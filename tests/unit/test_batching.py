@@ -542,3 +542,40 @@ def test_slice_rows_slices_the_intervals_too() -> None:
     np.testing.assert_array_equal(part.intervals[0].lower, interval.lower[1:3])
     np.testing.assert_array_equal(part.intervals[0].upper, interval.upper[1:3])
     assert part.intervals[0].level == 0.9
+
+
+PADDED: dict[str, Any] = {
+    "task": "regression",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, -1], "max_shape": [-1, 8]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1], "semantics": "values"}],
+    "num_samples": {"default": 10, "max": 100},
+}
+
+
+@pytest.mark.parametrize("pad", [None, -9.0])
+def test_requests_of_different_lengths_share_a_run_only_when_the_model_pads(
+    loop: asyncio.AbstractEventLoop, pad: float | None
+) -> None:
+    # Padded: the two requests fill the cap of 3 rows and run at once. Not padded: each waits
+    # the delay in its own queue.
+    batching: dict[str, Any] = {"max_batch_rows": 3, "max_queue_delay_us": 200_000}
+    if pad is not None:
+        batching["pad"] = {"x": pad}
+    engine = RowEngine()
+    core = make_plane([(source(dict(PADDED, dynamic_batching=batching)), engine)])
+    short, long = np.zeros((1, 3), np.float32), np.ones((2, 5), np.float32)
+    short[0, 0], long[:, 0] = 7.0, 8.0
+
+    async def scenario() -> list[Any]:
+        tasks = [start(core, short), start(core, long)]
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), SAFETY_TIMEOUT_S))
+
+    first, second = loop.run_until_complete(scenario())
+    assert means(first) == [7.0]
+    assert means(second) == [8.0, 8.0]
+    if pad is None:  # different lengths: two runs
+        assert sorted(x.shape for x, _ in engine.runs) == [(1, 3), (2, 5)]
+    else:  # one run, the short row padded at the end with the model's pad value
+        ((x, _),) = engine.runs
+        assert x.shape == (3, 5)
+        np.testing.assert_array_equal(x[0], [7.0, 0.0, 0.0, pad, pad])

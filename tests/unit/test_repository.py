@@ -264,3 +264,27 @@ def test_two_variances_for_one_output_and_of_on_values_are_refused() -> None:
     raw["outputs"][0]["of"] = "log_var"
     with pytest.raises(ModelLoadError, match="'of' is only for variance"):
         parse_config(raw, "het")
+
+
+def test_padding_lets_requests_of_different_lengths_share_runs() -> None:
+    raw: dict[str, Any] = {
+        "inputs": [
+            {"name": "ids", "dtype": "int64", "shape": [-1, -1], "max_shape": [-1, 64]},
+            {"name": "mask", "dtype": "int64", "shape": [-1, -1], "max_shape": [-1, 64]},
+        ],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 3], "semantics": "logits"}],
+        "dynamic_batching": {"pad": {"ids": 0, "mask": 0}},
+    }
+    assert parse_config(raw, "bert").dynamic_batching.pad == (("ids", 0), ("mask", 0))
+    missing = copy.deepcopy(raw)
+    missing["dynamic_batching"]["pad"] = {"ids": 0}
+    with pytest.raises(ModelLoadError, match="a pad value for each input with dynamic axes"):
+        parse_config(missing, "bert")
+    tokens = copy.deepcopy(raw)
+    tokens["outputs"][0]["shape"] = [-1, -1, 3]
+    with pytest.raises(ModelLoadError, match="outputs have no dynamic axis"):
+        parse_config(tokens, "bert")
+    text = copy.deepcopy(raw)
+    text["dynamic_batching"]["pad"] = {"ids": "0", "mask": 0}
+    with pytest.raises(ModelLoadError, match="maps input names to numbers"):
+        parse_config(text, "bert")
