@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from export.mc_mode import mc_dropout_copy
-from export.stats import Moments, mean_z_test, variance_ratio_test
+from export.stats import Moments, ZTestResult, mean_z_test, variance_ratio_test
 
 ALPHA = 1e-4
 N_TORCH = 4000
@@ -44,10 +44,14 @@ def server_moments(
     return Moments(n=t, mean=mean.reshape(-1), m2=m2, m4=reference.kurtosis * m2**2)
 
 
-def assert_matches_torch(answer: dict[str, Any], reference: NDArray[np.float64], t: int) -> None:
+def assert_matches_torch(
+    answer: dict[str, Any], reference: NDArray[np.float64], t: int
+) -> tuple[ZTestResult, ZTestResult]:
+    """Both tests must pass; returns their results (max |z|, thresholds, variance ratios)."""
     torch_side = Moments.from_samples(reference.reshape(reference.shape[0], -1))
     ours = server_moments(answer["mean"], answer["variance"], t, torch_side)
     mean = mean_z_test(ours, torch_side, ALPHA)
     assert mean.passed, mean
     variance = variance_ratio_test(ours, torch_side, ALPHA)
     assert variance.passed, variance
+    return mean, variance

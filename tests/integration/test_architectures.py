@@ -107,8 +107,16 @@ def test_every_engine_form_matches_pytorch(name: str, references: Any) -> None:
     for kind in FORMS:
         engine = build_engine(source, CPU, 256 * 2**20, kind)
         stats = engine.run(feed, T)
-        for out, ref in zip(stats, reference, strict=True):
-            assert_matches_torch({"mean": out.mean, "variance": out.variance}, ref, T)
+        for spec, out, ref in zip(source.config.outputs, stats, reference, strict=True):
+            mean, variance = assert_matches_torch(
+                {"mean": out.mean, "variance": out.variance}, ref, T
+            )
+            # The figures, for `pytest -s` (the closing notes quote them).
+            print(
+                f"{name} {kind} {spec.name}: mean max|z| {mean.max_abs_z:.2f}, variance max|z| "
+                f"{variance.max_abs_z:.2f} (threshold {mean.threshold:.2f}, K={mean.num_elements}), "
+                f"variance ratio {variance.min_ratio:.3f}..{variance.max_ratio:.3f}"
+            )
 
 
 def test_many_chunks_of_a_convolutional_net_match_pytorch(references: Any) -> None:
