@@ -37,6 +37,21 @@ _INSTRUMENTED_PREFIXES = (f"/{SERVICE_NAME}/", f"/{OIP_SERVICE_NAME}/")
 _MODEL_FIELDS = ("model", "model_name", "name")
 
 
+#: The response fields naming the version that answered: ``model_version`` (ModelInfer),
+#: ``version`` (mcdropout.v1's Predict and GetModelMetadata).
+_VERSION_FIELDS = ("model_version", "version")
+
+
+def answered_version(response: Any) -> str:
+    """The version a response says answered, or "" (the latency's ``version`` label)."""
+    fields = response.DESCRIPTOR.fields_by_name
+    for field in _VERSION_FIELDS:
+        if field in fields and fields[field].type == fields[field].TYPE_STRING:
+            value: str = getattr(response, field)
+            return value
+    return ""
+
+
 def _requested_model(request: Any) -> str | None:
     fields = request.DESCRIPTOR.fields_by_name
     for field in _MODEL_FIELDS:
@@ -86,7 +101,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             requested = _requested_model(request)
             model = "" if requested is None else self._model_label(requested)
             outcome = await observe(
-                method, model, context.time_remaining, lambda: behavior(request, context)
+                method,
+                model,
+                context.time_remaining,
+                lambda: behavior(request, context),
+                version_of=answered_version,
             )
             if outcome.status is not grpc.StatusCode.OK:
                 await context.abort(outcome.status, outcome.message)
