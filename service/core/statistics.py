@@ -142,9 +142,7 @@ class VersionStatistics:
         with self._lock:
             self.compute_output = self.compute_output.plus(output_ns, requests)
             batch = self.batches.get(rows, BatchDurations(rows))
-            self.batches[rows] = replace(
-                batch, compute_output=batch.compute_output.plus(output_ns)
-            )
+            self.batches[rows] = replace(batch, compute_output=batch.compute_output.plus(output_ns))
 
     def snapshot(self) -> VersionStatistics:
         """A consistent copy (for an answer), batch sizes in increasing order."""

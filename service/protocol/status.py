@@ -87,9 +87,7 @@ def observe_failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, s
     return status_of(exc)
 
 
-def record_request(
-    model: str, method: str, code: str, seconds: float, version: str = ""
-) -> None:
+def record_request(model: str, method: str, code: str, seconds: float, version: str = "") -> None:
     """Record one answered request: its latency, and an error count when ``code`` is not OK.
 
     Args:
