@@ -12,6 +12,7 @@
     │   └── ModelNotReady
     ├── DeadlineExceeded              DEADLINE_EXCEEDED
     ├── Cancelled                     CANCELLED
+    ├── Unauthenticated               UNAUTHENTICATED  missing or wrong bearer token
     └── InternalError                 INTERNAL
 
     ModelLoadError (not sent to clients: a model version that cannot be served)
@@ -38,6 +39,7 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "ServiceError",
+    "Unauthenticated",
     "Unavailable",
     "VersionNotFound",
 ]
@@ -110,6 +112,12 @@ class Cancelled(ServiceError):
     """The client cancelled the request."""
 
     code = "CANCELLED"
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no bearer token, or one the server does not accept."""
+
+    code = "UNAUTHENTICATED"
 
 
 class InternalError(ServiceError):

@@ -44,7 +44,9 @@ __all__ = [
     "MC_SEED",
     "MC_TARGET_STANDARD_ERROR",
     "OutputTensor",
+    "check_tensor_parameters",
     "encode_outputs",
+    "input_dtype",
     "mc_options_of",
     "mc_samples_of",
     "output_metadata",
@@ -83,17 +85,33 @@ def _has_typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bool:
     return any(len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS)
 
 
-def _check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, Any]) -> None:
+def check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, Any]) -> None:
+    """Refuse tensor parameters that ask for features this server does not have (both forms
+    of the protocol: shared memory, classification).
+
+    Args:
+        kind: "input" or "output", for the message.
+        name: the tensor's name.
+        parameters: its parameters (any mapping: only the names are read).
+
+    Raises:
+        InvalidInput: an unsupported parameter.
+    """
     for key, reason in _UNSUPPORTED_TENSOR_PARAMETERS.items():
         if key in parameters:
             raise InvalidInput(f"{kind} {name!r}: parameter {key!r}: {reason}")
 
 
-def _dtype_of(tensor: oip.ModelInferRequest.InferInputTensor) -> tensors.DType:
-    dtype = tensors.from_oip(tensor.datatype)
+def input_dtype(name: str, datatype: str) -> tensors.DType:
+    """The type of an input's OIP datatype (both forms of the protocol).
+
+    Raises:
+        InvalidInput: an unknown datatype, or BYTES (no model here takes it).
+    """
+    dtype = tensors.from_oip(datatype)
     if dtype is None or dtype.is_bytes:
         raise InvalidInput(
-            f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r} (supported: "
+            f"input {name!r}: unsupported datatype {datatype!r} (supported: "
             f"{', '.join(_INPUT_DATATYPES)})"
         )
     return dtype
@@ -139,8 +157,8 @@ def wire_inputs(request: oip.ModelInferRequest) -> list[tensors.WireTensor]:
         )
     found: list[tensors.WireTensor] = []
     for index, tensor in enumerate(request.inputs):
-        _check_tensor_parameters("input", tensor.name, tensor.parameters)
-        dtype = _dtype_of(tensor)
+        check_tensor_parameters("input", tensor.name, tensor.parameters)
+        dtype = input_dtype(tensor.name, tensor.datatype)
         data: bytes | Sequence[Any]
         if raw:
             data_name, data = "raw contents", raw[index]
@@ -169,7 +187,7 @@ def requested_output_names(
         InvalidInput: an unsupported output parameter (classification, shared memory).
     """
     for output in requested:
-        _check_tensor_parameters("output", output.name, output.parameters)
+        check_tensor_parameters("output", output.name, output.parameters)
     return [output.name for output in requested]
 
 
