@@ -1,5 +1,5 @@
-"""The gRPC server: both protocols on one port, health, reflection, and the one place where
-errors of unary RPCs become status codes (:class:`StatusInterceptor`, through
+"""The gRPC server: both protocols on one port, health, reflection (v1 and v1alpha), and the one
+place where errors of unary RPCs become status codes (:class:`StatusInterceptor`, through
 ``service.protocol.status.observe``, which also records the request metrics).
 
 Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service.core.dataplane import DataPlane
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
@@ -24,6 +23,7 @@ from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
 from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc
 from service.protocol.mcdropout_servicer import MCDropoutServicer
 from service.protocol.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
+from service.protocol.reflection import enable_reflection
 from service.protocol.status import observe, status_of
 from service.settings import Settings
 
@@ -137,12 +137,12 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
-            reflection.enable_server_reflection(
+            # v1alpha and v1 (service.protocol.reflection)
+            enable_reflection(
                 (
                     SERVICE_NAME,
                     OIP_SERVICE_NAME,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
                 ),
                 self._server,
             )

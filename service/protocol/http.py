@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +158,7 @@ def _endpoint(method: str, handler: Handler, *, public: bool = False) -> Handler
 
 
 #: The key under which a handler leaves the version that answered (the metrics label).
-_ANSWERED_VERSION = "answered_version"
+_ANSWERED_VERSION = web.ResponseKey("answered_version", int)
 
 
 class _TooLarge(ResourceExhausted):
@@ -167,35 +166,18 @@ class _TooLarge(ResourceExhausted):
 
 
 async def _body(request: web.Request, limit: int) -> bytes:
-    """The whole body, decompressed when it says ``Content-Encoding: gzip`` or ``deflate``
-    (tritonclient's request compression), never more than ``limit`` bytes either way.
+    """The whole body. aiohttp inflates ``Content-Encoding: gzip``, ``deflate`` (and ``br``)
+    bodies, tritonclient's request compression, and counts the limit on what they inflate to.
 
     Raises:
-        ResourceExhausted: the body (or what it inflates to) is above the limit (HTTP 413).
-        InvalidInput: an unknown encoding, or data that does not inflate.
+        ResourceExhausted: the body (inflated) is above the limit (answered HTTP 413).
     """
     try:
-        body = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _TooLarge(
             f"the request body is larger than the limit of {limit} bytes (--max-message-bytes)"
         ) from None
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"the {encoding} body does not inflate: {exc}") from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise _TooLarge(
-            f"the request body is larger than the limit of {limit} bytes once inflated "
-            "(--max-message-bytes)"
-        )
-    return inflated
 
 
 async def _load_json(data: bytes | memoryview, what: str) -> Any:
@@ -330,7 +312,7 @@ async def _load(request: web.Request) -> web.Response:
 async def _unload(request: web.Request) -> web.Response:
     body = await _optional_body(request)
     oip_json.check_unload_parameters(json_object(body.get("parameters", {}), "'parameters'"))
-    await request.app[_PLANE].unload(request.match_info["model"])
+    await request.app[_PLANE].unload(request.match_info["model"], wait=True)
     return _json_response({})
 
 

@@ -115,7 +115,7 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> oip.RepositoryModelUnloadResponse:
         oip_json.check_unload_parameters(_repository_parameters(request.parameters))
-        await self._plane.unload(request.model_name)
+        await self._plane.unload(request.model_name, wait=True)
         return oip.RepositoryModelUnloadResponse()
 
     async def ModelInfer(  # noqa: N802

@@ -105,7 +105,9 @@ def test_each_output_answers_under_its_own_name_with_its_mean_in_the_graph_dtype
 
 
 def test_an_output_named_like_another_outputs_statistic_is_refused() -> None:
-    with pytest.raises(ModelLoadError, match="'y_std' would be both std of 'y' and output 'y_std' itself"):
+    with pytest.raises(
+        ModelLoadError, match="'y_std' would be both std of 'y' and output 'y_std' itself"
+    ):
         Catalogue(regressor(values("y"), values("y_std")))
 
 
