@@ -156,6 +156,7 @@ def _binary_with(extra: bytes, size: int = 24) -> tuple[bytes, dict[str, str]]:
     return header + np.ones(6, np.float32).tobytes() + extra, {HEADER_LENGTH: str(len(header))}
 
 
+# fmt: off
 ERRORS: list[tuple[str, Callable[[], tuple[Any, dict[str, str]]], int, str]] = [
     ("not json", lambda: (b"{nope", {}), 400, "not valid JSON"),
     ("not an object", lambda: (b"[1]", {}), 400, "must be a JSON object"),
@@ -165,13 +166,13 @@ ERRORS: list[tuple[str, Callable[[], tuple[Any, dict[str, str]]], int, str]] = [
         lambda: (json.dumps(infer_body()).replace("[2, 3]", "[2, 4]").encode(), {}),
         400,
         "6 values in data for shape [2, 4] (expected 8)",
-    ),  # fmt: skip
+    ),
     (
         "unknown datatype",
         lambda: (json.dumps(infer_body()).replace("FP32", "FP8").encode(), {}),
         400,
         "unsupported datatype 'FP8'",
-    ),  # fmt: skip
+    ),
     (
         "ragged data",
         lambda: (
@@ -186,19 +187,19 @@ ERRORS: list[tuple[str, Callable[[], tuple[Any, dict[str, str]]], int, str]] = [
         ),
         400,
         "mixes arrays and values",
-    ),  # fmt: skip
+    ),
     (
         "header past the body",
-        lambda: _binary_with(b"")[:1] + ({HEADER_LENGTH: "1000"},),
+        lambda: (_binary_with(b"")[0], {HEADER_LENGTH: "1000"}),
         400,
         "is outside the body",
-    ),  # fmt: skip
+    ),
     (
         "binary overrun",
         lambda: _binary_with(b"", size=48),
         400,
         "binary_data_size 48 overruns the binary data (24 bytes left",
-    ),  # fmt: skip
+    ),
     ("binary left over", lambda: _binary_with(b"\x00\x00"), 400, "2 bytes of binary data"),
     ("bad header length", lambda: (b"{}", {HEADER_LENGTH: "x"}), 400, "must be an integer"),
     (
@@ -206,25 +207,25 @@ ERRORS: list[tuple[str, Callable[[], tuple[Any, dict[str, str]]], int, str]] = [
         lambda: (json.dumps(infer_body(parameters={"mc_sample": 3})).encode(), {}),
         400,
         "unknown parameter 'mc_sample'",
-    ),  # fmt: skip
+    ),
     (
         "sequence",
         lambda: (json.dumps(infer_body(parameters={"sequence_id": 3})).encode(), {}),
         400,
         "sequences are not supported",
-    ),  # fmt: skip
+    ),
     (
         "priority",
         lambda: (json.dumps(infer_body(parameters={"priority": 1})).encode(), {}),
         400,
         "priorities are not supported",
-    ),  # fmt: skip
+    ),
     (
         "float mc_samples",
         lambda: (json.dumps(infer_body(parameters={"mc_samples": 1.5})).encode(), {}),
         400,
         "'mc_samples' must be an integer, got a number (1.5)",
-    ),  # fmt: skip
+    ),
     (
         "shared memory",
         lambda: (
@@ -244,7 +245,7 @@ ERRORS: list[tuple[str, Callable[[], tuple[Any, dict[str, str]]], int, str]] = [
         ),
         400,
         "shared memory",
-    ),  # fmt: skip
+    ),
     (
         "too many rows",
         lambda: (
@@ -255,15 +256,16 @@ ERRORS: list[tuple[str, Callable[[], tuple[Any, dict[str, str]]], int, str]] = [
         ),
         429,
         "5 rows is more than",
-    ),  # fmt: skip
+    ),
     ("too large", lambda: (b" " * 5000, {}), 413, "larger than the limit of 4096 bytes"),
     (
         "gzip bomb",
         lambda: (gzip.compress(b" " * 100_000), {"Content-Encoding": "gzip"}),
         413,
         "larger than the limit",
-    ),  # fmt: skip
+    ),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("case", "body", "status", "fragment"), ERRORS, ids=[e[0] for e in ERRORS])
