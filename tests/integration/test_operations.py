@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -53,6 +54,38 @@ def test_reflection_lists_and_describes_the_api(client: Client) -> None:
     predict = pool.FindServiceByName(SERVICE).FindMethodByName("Predict")
     assert predict.input_type.full_name == "mcdropout.v1.PredictRequest"
     assert "num_samples" in predict.input_type.fields_by_name
+
+
+def test_reflection_v1_answers_like_v1alpha(client: Client) -> None:
+    """grpc.reflection.v1 (what newer tools ask first): v1alpha's messages on the wire."""
+    from grpc_reflection.v1alpha import reflection_pb2 as messages
+
+    call = client.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=messages.ServerReflectionRequest.SerializeToString,
+        response_deserializer=messages.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        messages.ServerReflectionRequest(list_services=""),
+        messages.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+        messages.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ),
+    ]
+    listing, inference, reflection = list(call(iter(requests), timeout=10))
+    names = {s.name for s in listing.list_services_response.service}
+    assert {SERVICE, "inference.GRPCInferenceService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names  # fmt: skip
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw).name
+        for raw in inference.file_descriptor_response.file_descriptor_proto
+    ]
+    assert set(files) == {"inference/grpc_service.proto", "inference/model_config.proto"}
+    [v1] = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reflection.file_descriptor_response.file_descriptor_proto
+    ]
+    assert (v1.name, v1.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
 
 
 def scrape(server: RunningServer) -> str:
