@@ -204,7 +204,8 @@ class GpuMemoryCollector(Collector):
 
     Args:
         device_id: the CUDA device index (``--gpu-device-id``).
-        nvml: the NVML bindings (``pynvml`` of nvidia-ml-py; a parameter for tests).
+        nvml: the NVML bindings (``pynvml`` of nvidia-ml-py, the ``cuda`` extra; a parameter
+            for tests).
     """
 
     def __init__(self, device_id: int, nvml: Any = None) -> None:
