@@ -39,6 +39,8 @@ __all__ = ["App", "StartupError"]
 
 log = logging.getLogger(__name__)
 
+_CUDA = "CUDAExecutionProvider"
+
 
 class StartupError(Exception):
     """The server cannot start as configured; the message is one line for the operator (it
@@ -102,6 +104,7 @@ class App:
             # Health follows every change the model lifecycle makes (loads, swaps, unloads);
             # HTTP readiness reads the plane at each request.
             self.plane.add_listener(self.grpc.update_health)
+            self.plane.add_listener(self._watch_gpu)
             try:
                 await self.plane.start()
             except ModelLoadError as exc:  # the repository itself, not one model: nothing to serve
@@ -126,6 +129,13 @@ class App:
             )  # fmt: skip
         if s.port_file is not None:
             _write_port_file(s.port_file, self.grpc_port, self.http_port, self.metrics_port)
+
+    async def _watch_gpu(self) -> None:
+        """Once a model runs on CUDA, export the GPU's memory (NVML) from then on."""
+        if any(
+            self.plane.metadata(name).provider == _CUDA for name in self.plane.model_names()
+        ):
+            metrics.watch_gpu_memory(self.settings.gpu_device_id)
 
     async def stop(self) -> None:
         s = self.settings

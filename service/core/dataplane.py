@@ -420,6 +420,10 @@ class DataPlane:
         serves now."""
         return {name: self.model_ready(name) for name in self._registry.known()}
 
+    def has_model(self, name: str) -> bool:
+        """Whether the server knows the model (serving, failed to load, or unloaded)."""
+        return self._registry.has_model(name)
+
     def model_label(self, name: str) -> str:
         """A bounded metrics label: the name of a model in the repository, else ``_unknown``."""
         return name if self._registry.has_model(name) else metrics.UNKNOWN_MODEL

@@ -274,7 +274,7 @@ async def _model_ready(request: web.Request) -> web.Response:
     plane = request.app[_PLANE]
     name = request.match_info["model"]
     ready = plane.model_ready(name, _version(request)) and not request.app[_STATE].draining
-    if not ready and not plane.registry.has_model(name):
+    if not ready and not plane.has_model(name):
         raise NotFound(f"model {name!r} not found")
     return _json_response({"name": name, "ready": ready}, 200 if ready else 503)
 

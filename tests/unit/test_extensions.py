@@ -284,3 +284,33 @@ def test_gpu_memory_collector_reads_nvml_at_each_scrape() -> None:
         "mcd_gpu_process_memory_used_bytes": [({"device": "1"}, 1.0 * 2**30)],
     }
     assert list(metrics.GpuMemoryCollector(0, nvml=FakeNvml(fail_init=True)).collect()) == []
+
+
+def test_the_app_watches_the_gpu_once_a_model_runs_on_cuda(tmp_path: Any) -> None:
+    from service.app import App
+    from service.core.catalogue import Catalogue
+    from service.core.registry import PreparedVersion, open_version
+    from service.settings import Settings
+    from tests.support.fake_engine import CONFIG
+    from tests.support.plane import source
+
+    class CudaEngine(FakeEngine):
+        provider = "CUDAExecutionProvider"
+
+    async def scenario() -> None:
+        app = App(Settings(model_repository=tmp_path, device="cpu"))
+        await app._watch_gpu()  # nothing serves: nothing to watch
+        assert metrics._gpu_collector is None
+        version = source(CONFIG)
+        prepared = PreparedVersion(version, CudaEngine(), Catalogue(version.config), ())
+        app.plane.registry.put(open_version(prepared, app.plane.batcher, 8))
+        await app._watch_gpu()
+        assert isinstance(metrics._gpu_collector, metrics.GpuMemoryCollector)
+        await app.plane.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if metrics._gpu_collector is not None:
+            metrics.REGISTRY.unregister(metrics._gpu_collector)
+            metrics._gpu_collector = None
