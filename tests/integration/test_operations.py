@@ -119,11 +119,13 @@ def test_metrics_count_requests_errors_rows_and_samples(
     def delta(name: str, **labels: str) -> float:
         return sample_value(after, name, **labels) - sample_value(before, name, **labels)
 
-    ok = {"model": "tiny_reg", "method": "Predict", "code": "OK"}
-    bad = {"model": "tiny_reg", "method": "Predict", "code": "INVALID_ARGUMENT"}
+    # The latency carries the version that answered (the newest, 2); a failure has none.
+    ok = {"model": "tiny_reg", "version": "2", "method": "Predict", "code": "OK"}
+    bad = {"model": "tiny_reg", "version": "", "method": "Predict", "code": "INVALID_ARGUMENT"}
     assert delta("mcd_request_duration_seconds_count", **ok) == 3
     assert delta("mcd_request_duration_seconds_count", **bad) == 1
-    assert delta("mcd_request_errors_total", **bad) == 1
+    assert delta("mcd_request_errors_total", model="tiny_reg", method="Predict",
+                 code="INVALID_ARGUMENT") == 1  # fmt: skip
     assert delta("mcd_request_rows_sum", model="tiny_reg") == 9
     assert delta("mcd_request_samples_sum", model="tiny_reg") == 21
     assert delta("mcd_compute_duration_seconds_count", model="tiny_reg", version="2") == 3
