@@ -132,9 +132,7 @@ class App:
 
     async def _watch_gpu(self) -> None:
         """Once a model runs on CUDA, export the GPU's memory (NVML) from then on."""
-        if any(
-            self.plane.metadata(name).provider == _CUDA for name in self.plane.model_names()
-        ):
+        if any(self.plane.metadata(name).provider == _CUDA for name in self.plane.model_names()):
             metrics.watch_gpu_memory(self.settings.gpu_device_id)
 
     async def stop(self) -> None:
