@@ -413,7 +413,6 @@ class HttpServer:
             self._settings.host,
             self._settings.http_port,
             reuse_address=True,
-            shutdown_timeout=self._settings.grace_period_s,
         )
         try:
             await site.start()
