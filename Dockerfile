@@ -1,4 +1,4 @@
-# The MC dropout gRPC server (python -m service). Build with `make image`: docker when an
+# The MC dropout server (python -m service): KServe v2 REST on 8000, gRPC on 8001, metrics on 8002. Build with `make image`: docker when an
 # engine answers, else buildah. Build arguments:
 #   BASE  the Python 3.11 base image of both stages; default the official python image.
 #   CUDA  1 (default): onnxruntime-gpu with its CUDA 13 / cuDNN 9 libraries from the package
@@ -36,11 +36,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     ORT_DISABLE_TELEMETRY=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MCD_HOST=0.0.0.0 \
+    MCD_HTTP_PORT=8000 \
     MCD_GRPC_PORT=8001 \
     MCD_METRICS_PORT=8002 \
     MCD_MODEL_REPOSITORY=/models \
     MCD_GRACE_PERIOD_S=10
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 WORKDIR /opt/mcdropout
 USER 10001:10001
 # The probe reads MCD_HOST / MCD_GRPC_PORT, so it follows the settings. Model loading (with

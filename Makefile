@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 MODEL_REPOSITORY ?= models
+HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 # Extra server flags, e.g. RUN_FLAGS="--port-file /tmp/ports.json --device cpu"
@@ -44,10 +45,21 @@ models: $(VENV)/.installed-run
 	else echo "model repository $(MODEL_REPOSITORY) present: $$(ls -d $(MODEL_REPOSITORY)/*/ | xargs -n1 basename | tr '\n' ' ')"; fi
 
 run: models
-	$(PY) -m service --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(RUN_FLAGS)
+	$(PY) -m service --model-repository $(MODEL_REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(RUN_FLAGS)
 
-test: $(VENV)/.installed-dev deploy-tools
+test: $(VENV)/.installed-dev deploy-tools kserve-env
 	$(PY) -m pytest tests
+
+# The kserve SDK (0.21) for tests/integration/test_kserve.py, in its own venv: it pins many
+# packages the project's environment does not share. Without it that test skips, saying so.
+KSERVE_VENV ?= .venv-kserve
+$(KSERVE_VENV)/.installed: tests/compat/kserve-requirements.txt
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --disable-pip-version-check -q -r tests/compat/kserve-requirements.txt
+	touch $@
+
+.PHONY: kserve-env
+kserve-env: $(KSERVE_VENV)/.installed
 
 # The unit tests that neither train nor export a model (marker "export" left out).
 test-fast: $(VENV)/.installed-dev
@@ -122,7 +134,7 @@ bench-gpu: $(VENV)/.installed-dev
 	$(PY) -m bench.gpu $(if $(GPU_REPOSITORY),--repository $(GPU_REPOSITORY)) $(GPU_BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) $(MLSERVER_VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) $(KSERVE_VENV) .mypy_cache .ruff_cache .pytest_cache
 
 # ---- Deploy and monitor: Dockerfile, deploy/, docker-compose.yml (README "Deploy and monitor")
 IMAGE ?= mcdropout:latest

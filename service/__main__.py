@@ -35,8 +35,12 @@ def check_startup(settings: Settings) -> None:
     if not repository.is_dir():
         what = "is not a folder" if repository.exists() else "no such folder"
         raise SettingsError(f"--model-repository {repository}: {what}")
-    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port,
-             "--health-port": settings.health_port}  # fmt: skip
+    ports = {
+        "--grpc-port": settings.grpc_port,
+        "--http-port": settings.http_port,
+        "--metrics-port": settings.metrics_port,
+        "--health-port": settings.health_port,
+    }
     for flag, port in ports.items():
         if port > 0 and _in_use(settings.host, port):
             raise SettingsError(

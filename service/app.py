@@ -1,13 +1,15 @@
-"""Composition root: builds the data plane, the gRPC server and the metrics endpoint, and runs them.
+"""Composition root: builds the data plane, the gRPC server, the KServe v2 HTTP server and the
+metrics endpoint, and runs them, all on one event loop (the metrics server on its own thread).
 
-Start-up order matters for orchestrators: the gRPC port opens first with health NOT_SERVING,
+Start-up order matters for orchestrators: the gRPC and HTTP ports open first with health
+NOT_SERVING (HTTP ``/v2/health/ready`` 503),
 models load off the event loop (a model that fails is left out, not ready, with its reason;
 never the others), then health turns SERVING once a model serves (or with
 ``--allow-empty-start``); with ``--repository-poll-s`` models are then loaded, swapped and
 unloaded while serving (``service.core.lifecycle``) and health follows. Shutdown
-(SIGTERM/SIGINT) turns health NOT_SERVING, keeps serving for the drain period (clients that
-check health and load balancers move away), stops accepting RPCs, lets in-flight ones finish
-within the grace period, then exits 0.
+(SIGTERM/SIGINT) turns health NOT_SERVING and HTTP readiness 503, keeps serving for the drain
+period (clients that check health and load balancers move away), stops accepting RPCs and
+connections, lets in-flight requests finish within the grace period, then exits 0.
 
 What an operator must fix before the server can start (a port in use, the model repository
 gone) is raised as :class:`StartupError`, whose message is one line naming the flag; whatever
@@ -29,12 +31,16 @@ from wsgiref.simple_server import WSGIServer
 from service import metrics
 from service.core.dataplane import DataPlane
 from service.errors import ModelLoadError
+from service.protocol.auth import http_authenticator
 from service.protocol.grpc_server import GrpcServer
+from service.protocol.http import Authenticator, HttpServer
 from service.settings import Settings
 
 __all__ = ["App", "StartupError"]
 
 log = logging.getLogger(__name__)
+
+_CUDA = "CUDAExecutionProvider"
 
 
 class StartupError(Exception):
@@ -46,13 +52,24 @@ class App:
     """The running server. Use ``await app.start()`` / ``await app.stop()``, or ``await
     app.serve()`` to run until SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, authenticate: Authenticator | None = None) -> None:
+        """Args:
+        settings: the server settings.
+        authenticate: the HTTP layer's token check (``service.protocol.http.Authenticator``);
+            None: the tokens of ``--auth-token-file`` when set (as on the gRPC port), else
+            none.
+        """
         self.settings = settings
         self.plane = DataPlane(settings)
         self.grpc = GrpcServer(settings, self.plane)
+        # The HTTP port serves the gRPC port's certificates and checks the same tokens.
+        if authenticate is None and self.grpc.tokens is not None:
+            authenticate = http_authenticator(self.grpc.tokens)
+        self.http = HttpServer(settings, self.plane, authenticate, self.grpc.certificates)
         self._metrics_server: WSGIServer | None = None
         self._metrics_thread: threading.Thread | None = None
         self.grpc_port = 0
+        self.http_port = -1
         self.metrics_port = -1
         self._stopping = asyncio.Event()
         self._end_drain = asyncio.Event()
@@ -79,12 +96,20 @@ class App:
                 self.grpc_port = await self.grpc.start()
             except (OSError, RuntimeError) as exc:  # grpcio raises RuntimeError("Failed to bind")
                 raise _bind_error("--grpc-port", s.host, s.grpc_port, exc) from None
+            if s.http_port >= 0:
+                try:
+                    self.http_port = await self.http.start()
+                except OSError as exc:
+                    raise _bind_error("--http-port", s.host, s.http_port, exc) from None
             log.info(
-                "gRPC on %s:%d, metrics on %s:%s; loading models from %s",
-                s.host, self.grpc_port, s.host, self.metrics_port, s.model_repository,
+                "gRPC on %s:%d, HTTP on %s:%s, metrics on %s:%s; loading models from %s",
+                s.host, self.grpc_port, s.host, self.http_port, s.host, self.metrics_port,
+                s.model_repository,
             )  # fmt: skip
-            # Health follows every change the model lifecycle makes (loads, swaps, unloads).
+            # Health follows every change the model lifecycle makes (loads, swaps, unloads);
+            # HTTP readiness reads the plane at each request.
             self.plane.add_listener(self.grpc.update_health)
+            self.plane.add_listener(self._watch_gpu)
             try:
                 await self.plane.start()
             except ModelLoadError as exc:  # the repository itself, not one model: nothing to serve
@@ -92,6 +117,7 @@ class App:
         except StartupError:
             # Nothing was served yet: close at once, no drain, no grace.
             await self.grpc.stop(0.0)
+            await self.http.stop()
             await self.plane.close()
             self._close_metrics()
             raise
@@ -107,7 +133,12 @@ class App:
                 f"; polling every {s.repository_poll_s:g} s" if s.repository_poll_s > 0 else "",
             )  # fmt: skip
         if s.port_file is not None:
-            _write_port_file(s.port_file, self.grpc_port, self.metrics_port)
+            _write_port_file(s.port_file, self.grpc_port, self.http_port, self.metrics_port)
+
+    async def _watch_gpu(self) -> None:
+        """Once a model runs on CUDA, export the GPU's memory (NVML) from then on."""
+        if any(self.plane.metadata(name).provider == _CUDA for name in self.plane.model_names()):
+            metrics.watch_gpu_memory(self.settings.gpu_device_id)
 
     async def stop(self) -> None:
         s = self.settings
@@ -116,7 +147,13 @@ class App:
             "requests (grace %.1f s)",
             s.drain_period_s, s.grace_period_s,
         )  # fmt: skip
-        await self.grpc.stop(s.grace_period_s, s.drain_period_s, self._end_drain)
+        # Both protocols drain together (gRPC health NOT_SERVING, HTTP readiness 503), then
+        # stop accepting and let what is in flight finish.
+        self.http.begin_shutdown()
+        await asyncio.gather(
+            self.grpc.stop(s.grace_period_s, s.drain_period_s, self._end_drain),
+            self.http.stop(s.drain_period_s, self._end_drain),
+        )
         await self.plane.close()
         self._close_metrics()
         log.info("stopped")
@@ -152,10 +189,11 @@ def _bind_error(flag: str, host: str, port: int, exc: Exception) -> StartupError
     return StartupError(f"{flag} {port} is in use on {host} (choose another port, or 0 for any)")
 
 
-def _write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
-    """Write the bound ports, and this process's PID (so that a script can stop exactly this
-    server), atomically, so a reader never sees half a file."""
+def _write_port_file(path: Path, grpc_port: int, http_port: int, metrics_port: int) -> None:
+    """Write the bound ports (-1 for a server that is off), and this process's PID (so that a
+    script can stop exactly this server), atomically, so a reader never sees half a file."""
     pid = os.getpid()
     tmp = path.with_name(path.name + f".{pid}.tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": pid}))
+    ports = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
+    tmp.write_text(json.dumps({**ports, "pid": pid}))
     tmp.replace(path)

@@ -2,14 +2,26 @@
 
 Names use the ``mcd_`` prefix and base units (seconds, counts); labels are few and bounded:
 ``model`` is a loaded model's name (requests for unknown models are labelled ``_unknown``),
-``method`` the RPC name, ``code`` the canonical status name.
+``version`` the version that answered ("" when none did), ``method`` the RPC name (an HTTP
+route is labelled with the name of its gRPC twin: ``ModelInfer``, ``ServerReady``, ...),
+``code`` the canonical status name.
+
+Beside them, the process collectors of prometheus_client (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ``process_open_fds``, ``process_max_fds``,
+``process_start_time_seconds``, ``python_gc_*``, ``python_info``) and, once
+:func:`watch_gpu_memory` is called on a CUDA host, the GPU's memory
+(``mcd_gpu_memory_used_bytes``, ``mcd_gpu_memory_total_bytes``, and this process's share
+``mcd_gpu_process_memory_used_bytes`` where the driver tells it), read through NVML at each
+scrape.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -18,11 +30,16 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
     make_wsgi_app,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BATCH_REQUESTS",
@@ -41,12 +58,21 @@ __all__ = [
     "REQUEST_SAMPLES",
     "REQUEST_SECONDS",
     "UNKNOWN_MODEL",
+    "GpuMemoryCollector",
     "exposition",
     "metrics_app",
     "serve",
+    "watch_gpu_memory",
 ]
 
+log = logging.getLogger(__name__)
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The process's CPU, memory, open files and start time, the interpreter's GC and version, as
+# prometheus_client's default registry has them (this registry is the service's own).
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 UNKNOWN_MODEL = "_unknown"
 
 # Latency buckets from 0.5 ms to 60 s: MC dropout answers range from a few ms (small T) to
@@ -61,8 +87,9 @@ _REQUEST_COUNT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 
 REQUEST_SECONDS = Histogram(
     "mcd_request_duration_seconds",
-    "Time from receiving an RPC to sending its answer, by model, method and status code.",
-    ("model", "method", "code"),
+    "Time from receiving a request (gRPC or HTTP) to sending its answer, by model, the version "
+    "that answered (empty when none did), method and status code.",
+    ("model", "version", "method", "code"),
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
@@ -77,8 +104,8 @@ COMPUTE_SECONDS = Histogram(
 QUEUE_SECONDS = Histogram(
     "mcd_queue_duration_seconds",
     "Time from a request's admission to the start of the engine run that serves it (the "
-    "batching delay plus the wait for a compute worker).",
-    ("model",),
+    "batching delay plus the wait for a compute worker), by model and version.",
+    ("model", "version"),
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
@@ -217,3 +244,79 @@ def serve(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return server, thread
+
+
+class GpuMemoryCollector(Collector):
+    """The memory of one CUDA device, read through NVML at each scrape.
+
+    Yields nothing when NVML cannot be used (no driver, no such device): a CPU host simply has
+    no GPU series.
+
+    Args:
+        device_id: the CUDA device index (``--gpu-device-id``).
+        nvml: the NVML bindings (``pynvml`` of nvidia-ml-py, the ``cuda`` extra; a parameter
+            for tests).
+    """
+
+    def __init__(self, device_id: int, nvml: Any = None) -> None:
+        self._device_id = device_id
+        self._nvml = nvml
+        self._handle: Any = None
+        self._failed = False
+
+    def _device(self) -> Any:
+        if self._handle is None and not self._failed:
+            try:
+                if self._nvml is None:
+                    import pynvml  # noqa: PLC0415 (only on CUDA hosts)
+
+                    self._nvml = pynvml
+                self._nvml.nvmlInit()
+                self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._device_id)
+            except Exception as exc:  # no library, no driver, no device: no GPU series
+                self._failed = True
+                log.warning("GPU memory metrics off: NVML is not usable (%s)", exc)
+        return self._handle
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        handle = self._device()
+        if handle is None:
+            return
+        device = str(self._device_id)
+        try:
+            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except Exception as exc:  # a scrape must not fail for the GPU's sake
+            log.warning("reading GPU memory through NVML failed: %s", exc)
+            return
+        for name, text, value in (
+            ("mcd_gpu_memory_used_bytes", "GPU memory in use on the device (every process).",
+             memory.used),
+            ("mcd_gpu_memory_total_bytes", "GPU memory of the device.", memory.total),
+        ):  # fmt: skip
+            family = GaugeMetricFamily(name, text, labels=("device",))
+            family.add_metric((device,), float(value))
+            yield family
+        # The driver lists processes by host PID: in a container without the host's PID
+        # namespace this process is not found, and only the device's total is known.
+        own = [p.usedGpuMemory for p in processes if p.pid == os.getpid() and p.usedGpuMemory]
+        if own:
+            family = GaugeMetricFamily(
+                "mcd_gpu_process_memory_used_bytes",
+                "GPU memory in use by this server process.",
+                labels=("device",),
+            )
+            family.add_metric((device,), float(sum(own)))
+            yield family
+
+
+_gpu_collector: GpuMemoryCollector | None = None
+
+
+def watch_gpu_memory(device_id: int) -> None:
+    """Report the memory of CUDA device ``device_id`` from now on (once per process; the app
+    calls it when a model runs on CUDA)."""
+    global _gpu_collector  # noqa: PLW0603 (one collector per registry)
+    if _gpu_collector is None:
+        _gpu_collector = GpuMemoryCollector(device_id)
+        REGISTRY.register(_gpu_collector)

@@ -62,7 +62,14 @@ class Settings:
     )
     host: str = field(
         default="127.0.0.1",
-        metadata=_doc("address the gRPC and metrics servers bind (0.0.0.0 in containers)"),
+        metadata=_doc("address the gRPC, HTTP and metrics servers bind (0.0.0.0 in containers)"),
+    )
+    http_port: int = field(
+        default=8000,
+        metadata=_doc(
+            "KServe v2 / Open Inference Protocol REST port (HTTP/1.1, JSON and binary tensor "
+            "data); 0 picks a free port, -1 disables"
+        ),
     )
     grpc_port: int = field(default=8001, metadata=_doc("gRPC port; 0 picks a free port"))
     metrics_port: int = field(
@@ -129,7 +136,8 @@ class Settings:
         metadata=_doc("memory budget of one session run; the [T*B] tile is chunked to fit"),
     )
     max_message_bytes: int = field(
-        default=64 * MiB, metadata=_doc("largest gRPC message received or sent")
+        default=64 * MiB,
+        metadata=_doc("largest gRPC message received or sent, and largest HTTP request body"),
     )
     drain_period_s: float = field(
         default=1.0,
@@ -264,6 +272,8 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{name} must be an integer >= 0, got {value}")
     if not 0 <= s.grpc_port <= 65535:
         raise SettingsError(f"grpc_port must be in 0..65535, got {s.grpc_port}")
+    if not -1 <= s.http_port <= 65535:
+        raise SettingsError(f"http_port must be in -1..65535 (-1 disables), got {s.http_port}")
     if not -1 <= s.metrics_port <= 65535:
         raise SettingsError(
             f"metrics_port must be in -1..65535 (-1 disables), got {s.metrics_port}"

@@ -158,8 +158,8 @@ class ChildProcess:
 
 
 def read_port_file(path: Path) -> dict[str, int]:
-    """``{"grpc_port": N, "metrics_port": M, "pid": P}`` as the server writes it (once serving,
-    atomically; ``metrics_port`` is -1 when metrics are off)."""
+    """``{"grpc_port": N, "http_port": H, "metrics_port": M, "pid": P}`` as the server writes it
+    (once serving, atomically; a port is -1 when its server is off)."""
     raw: dict[str, Any] = json.loads(path.read_text())
     return {key: int(value) for key, value in raw.items()}
 
@@ -167,11 +167,12 @@ def read_port_file(path: Path) -> dict[str, int]:
 def service_command(
     repository: Path, port_file: Path, flags: Sequence[str] = (), python: str = sys.executable
 ) -> list[str]:
-    """``python -m service`` on 127.0.0.1 with port 0 for gRPC and metrics; later ``flags``
-    win over these (argparse keeps the last value)."""
+    """``python -m service`` on 127.0.0.1 with port 0 for gRPC, HTTP and metrics; later
+    ``flags`` win over these (argparse keeps the last value)."""
     return [
         python, "-m", "service", "--model-repository", str(repository), "--host", "127.0.0.1",
-        "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), *flags,
+        "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+        "--port-file", str(port_file), *flags,
     ]  # fmt: skip
 
 
@@ -196,6 +197,7 @@ class ServiceProcess(ChildProcess):
 
     Attributes:
         grpc_port: the bound gRPC port on 127.0.0.1 (0 until :meth:`port_file_ready`).
+        http_port: the bound KServe v2 HTTP port (-1 when off or not reported).
         metrics_port: the bound metrics port (-1 when metrics are off or not reported).
         port_file: where the server writes its ports.
     """
@@ -212,12 +214,18 @@ class ServiceProcess(ChildProcess):
         port_file.unlink(missing_ok=True)  # a stale file must not pass for this server's
         self.port_file = port_file
         self.grpc_port = 0
+        self.http_port = -1
         self.metrics_port = -1
         super().__init__(name, command, log_path=log_path, env=env)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """The base URL of the KServe v2 HTTP server (``http://127.0.0.1:PORT``)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def port_file_ready(self) -> bool:
         """Whether the port file is there (then its ports are read in).
@@ -231,6 +239,7 @@ class ServiceProcess(ChildProcess):
         if ports.get("pid", self.pid) != self.pid:
             raise self.failed(f"{self.port_file} was written by pid {ports['pid']}")
         self.grpc_port = ports["grpc_port"]
+        self.http_port = ports.get("http_port", -1)
         self.metrics_port = ports.get("metrics_port", -1)
         return True
 

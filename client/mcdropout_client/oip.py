@@ -233,6 +233,8 @@ def prediction_from_outputs(
         if missing:
             raise ValueError(f"output {base!r}: the answer lacks {missing}")
         used.update(core.values())
+        if base in names:  # the output under its own name: the mean again, in the graph's dtype
+            used.add(base)
         fields: dict[str, Any] = {k: _read_only(arrays[v]) for k, v in core.items()}
         for suffix, attribute in _ATTRIBUTE_OF.items():
             name = f"{base}_{suffix}"

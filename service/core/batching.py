@@ -60,6 +60,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import metrics
+from service.core.statistics import StatisticsStore, VersionStatistics
 from service.engine.runtime import CancelToken, Engine, OutputStats
 from service.errors import (
     Cancelled,
@@ -140,7 +141,7 @@ class _Request:
     inputs: Mapping[str, NDArray[Any]]
     rows: int
     future: asyncio.Future[list[OutputStats]]
-    arrived_s: float  # time.perf_counter(), for the queue-time metric (read on a worker thread)
+    arrived_ns: int  # time.perf_counter_ns(), for the queue time (read on a worker thread)
     arrived_at: float  # loop.time(), for the delay timer
     expires_at: float | None  # loop.time() of the caller's deadline
     state: _State = _State.WAITING
@@ -209,6 +210,8 @@ class VersionQueue:
         version: the version number.
         engine: the version's engine; the only caller of its ``run`` is the batcher.
         policy: the version's batching policy.
+        statistics: the version's statistics (Triton's statistics extension), fed by its runs
+            and by the data plane's requests.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class VersionQueue:
         self.version = version
         self.engine = engine
         self.policy = policy
+        self.statistics: VersionStatistics = batcher.statistics.version(model, version)
         self._queues: dict[RunKey, _Queue] = {}
         self._users = 0
         self._idle = asyncio.Event()
@@ -289,7 +293,7 @@ class VersionQueue:
             inputs=inputs,
             rows=rows,
             future=loop.create_future(),
-            arrived_s=time.perf_counter(),
+            arrived_ns=time.perf_counter_ns(),
             arrived_at=now,
             expires_at=None if timeout_s is None else now + timeout_s,
         )
@@ -338,6 +342,7 @@ class Batcher:
         max_queue_size: requests admitted beyond those running; one more is refused.
         max_row_samples: most rows x T of one run (the limit of one request), so that merging
             never makes a run longer than the largest single request could.
+        statistics: where the versions' statistics are kept (a new store by default).
     """
 
     def __init__(
@@ -347,7 +352,10 @@ class Batcher:
         compute_workers: int,
         max_queue_size: int,
         max_row_samples: int,
+        statistics: StatisticsStore | None = None,
     ) -> None:
+        #: every version's statistics (kept across reloads of a version)
+        self.statistics = statistics or StatisticsStore()
         self._executor = executor
         self._limit = compute_workers + max_queue_size
         self._max_row_samples = max_row_samples
@@ -506,7 +514,7 @@ class Batcher:
             if not isinstance(exc, Exception):
                 raise
         else:
-            _deliver(batch, stats)
+            _deliver(batch, stats, queue.version.statistics)
         finally:
             self._workers.release()
             for request in batch.requests:
@@ -549,13 +557,16 @@ def _check_rows(stats: Sequence[OutputStats], rows: int) -> None:
 def _run_engine(version: VersionQueue, run: RunKey, batch: _Batch) -> list[OutputStats]:
     """One engine run over the merged rows: the one call of ``Engine.run``. Runs on a worker
     thread."""
-    started = time.perf_counter()
-    queue_seconds = metrics.QUEUE_SECONDS.labels(model=version.model)
-    for request in batch.requests:
-        queue_seconds.observe(started - request.arrived_s)
+    started_ns = time.perf_counter_ns()
+    label = str(version.version)
+    queue_seconds = metrics.QUEUE_SECONDS.labels(model=version.model, version=label)
+    queue_ns = [started_ns - request.arrived_ns for request in batch.requests]
+    for waited_ns in queue_ns:
+        queue_seconds.observe(waited_ns / 1e9)
     if batch.token.cancelled:  # every caller left while the run was handed over
         raise Cancelled("every caller of the batch gave up before it ran")
     inputs = _concatenate([r.inputs for r in batch.requests], dict(version.policy.pad))
+    merged_ns = time.perf_counter_ns()
     stats = version.engine.run(
         inputs,
         run.num_samples,
@@ -565,13 +576,22 @@ def _run_engine(version: VersionQueue, run: RunKey, batch: _Batch) -> list[Outpu
         seed=run.seed,
     )
     _check_rows(stats, batch.rows)
-    metrics.COMPUTE_SECONDS.labels(model=version.model, version=str(version.version)).observe(
-        time.perf_counter() - started
+    finished_ns = time.perf_counter_ns()
+    metrics.COMPUTE_SECONDS.labels(model=version.model, version=label).observe(
+        (finished_ns - started_ns) / 1e9
+    )
+    version.statistics.run_done(
+        rows=batch.rows,
+        queue_ns=queue_ns,
+        input_ns=merged_ns - started_ns,
+        infer_ns=finished_ns - merged_ns,
     )
     return stats
 
 
-def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
+def _deliver(
+    batch: _Batch, stats: Sequence[OutputStats], statistics: VersionStatistics | None = None
+) -> None:
     """Give each live request its own rows of every output.
 
     The one place a batch's answer is cut per request. A row whose outputs were not finite
@@ -579,6 +599,7 @@ def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
     fails, with INVALID_ARGUMENT naming the row; the others get their answers.
     """
     batch.finished = True
+    started_ns = time.perf_counter_ns()
     start = 0
     for request in batch.requests:
         stop = start + request.rows
@@ -597,6 +618,12 @@ def _deliver(batch: _Batch, stats: Sequence[OutputStats]) -> None:
             else:
                 request.future.set_result(rows)
         start = stop
+    if statistics is not None:
+        statistics.output_done(
+            rows=batch.rows,
+            requests=len(batch.requests),
+            output_ns=time.perf_counter_ns() - started_ns,
+        )
 
 
 def _failed_rows(stats: Sequence[OutputStats]) -> list[int]:

@@ -29,7 +29,10 @@ level; methods gaussian then empirical, bounds lower then upper), and the reques
 ``mc_samples_per_row`` (INT64, [B], adaptive sampling).
 
 Answers name a statistic ``<output>_<statistic>`` (the Open Inference Protocol's and KServe
-v2's outputs); ``mcdropout.v1`` answers one ``OutputStatistics`` message per model output whose
+v2's outputs). They also answer each model output under its own name (``logits``): its MC mean,
+in the graph's dtype and shape, so that a Triton or KServe script written for the deterministic
+model (``as_numpy("logits")``) gets the averaged prediction; ``<output>_mean`` has the same
+values in FP64. ``mcdropout.v1`` answers one ``OutputStatistics`` message per model output whose
 fields are the statistics' :attr:`Statistic.field` names. A version whose names collide is
 refused at load time (:class:`Catalogue`).
 """
@@ -47,7 +50,7 @@ from numpy.typing import NDArray
 from service.engine.runtime import OutputStats
 from service.errors import InvalidInput, ModelLoadError, quote
 from service.repository import ModelConfig, Semantics, TensorSpec
-from service.tensors import BYTES, FP64, INT64, DType
+from service.tensors import BYTES, FP64, INT64, DType, from_numpy
 
 __all__ = [
     "INTERVAL_BOUNDS",
@@ -59,6 +62,7 @@ __all__ = [
     "Catalogue",
     "IntervalBound",
     "Statistic",
+    "own_output",
     "statistics_of",
 ]
 
@@ -123,6 +127,21 @@ class IntervalBound(Statistic):
                 value: NDArray[Any] = getattr(interval, self.bound)
                 return value
         raise ValueError(f"the statistics of the output have no {self.method} {self.level}")
+
+
+@dataclass(frozen=True)
+class _Own(Statistic):
+    """A model output under its own name: its MC mean, in the graph's float dtype."""
+
+    def read(self, stats: OutputStats, labels: tuple[str, ...]) -> NDArray[Any]:
+        return MEAN.read(stats, labels)
+
+
+def own_output(output: TensorSpec) -> Statistic:
+    """The statistic answered under ``output``'s own name: the mean, in the graph's dtype (FP64
+    for a graph output that is not floating point)."""
+    dtype = from_numpy(output.dtype)
+    return _Own("", "mean", dtype if dtype is not None and dtype.numpy.kind == "f" else FP64)
 
 
 @dataclass(frozen=True)
@@ -195,7 +214,8 @@ class Answer:
     """One named output of an answer: a statistic of a model output, or of the request.
 
     Attributes:
-        name: ``<output>_<statistic>``, or :data:`SAMPLES_PER_ROW_NAME`.
+        name: ``<output>_<statistic>``, the output's own name (its mean: :func:`own_output`),
+            or :data:`SAMPLES_PER_ROW_NAME`.
         statistic: what it holds.
         output: the model output it describes; None for a statistic of the request.
     """
@@ -228,9 +248,15 @@ class Catalogue:
     def __init__(self, config: ModelConfig) -> None:
         self._config = config
         self._statistics = {o.name: statistics_of(o, config) for o in config.outputs}
-        #: the outputs every answer has (and metadata lists), in answer order
+        #: the outputs every answer has (and metadata lists), in answer order: per model
+        #: output, its own name (the mean, in the graph's dtype), then its statistics
         self.answers: tuple[Answer, ...] = tuple(
-            _answer(o, s) for o in config.outputs for s in self._statistics[o.name]
+            answer
+            for o in config.outputs
+            for answer in (
+                Answer(o.name, own_output(o), o),
+                *(_answer(o, s) for s in self._statistics[o.name]),
+            )
         )
         #: whether some output gets prediction intervals
         self.has_intervals = any(has_intervals(o) for o in config.outputs)
@@ -240,7 +266,11 @@ class Catalogue:
         twice = [name for name, count in Counter(a.name for a in every).items() if count > 1]
         if twice:
             sources = [
-                f"{a.statistic.name} of {a.output.name!r}" if a.output else "the request's"
+                "the request's"
+                if a.output is None
+                else f"output {a.output.name!r} itself"
+                if a.name == a.output.name
+                else f"{a.statistic.name} of {a.output.name!r}"
                 for a in every
                 if a.name == twice[0]
             ]

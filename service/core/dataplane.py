@@ -17,6 +17,7 @@ queue grow.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import metrics, tensors
-from service.core.batching import Batcher, RunKey
+from service.core.batching import Batcher, BatchPolicy, RunKey
 from service.core.catalogue import Answer, Statistic
 from service.core.lifecycle import Lifecycle, Listener
 from service.core.registry import (
@@ -37,6 +38,7 @@ from service.core.registry import (
     VersionState,
     engine_factory,
 )
+from service.core.statistics import VersionStatistics
 from service.engine.runtime import OutputStats
 from service.errors import (
     DeadlineExceeded,
@@ -61,6 +63,7 @@ __all__ = [
     "PredictResult",
     "State",
     "VersionState",
+    "VersionStatistics",
     "decode_inputs",
     "validate_inputs",
 ]
@@ -131,6 +134,11 @@ class PredictResult:
     answer: tuple[Answer, ...] = ()
     num_samples_per_row: NDArray[np.int64] | None = None
 
+    @property
+    def rows(self) -> int:
+        """B, the request's rows."""
+        return int(self.outputs[0].stats.mean.shape[0]) if self.outputs else 0
+
     def read(self, answer: Answer) -> NDArray[Any]:
         """The values of one named output (an entry of :attr:`answer`)."""
         if answer.output is None:  # the one statistic of the request: the per-row T
@@ -178,6 +186,9 @@ class ModelMetadata:
         statistics: the named outputs every answer has (the catalogue), in answer order.
         states: every version the server holds for the model, newest first, with the reason
             of each failure (e.g. a newer version that failed to load while this one serves).
+        batching: how the version batches (its ``dynamic_batching`` resolved).
+        max_request_rows: most rows of one request (``--max-batch-rows``).
+        compute_workers: engine runs that execute at once (shared by every version).
     """
 
     name: str
@@ -188,6 +199,9 @@ class ModelMetadata:
     provenance: ProvenanceInfo
     statistics: tuple[Answer, ...]
     states: tuple[VersionState, ...] = ()
+    batching: BatchPolicy | None = None
+    max_request_rows: int = 0
+    compute_workers: int = 1
 
 
 def decode_inputs(
@@ -418,6 +432,10 @@ class DataPlane:
         serves now."""
         return {name: self.model_ready(name) for name in self._registry.known()}
 
+    def has_model(self, name: str) -> bool:
+        """Whether the server knows the model (serving, failed to load, or unloaded)."""
+        return self._registry.has_model(name)
+
     def model_label(self, name: str) -> str:
         """A bounded metrics label: the name of a model in the repository, else ``_unknown``."""
         return name if self._registry.has_model(name) else metrics.UNKNOWN_MODEL
@@ -471,7 +489,35 @@ class DataPlane:
             provenance=loaded.source.provenance,
             statistics=loaded.catalogue.answers,
             states=tuple(self._registry.states(loaded.name)),
+            batching=loaded.queue.policy,
+            max_request_rows=self._settings.max_batch_rows,
+            compute_workers=self._settings.compute_workers,
         )
+
+    def statistics(self, name: str = "", version: str | None = None) -> list[VersionStatistics]:
+        """The statistics of the versions serving now (Triton's statistics extension): every
+        model's when ``name`` is empty, else that model's (one version when ``version`` is set),
+        by model then version.
+
+        Raises:
+            ModelNotFound / VersionNotFound; Unavailable: the model or version is known but
+            does not serve; InvalidInput: ``version`` is not a number.
+        """
+        if not name:
+            if version:
+                raise InvalidInput("a version needs a model name")
+            names = self._registry.names()
+        else:
+            self._registry.get(name, version)  # raises for what does not serve
+            names = [name]
+        found = []
+        for model in names:
+            numbers = [int(version)] if version else sorted(self._registry.versions(model))
+            for number in numbers:
+                loaded = self._registry.loaded(model, number)
+                if loaded is not None:
+                    found.append(loaded.queue.statistics.snapshot())
+        return found
 
     # -- model control (a control API: Triton's RepositoryIndex / ModelLoad / ModelUnload) --
 
@@ -511,9 +557,19 @@ class DataPlane:
         if not self._accepting:
             raise ModelNotReady(request.model, request.version or "newest")
         loaded = self._registry.get(request.model, request.version)
-        # Held until the answer: a version swapped out meanwhile finishes this request first.
-        with loaded.queue.hold():
-            return await self._predict(loaded, request, timeout_s)
+        started_ns = time.perf_counter_ns()
+        ok, rows = False, 0
+        try:
+            # Held until the answer: a version swapped out meanwhile finishes this request
+            # first.
+            with loaded.queue.hold():
+                result = await self._predict(loaded, request, timeout_s)
+            ok, rows = True, result.rows
+            return result
+        finally:
+            loaded.queue.statistics.request_done(
+                ok=ok, elapsed_ns=time.perf_counter_ns() - started_ns, rows=rows
+            )
 
     async def _predict(
         self, loaded: LoadedVersion, request: PredictInput, timeout_s: float | None

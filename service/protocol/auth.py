@@ -15,13 +15,13 @@ import hashlib
 import hmac
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from service.errors import CredentialsError
+from service.errors import CredentialsError, Unauthenticated
 from service.protocol.credentials import FileSignature, file_signature
 
-__all__ = ["METADATA_KEY", "BearerTokens", "parse_tokens"]
+__all__ = ["METADATA_KEY", "BearerTokens", "http_authenticator", "parse_tokens"]
 
 #: The metadata key (gRPC keys are lower case).
 METADATA_KEY = "authorization"
@@ -128,3 +128,19 @@ class BearerTokens:
         for digest in digests:  # every one, whatever matched: no early exit to time
             accepted |= hmac.compare_digest(digest, given)
         return None if accepted else "the bearer token is not accepted"
+
+
+def http_authenticator(tokens: BearerTokens) -> Callable[[str | None], None]:
+    """The HTTP port's check of an ``Authorization`` header against the same tokens (the
+    ``service.protocol.http.Authenticator`` hook).
+
+    Raises (from the returned function):
+        Unauthenticated: no header, not ``Bearer <token>``, or a token not accepted.
+    """
+
+    def authenticate(header: str | None) -> None:
+        problem = tokens.check([] if header is None else [(METADATA_KEY, header)])
+        if problem is not None:
+            raise Unauthenticated(problem.replace("metadata", "header"))
+
+    return authenticate

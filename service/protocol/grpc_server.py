@@ -1,4 +1,5 @@
-"""The gRPC server: both protocols on one port, health, reflection, TLS, tokens and limits.
+"""The gRPC server: both protocols on one port, health, reflection (v1 and v1alpha), TLS,
+tokens and limits.
 
 Services: ``mcdropout.v1.MCDropoutService`` (the project's own API) and
 ``inference.GRPCInferenceService`` (the Open Inference Protocol), both thin layers over one
@@ -15,7 +16,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service.core.dataplane import DataPlane
 from service.errors import CredentialsError
@@ -26,6 +26,7 @@ from service.protocol.credentials import Reloadable, watch
 from service.protocol.interceptor import SERVICE_NAME, StatusInterceptor
 from service.protocol.mcdropout_servicer import MCDropoutServicer
 from service.protocol.oip_servicer import OIP_SERVICE_NAME, OpenInferenceServicer
+from service.protocol.reflection import enable_reflection
 from service.protocol.sockets import cut_connections
 from service.protocol.status import Gate, status_of
 from service.protocol.tls import ServerCertificates
@@ -114,8 +115,9 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if s.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+            # v1alpha and v1 (service.protocol.reflection)
+            enable_reflection(
+                (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME),
                 self._server,
             )
         # Plaintext, health only: for probes that cannot speak TLS or send tokens.
@@ -129,6 +131,16 @@ class GrpcServer:
         self.port = 0
         self.health_port = -1
         self._health_models: set[str] = set()
+
+    @property
+    def certificates(self) -> ServerCertificates | None:
+        """The TLS certificates of the settings (the HTTP port serves them too)."""
+        return self._certificates
+
+    @property
+    def tokens(self) -> BearerTokens | None:
+        """The accepted bearer tokens of the settings (the HTTP port checks them too)."""
+        return self._tokens
 
     async def start(self) -> int:
         """Bind and start serving; health reports NOT_SERVING until :meth:`update_health`

@@ -58,6 +58,24 @@ _MAKE = {
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
+#: The response fields naming the version that answered: ``model_version`` (ModelInfer),
+#: ``version`` (mcdropout.v1's Predict and GetModelMetadata).
+_VERSION_FIELDS = ("model_version", "version")
+
+
+def answered_version(response: Any) -> str:
+    """The version a response says answered, or "" (the latency's ``version`` label)."""
+    fields = getattr(response, "DESCRIPTOR", None)
+    if fields is None:
+        return ""
+    by_name = fields.fields_by_name
+    for field in _VERSION_FIELDS:
+        if field in by_name and by_name[field].type == by_name[field].TYPE_STRING:
+            value: str = getattr(response, field)
+            return value
+    return ""
+
+
 def _requested_model(request: Any) -> str | None:
     fields = request.DESCRIPTOR.fields_by_name
     for field in _MODEL_FIELDS:
@@ -256,7 +274,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise error
                 return await behavior(request, context)
 
-            outcome = await observe(method, model, context.time_remaining, call, self._gate)
+            outcome = await observe(
+                method, model, context.time_remaining, call, gate=self._gate,
+                version_of=answered_version,
+            )  # fmt: skip
             if outcome.status is not grpc.StatusCode.OK:
                 await _answer(context, outcome.status, outcome.message)
             if _gone(context):  # an answer too late: grpc would fail to send it (see _answer)

@@ -18,11 +18,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf import json_format
+
 from service import tensors
 from service.core.catalogue import Answer
 from service.core.dataplane import PredictResult
 from service.errors import InvalidInput, quote
 from service.gen.inference import grpc_service_pb2 as oip
+from service.protocol import oip_json
+from service.protocol.parameters import (
+    MC_INTERVAL_LEVELS,
+    MC_RETURN_SAMPLES,
+    MC_SAMPLES,
+    MC_SEED,
+    MC_TARGET_STANDARD_ERROR,
+    RequestOptions,
+    request_options,
+)
 from service.repository import TensorSpec
 
 __all__ = [
@@ -31,19 +43,18 @@ __all__ = [
     "MC_SAMPLES",
     "MC_SEED",
     "MC_TARGET_STANDARD_ERROR",
-    "McOptions",
     "OutputTensor",
+    "check_tensor_parameters",
     "encode_outputs",
+    "input_dtype",
     "mc_options_of",
     "mc_samples_of",
     "output_metadata",
+    "parameter_values",
     "requested_output_names",
     "tensor_metadata",
     "wire_inputs",
 ]
-
-#: The request parameter that sets T (int64; 0 or absent: the model's default).
-MC_SAMPLES = "mc_samples"
 
 #: OIP datatype -> the typed-contents field that carries it (FP16 travels only raw).
 _CONTENTS_FIELD: dict[str, str] = {
@@ -74,18 +85,34 @@ def _has_typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bool:
     return any(len(getattr(tensor.contents, f)) for f in _ALL_CONTENTS_FIELDS)
 
 
-def _check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, Any]) -> None:
+def check_tensor_parameters(kind: str, name: str, parameters: Mapping[str, Any]) -> None:
+    """Refuse tensor parameters that ask for features this server does not have (both forms
+    of the protocol: shared memory, classification).
+
+    Args:
+        kind: "input" or "output", for the message.
+        name: the tensor's name.
+        parameters: its parameters (any mapping: only the names are read).
+
+    Raises:
+        InvalidInput: an unsupported parameter.
+    """
     for key, reason in _UNSUPPORTED_TENSOR_PARAMETERS.items():
         if key in parameters:
             raise InvalidInput(f"{kind} {quote(name)}: parameter {key!r}: {reason}")
 
 
-def _dtype_of(tensor: oip.ModelInferRequest.InferInputTensor) -> tensors.DType:
-    dtype = tensors.from_oip(tensor.datatype)
+def input_dtype(name: str, datatype: str) -> tensors.DType:
+    """The type of an input's OIP datatype (both forms of the protocol).
+
+    Raises:
+        InvalidInput: an unknown datatype, or BYTES (no model here takes it).
+    """
+    dtype = tensors.from_oip(datatype)
     if dtype is None or dtype.is_bytes:
         raise InvalidInput(
-            f"input {quote(tensor.name)}: unsupported datatype {quote(tensor.datatype)} "
-            f"(supported: {', '.join(_INPUT_DATATYPES)})"
+            f"input {quote(name)}: unsupported datatype {quote(datatype)} (supported: "
+            f"{', '.join(_INPUT_DATATYPES)})"
         )
     return dtype
 
@@ -130,8 +157,8 @@ def wire_inputs(request: oip.ModelInferRequest) -> list[tensors.WireTensor]:
         )
     found: list[tensors.WireTensor] = []
     for index, tensor in enumerate(request.inputs):
-        _check_tensor_parameters("input", tensor.name, tensor.parameters)
-        dtype = _dtype_of(tensor)
+        check_tensor_parameters("input", tensor.name, tensor.parameters)
+        dtype = input_dtype(tensor.name, tensor.datatype)
         data: bytes | Sequence[Any]
         if raw:
             data_name, data = "raw contents", raw[index]
@@ -160,23 +187,21 @@ def requested_output_names(
         InvalidInput: an unsupported output parameter (classification, shared memory).
     """
     for output in requested:
-        _check_tensor_parameters("output", output.name, output.parameters)
+        check_tensor_parameters("output", output.name, output.parameters)
     return [output.name for output in requested]
 
 
 def tensor_metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
     """Metadata of a model input: OIP datatype, shape with -1 for the batch."""
-    dtype = tensors.from_numpy(spec.dtype)
-    assert dtype is not None  # config.json dtypes are all in the table
-    return oip.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=dtype.oip, shape=list(spec.shape)
+    return json_format.ParseDict(
+        oip_json.input_metadata(spec), oip.ModelMetadataResponse.TensorMetadata()
     )
 
 
 def output_metadata(answer: Answer) -> oip.ModelMetadataResponse.TensorMetadata:
-    """Metadata of one statistic output (from the catalogue)."""
-    return oip.ModelMetadataResponse.TensorMetadata(
-        name=answer.name, datatype=answer.statistic.dtype.oip, shape=list(answer.shape)
+    """Metadata of one output of the answers (from the catalogue)."""
+    return json_format.ParseDict(
+        oip_json.output_metadata(answer), oip.ModelMetadataResponse.TensorMetadata()
     )
 
 
@@ -202,82 +227,29 @@ def encode_outputs(result: PredictResult) -> list[OutputTensor]:
     return encoded
 
 
+def parameter_values(parameters: Mapping[str, oip.InferParameter]) -> dict[str, Any]:
+    """The plain values of an ``InferParameter`` map (None for an unset one), as
+    ``service.protocol.parameters`` reads them."""
+    values: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[name] = None if choice is None else getattr(parameter, choice)
+    return values
+
+
+def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> RequestOptions:
+    """The options of a ModelInfer request's parameters (``service.protocol.parameters``).
+
+    Raises:
+        InvalidInput: see :func:`service.protocol.parameters.request_options`.
+    """
+    return request_options(parameter_values(parameters))
+
+
 def mc_samples_of(parameters: Mapping[str, oip.InferParameter]) -> int | None:
     """T from the request parameter ``mc_samples``; None for the model's default.
 
     Raises:
-        InvalidInput: the parameter is not an integer (int64_param or uint64_param), or is
-            negative.
+        InvalidInput: see :func:`mc_options_of`.
     """
-    if MC_SAMPLES not in parameters:
-        return None
-    parameter = parameters[MC_SAMPLES]
-    choice = parameter.WhichOneof("parameter_choice")
-    if choice not in ("int64_param", "uint64_param"):
-        raise InvalidInput(
-            f"parameter {MC_SAMPLES!r} must be an integer (int64_param), got {choice or 'unset'}"
-        )
-    value = int(getattr(parameter, choice))
-    if value < 0:
-        raise InvalidInput(f"parameter {MC_SAMPLES!r} must be >= 0 (0: model default), got {value}")
-    return value or None
-
-
-MC_RETURN_SAMPLES = "mc_return_samples"
-MC_INTERVAL_LEVELS = "mc_interval_levels"
-MC_TARGET_STANDARD_ERROR = "mc_target_standard_error"
-MC_SEED = "mc_seed"
-
-
-@dataclass(frozen=True)
-class McOptions:
-    """The optional request parameters beyond ``mc_samples`` (see the Predict fields of the
-    same names)."""
-
-    return_samples: bool = False
-    interval_levels: tuple[float, ...] = ()
-    target_standard_error: float | None = None
-    seed: int | None = None
-
-
-def _parameter(
-    parameters: Mapping[str, oip.InferParameter], name: str, kinds: tuple[str, ...]
-) -> Any:
-    if name not in parameters:
-        return None
-    choice = parameters[name].WhichOneof("parameter_choice")
-    if choice not in kinds:
-        raise InvalidInput(
-            f"parameter {name!r} must be one of {', '.join(kinds)}, got {choice or 'unset'}"
-        )
-    return getattr(parameters[name], choice)
-
-
-def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> McOptions:
-    """``mc_return_samples`` (bool), ``mc_interval_levels`` (string, e.g. "0.9,0.95") and
-    ``mc_target_standard_error`` (double or int).
-
-    Raises:
-        InvalidInput: a parameter of the wrong type or an unparsable level list (the values
-            themselves are checked by the data plane).
-    """
-    levels_text = _parameter(parameters, MC_INTERVAL_LEVELS, ("string_param",))
-    try:
-        levels = tuple(float(x) for x in levels_text.split(",")) if levels_text else ()
-    except ValueError:
-        raise InvalidInput(
-            f"parameter {MC_INTERVAL_LEVELS!r} must be comma-separated numbers, got "
-            f"{quote(levels_text)}"
-        ) from None
-    target = _parameter(
-        parameters, MC_TARGET_STANDARD_ERROR, ("double_param", "int64_param", "uint64_param")
-    )
-    seed = _parameter(parameters, MC_SEED, ("int64_param", "uint64_param"))
-    if seed is not None and not 0 <= seed < 2**64:
-        raise InvalidInput(f"parameter {MC_SEED!r} must be in 0..2^64-1, got {seed}")
-    return McOptions(
-        seed=seed,
-        return_samples=bool(_parameter(parameters, MC_RETURN_SAMPLES, ("bool_param",))),
-        interval_levels=levels,
-        target_standard_error=None if target is None else float(target),
-    )
+    return mc_options_of(parameters).num_samples

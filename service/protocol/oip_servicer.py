@@ -5,7 +5,9 @@ A second protocol layer next to ``service.protocol.mcdropout_servicer``, as thin
 it translates Open Inference Protocol messages to :class:`PredictInput` and the
 :class:`PredictResult` back (``service.protocol.oip_codec``), and calls the same
 :class:`DataPlane`, so batching, limits, admission and the statistics are shared, not
-duplicated. Unary errors travel up as ``ServiceError`` to
+duplicated. Metadata and Triton's extensions (ModelConfig, ModelStatistics, RepositoryIndex,
+RepositoryModelLoad / Unload) are the documents of ``service.protocol.oip_json``, which the
+REST form sends as JSON. Unary errors travel up as ``ServiceError`` to
 ``service.protocol.grpc_server.StatusInterceptor``; ModelStreamInfer answers each message on its
 own, through the same ``service.protocol.status.observe``.
 """
@@ -13,37 +15,31 @@ own, through the same ``service.protocol.status.observe``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
-from service import __version__
 from service.core.dataplane import DataPlane, PredictInput
 from service.gen.inference import grpc_service_pb2 as oip
 from service.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from service.protocol import oip_json
 from service.protocol.decoding import Undecodable, note
 from service.protocol.oip_codec import (
     MC_SAMPLES,
     encode_outputs,
     mc_options_of,
-    mc_samples_of,
-    output_metadata,
     requested_output_names,
-    tensor_metadata,
     wire_inputs,
 )
+from service.protocol.oip_json import EXTENSIONS, PLATFORM, SERVER_NAME
+from service.protocol.parameters import earliest
 from service.protocol.status import Gate, observe
 
 __all__ = ["EXTENSIONS", "OIP_SERVICE_NAME", "PLATFORM", "SERVER_NAME", "OpenInferenceServicer"]
 
 OIP_SERVICE_NAME: str = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-SERVER_NAME = "mcdropout"
-PLATFORM = "onnxruntime_mcdropout"
-#: Only what the server really does: "parameters" (Triton's extension: custom request
-#: parameters, here mc_samples, and response parameters) and "mc_dropout" (custom: statistic
-#: outputs per model output). No model_repository, statistics, classification, sequence,
-#: shared memory or binary_tensor_data (an HTTP feature).
-EXTENSIONS = ("parameters", "mc_dropout")
 #: Requests of one ModelStreamInfer stream running at once. Answers still leave in request order;
 #: running a few together lets the batcher merge them like concurrent unary calls.
 STREAM_WINDOW = 8
@@ -87,21 +83,49 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(  # noqa: N802
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS)
-        )
+        return json_format.ParseDict(oip_json.server_metadata(), oip.ServerMetadataResponse())
 
     async def ModelMetadata(  # noqa: N802
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
         metadata = self._plane.metadata(request.name, request.version or None)
-        return oip.ModelMetadataResponse(
-            name=metadata.name,
-            versions=[str(v) for v in metadata.versions],
-            platform=PLATFORM,
-            inputs=[tensor_metadata(spec) for spec in metadata.config.inputs],
-            outputs=[output_metadata(answer) for answer in metadata.statistics],
+        return json_format.ParseDict(oip_json.model_metadata(metadata), oip.ModelMetadataResponse())
+
+    async def ModelConfig(  # noqa: N802
+        self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelConfigResponse:
+        metadata = self._plane.metadata(request.name, request.version or None)
+        return json_format.ParseDict(
+            {"config": oip_json.model_config(metadata)}, oip.ModelConfigResponse()
         )
+
+    async def ModelStatistics(  # noqa: N802
+        self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelStatisticsResponse:
+        entries = self._plane.statistics(request.name, request.version or None)
+        return json_format.ParseDict(
+            oip_json.model_statistics(entries), oip.ModelStatisticsResponse()
+        )
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryIndexResponse:
+        models = oip_json.repository_index(self._plane.index(), request.ready)
+        return json_format.ParseDict({"models": models}, oip.RepositoryIndexResponse())
+
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryModelLoadResponse:
+        oip_json.check_load_parameters(request.parameters)
+        await self._plane.load(request.model_name)
+        return oip.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryModelUnloadResponse:
+        oip_json.check_unload_parameters(_repository_parameters(request.parameters))
+        await self._plane.unload(request.model_name, wait=True)
+        return oip.RepositoryModelUnloadResponse()
 
     async def ModelInfer(  # noqa: N802
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -158,7 +182,9 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             async def refuse() -> oip.ModelInferResponse:
                 raise error
 
-            outcome = await observe(_STREAM_METHOD, "", context.time_remaining, refuse, self._gate)
+            outcome = await observe(
+                _STREAM_METHOD, "", context.time_remaining, refuse, gate=self._gate
+            )
             request = oip.ModelInferRequest()
         else:
             message = request
@@ -167,7 +193,8 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 self._plane.model_label(request.model_name),
                 context.time_remaining,
                 lambda: self._infer(message, context),
-                self._gate,
+                gate=self._gate,
+                version_of=lambda response: response.model_version,
             )
         if outcome.response is None:
             return oip.ModelStreamInferResponse(
@@ -189,14 +216,14 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 model=request.model_name,
                 version=request.model_version or None,
                 inputs=wire_inputs(request),
-                num_samples=mc_samples_of(request.parameters),
+                num_samples=options.num_samples,
                 return_samples=options.return_samples,
                 interval_levels=options.interval_levels,
                 target_standard_error=options.target_standard_error,
                 seed=options.seed,
                 outputs=requested_output_names(request.outputs),
             ),
-            timeout_s=context.time_remaining(),
+            timeout_s=earliest(context.time_remaining(), options.timeout_s),
         )
         response = oip.ModelInferResponse(
             model_name=result.model, model_version=str(result.version), id=request.id
@@ -206,3 +233,15 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
             response.raw_output_contents.append(tensor.raw)
         return response
+
+
+def _repository_parameters(
+    parameters: Mapping[str, oip.ModelRepositoryParameter],
+) -> dict[str, Any]:
+    """The plain values of a repository request's parameters (unset ones left out)."""
+    values: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is not None:
+            values[name] = getattr(parameter, choice)
+    return values

@@ -1,5 +1,6 @@
-"""The one mapping from the error tree to gRPC status codes, and the one bookkeeping of a
-request: in-flight gauge, latency and error metrics, the log of unexpected failures.
+"""The one mapping from the error tree to gRPC status codes and HTTP statuses, and the one
+bookkeeping of a request: in-flight gauge, latency and error metrics, the log of unexpected
+failures.
 
 Every request goes through :func:`observe`, once: unary RPCs from
 ``service.protocol.grpc_server.StatusInterceptor``, each message of a stream from its handler
@@ -7,7 +8,9 @@ Every request goes through :func:`observe`, once: unary RPCs from
 message for the same error, and the metrics and the log are fed the same way: a call cut off by
 its deadline counts as DEADLINE_EXCEEDED, one cancelled by the client as CANCELLED. A
 :class:`Gate` counts the requests running and, once the server stops, refuses new ones with
-UNAVAILABLE (the code clients retry), before grpcio's own stop could cancel them.
+UNAVAILABLE (the code clients retry), before grpcio's own stop could cancel them. The KServe
+v2 HTTP layer (``service.protocol.http``) goes through the same :func:`observe` and answers the
+HTTP status of the same canonical code (:data:`HTTP_STATUS`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from service.errors import ServiceError, Unavailable
 
 __all__ = [
     "GENERIC_INTERNAL",
+    "HTTP_STATUS",
     "MAX_MESSAGE_BYTES",
     "SHUTTING_DOWN",
     "Gate",
     "LogEvery",
     "Outcome",
     "bounded",
+    "http_status",
     "observe",
     "observe_failure",
     "record_request",
@@ -162,6 +167,35 @@ class Gate:
         return True
 
 
+#: The HTTP status of each canonical code: the mapping of google.rpc.Code (the one gRPC-HTTP
+#: gateways use), as the Open Inference Protocol's REST form asks for 4xx for a client's error
+#: and 5xx for the server's. 499 is the de facto "client closed request".
+HTTP_STATUS: dict[str, int] = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status of a canonical status code."""
+    return HTTP_STATUS[code.name]
+
+
 def observe_failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """:func:`status_of`, logging the traceback of anything that is not a client's error."""
     if not isinstance(exc, ServiceError) or not exc.public:
@@ -169,7 +203,7 @@ def observe_failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, s
     return status_of(exc)
 
 
-def record_request(model: str, method: str, code: str, seconds: float) -> None:
+def record_request(model: str, method: str, code: str, seconds: float, version: str = "") -> None:
     """Record one answered request: its latency, and an error count when ``code`` is not OK.
 
     Args:
@@ -177,8 +211,12 @@ def record_request(model: str, method: str, code: str, seconds: float) -> None:
         method: the RPC name.
         code: the canonical status name, e.g. ``"OK"`` or ``"INVALID_ARGUMENT"``.
         seconds: time from receiving the request to its answer.
+        version: the version that answered ("" when none did: bounded by the versions
+            served).
     """
-    metrics.REQUEST_SECONDS.labels(model=model, method=method, code=code).observe(seconds)
+    metrics.REQUEST_SECONDS.labels(model=model, version=version, method=method, code=code).observe(
+        seconds
+    )
     if code != "OK":
         metrics.ERRORS.labels(model=model, method=method, code=code).inc()
 
@@ -203,7 +241,9 @@ async def observe(
     model: str,
     time_remaining: Callable[[], float | None],
     call: Callable[[], Awaitable[_T]],
+    *,
     gate: Gate | None = None,
+    version_of: Callable[[_T], str] | None = None,
 ) -> Outcome[_T]:
     """Run one request with the bookkeeping every request gets.
 
@@ -218,6 +258,8 @@ async def observe(
         call: the handler.
         gate: the server's gate: the request is counted while it runs, or refused with
             UNAVAILABLE (and not run) when the server is stopping. None: always run.
+        version_of: the version that answered, read from a response (the latency's
+            ``version`` label); None: "".
 
     Returns:
         The response, or the status and message of the failure (logged when it is not a
@@ -231,9 +273,9 @@ async def observe(
     in_flight = metrics.IN_FLIGHT.labels(method=method)
     in_flight.inc()
 
-    def record(code: str) -> None:
+    def record(code: str, version: str = "") -> None:
         in_flight.dec()
-        record_request(model, method, code, time.perf_counter() - started)
+        record_request(model, method, code, time.perf_counter() - started, version)
 
     if gate is not None:
         if gate.closed:
@@ -254,5 +296,5 @@ async def observe(
     finally:
         if gate is not None:
             gate.leave()
-    record("OK")
+    record("OK", "" if version_of is None else version_of(response))
     return Outcome(response)

@@ -13,6 +13,8 @@ With a client CA file, clients must present a certificate signed by it (mutual T
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 import threading
 from pathlib import Path
@@ -23,6 +25,8 @@ from service.errors import CredentialsError
 from service.protocol.credentials import FileSignature, file_signature
 
 __all__ = ["ServerCertificates"]
+
+log = logging.getLogger(__name__)
 
 
 def _refuse_password() -> bytes:
@@ -70,6 +74,8 @@ class ServerCertificates:
         self._signature: FileSignature | None = None
         self._current: grpc.ServerCertificateConfiguration | None = None
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.reload()
 
     def reload(self) -> bool:
@@ -100,7 +106,34 @@ class ServerCertificates:
             else:
                 self._pending = config
             self._signature = signature
+        if self._ssl is not None and self._loop is not None:
+            # The HTTP port's context is changed on the event loop, where its handshakes run.
+            self._loop.call_soon_threadsafe(self._reload_ssl, self._ssl)
         return True
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The HTTP port's TLS context: the same files, the same client CA rule, and from then
+        on updated with them (on the running event loop, between handshakes). Call it on the
+        event loop that serves the HTTP port."""
+        if self._ssl is None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._load_into(context)
+            self._loop = asyncio.get_running_loop()
+            self._ssl = context
+        return self._ssl
+
+    def _reload_ssl(self, context: ssl.SSLContext) -> None:
+        try:
+            self._load_into(context)
+        except (ssl.SSLError, OSError, CredentialsError) as exc:  # changed again since checked
+            log.warning("the HTTP port keeps its certificate: %s", exc)
+
+    def _load_into(self, context: ssl.SSLContext) -> None:
+        context.load_cert_chain(self._cert_file, self._key_file, password=_refuse_password)
+        if self._client_ca_file is not None:
+            context.load_verify_locations(cafile=self._client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """grpc's fetcher, at each handshake: the new configuration once, else None (keep)."""

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class Container:
     name: str
     grpc_port: int
     metrics_port: int
+    http_port: int
 
     @property
     def target(self) -> str:
@@ -102,11 +104,12 @@ class Container:
 def start(image: str, name: str, *extra: str) -> Container:
     """``podman run`` on a free port pair of 127.0.0.1; wait until the HEALTHCHECK passes."""
     podman("rm", "--force", name, check=False)
-    container = Container(name, free_port(), free_port())
+    container = Container(name, free_port(), free_port(), free_port())
     podman("run", "--detach", "--name", name, "--network", "host",
            "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
            "--env", "MCD_HOST=127.0.0.1", "--env", f"MCD_GRPC_PORT={container.grpc_port}",
            "--env", f"MCD_METRICS_PORT={container.metrics_port}",
+           "--env", f"MCD_HTTP_PORT={container.http_port}",
            "--env", f"MCD_GRACE_PERIOD_S={GRACE_PERIOD_S}", *extra, image)  # fmt: skip
     deadline = time.monotonic() + HEALTHY_TIMEOUT_S
     while podman("healthcheck", "run", name, check=False).returncode != 0:
@@ -128,7 +131,7 @@ def test_image_configuration(image: str) -> None:
     (inspected,) = json.loads(podman("image", "inspect", image).stdout)
     config = inspected["Config"]
     assert config["User"] == "10001:10001"
-    assert set(config["ExposedPorts"]) == {"8001/tcp", "8002/tcp"}
+    assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp", "8002/tcp"}
     assert config["Entrypoint"] == ["python", "-m", "service"]
     assert config["StopSignal"] == "SIGTERM"
     assert "MCD_MODEL_REPOSITORY=/models" in config["Env"]
@@ -146,7 +149,7 @@ def test_runtime_has_only_the_serving_dependencies(container: Container) -> None
     found = json.loads(result.stdout.strip().splitlines()[-1])
     dists = {name.replace("_", "-") for name in found["dists"]}
     serving = {"onnxruntime-gpu", "onnx", "grpcio", "grpcio-health-checking", "grpcio-reflection",
-               "protobuf", "prometheus-client", "numpy", "mcdropout-serving"}  # fmt: skip
+               "protobuf", "prometheus-client", "numpy", "aiohttp", "mcdropout-serving"}  # fmt: skip
     assert serving <= dists, serving - dists
     assert not dists & set(FORBIDDEN), dists & set(FORBIDDEN)
     assert not [d for d in dists if d.startswith("nvidia-")]  # CUDA=0 leaves them out
@@ -162,8 +165,18 @@ def test_health_predict_and_metrics(container: Container) -> None:
         assert digits.mean.shape == (3, 10)
         housing = client.predict("housing", rng.random((2, 13), np.float32), num_samples=50)
         assert housing.num_samples == 50
+    url = f"http://127.0.0.1:{container.http_port}"
+    with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=10) as response:
+        assert json.loads(response.read()) == {"ready": True}
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 13],
+                        "data": [0.5] * 13}], "parameters": {"mc_samples": 20}}  # fmt: skip
+    request = urllib.request.Request(f"{url}/v2/models/housing/infer", json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert [o["name"] for o in answer["outputs"]][:2] == ["medv", "medv_mean"]
     text = scrape(container.metrics_port)
-    assert 'mcd_request_duration_seconds_count{code="OK",method="Predict",model="digits"} 1.0' in text  # fmt: skip
+    assert 'mcd_request_duration_seconds_count{code="OK",method="Predict",model="digits",version="1"} 1.0' in text  # fmt: skip
+    assert 'mcd_request_duration_seconds_count{code="OK",method="ModelInfer",model="housing",version="1"} 1.0' in text  # fmt: skip
     assert 'provider="CPUExecutionProvider"' in text
     promtool = shutil.which("promtool")
     if promtool is not None:

@@ -89,7 +89,8 @@ def test_runtime_user_ports_health_check_and_settings() -> None:
     settings = load_settings([], {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
     assert settings.host == "0.0.0.0"
     assert str(settings.model_repository) == "/models"
-    assert runtime["EXPOSE"].split() == [str(settings.grpc_port), str(settings.metrics_port)]
+    ports = [settings.http_port, settings.grpc_port, settings.metrics_port]
+    assert runtime["EXPOSE"].split() == [str(port) for port in ports]
     assert "/opt/mcdropout/healthcheck.py" in runtime["HEALTHCHECK"]
     assert (DEPLOY / "healthcheck.py").is_file()
     assert runtime["STOPSIGNAL"] == "SIGTERM"

@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from service import metrics
-from service.protocol.grpc_server import SERVICE_NAME
 from service.settings import ENV_PREFIX, Settings, load_settings
 from tests.deploy.conftest import DEPLOY, ROOT
 
@@ -83,7 +82,7 @@ def test_core_manifests_validate_strictly(name: str, version: str) -> None:
 def test_strict_validation_rejects_a_typo() -> None:
     """The validation above is not vacuous."""
     (deployment,) = documents(K8S / "deployment.yaml")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["servce"] = ""
+    deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["grpc"]["servce"] = ""
     with pytest.raises(kubernetes_validate.ValidationError, match="servce"):
         kubernetes_validate.validate(deployment, VERSIONS[0], strict=True)
 
@@ -94,17 +93,28 @@ def test_deployment_serves_grpc_on_a_gpu_with_probes() -> None:
     (container,) = pod["containers"]
     settings = check_settings(env_of(container))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port,
-                     "health": settings.health_port}  # fmt: skip
+    assert ports == {
+        "http": settings.http_port, "grpc": settings.grpc_port, "metrics": settings.metrics_port,
+        "health": settings.health_port,
+    }  # fmt: skip
     assert settings.host == "0.0.0.0"
     assert settings.device == "gpu"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
-    # TLS on the gRPC port: the kubelet's gRPC probes (no TLS) ask the plaintext health port.
+    # Start-up on gRPC health, on the plaintext health port (the kubelet's gRPC probes speak no
+    # TLS); readiness and liveness on KServe v2's routes, over HTTPS with the same certificate.
     assert settings.tls_cert_file is not None
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == settings.health_port, probe
-    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["startupProbe"]["grpc"] == {"port": settings.health_port, "service": ""}
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": "/v2/health/ready",
+        "port": "http",
+        "scheme": "HTTPS",
+    }
+    assert container["livenessProbe"]["httpGet"] == {
+        "path": "/v2/health/live",
+        "port": "http",
+        "scheme": "HTTPS",
+    }
     # SIGKILL only after the preStop pause and the server's own drain and grace periods.
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     stop_s = pause + settings.drain_period_s + settings.grace_period_s
@@ -190,21 +200,24 @@ def test_kustomization_lists_every_manifest_and_sets_the_image() -> None:
     assert [i["name"] for i in kustomization["images"]] == [image.split(":")[0]]
 
 
-def test_kserve_runtime_speaks_open_inference_protocol_over_grpc() -> None:
+def test_kserve_runtime_speaks_open_inference_protocol_over_rest_and_grpc() -> None:
     found = resources()
     runtime = found["ServingRuntime", "mcdropout"]
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
     spec = runtime["spec"]
-    assert spec["protocolVersions"] == ["grpc-v2"]
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
     assert spec["multiModel"] is False
     (container,) = spec["containers"]
     assert container["name"] == "kserve-container"  # the name KServe expects
     validate_as_pod(spec["containers"])
     settings = check_settings(env_of(container))
     assert str(settings.model_repository) == "/mnt/models"  # where KServe puts storageUri
-    (port,) = container["ports"]
-    assert (port["name"], port["containerPort"]) == ("h2c", settings.grpc_port)
-    assert container["readinessProbe"]["grpc"]["port"] == settings.grpc_port
+    ports = [(p["name"], p["containerPort"]) for p in container["ports"]]
+    assert ports == [("http1", settings.http_port), ("h2c", settings.grpc_port)]
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": "/v2/health/ready", "port": settings.http_port,
+    }  # fmt: skip
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert spec["annotations"]["prometheus.kserve.io/port"] == str(settings.metrics_port)
 
 
@@ -237,7 +250,7 @@ def test_compose_wires_server_prometheus_and_grafana() -> None:
     assert (ROOT / server["build"]["context"] / "Dockerfile").is_file()
     settings = check_settings({k: str(v) for k, v in server["environment"].items()})
     published = {int(p.rsplit(":", 1)[1]) for p in server["ports"]}
-    assert published == {8001, 8002}  # the image's MCD_GRPC_PORT / MCD_METRICS_PORT
+    assert published == {8000, 8001, 8002}  # the image's MCD_HTTP/GRPC/METRICS_PORT
     stop_s = int(server["stop_grace_period"].rstrip("s"))
     assert stop_s > settings.drain_period_s + settings.grace_period_s
     for service in services.values():  # every mounted host path exists

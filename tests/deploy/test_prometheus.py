@@ -143,7 +143,7 @@ def test_exposition_passes_promtool_check_metrics(deploy_server: RunningServer) 
     with Client(deploy_server.target) as client:
         send_requests(client)
     text = scrape(deploy_server.metrics_port)
-    assert 'mcd_request_duration_seconds_bucket{code="OK",le="0.0005",method="Predict",model="tiny_cls"}' in text  # fmt: skip
+    assert 'mcd_request_duration_seconds_bucket{code="OK",le="0.0005",method="Predict",model="tiny_cls",version="1"}' in text  # fmt: skip
     result = subprocess.run(
         [promtool, "check", "metrics"],
         input=text, capture_output=True, text=True, timeout=60, check=False,
@@ -173,10 +173,14 @@ def test_recording_rules_evaluate(prometheus: Prometheus, traffic: Traffic) -> N
     assert prometheus.query("mcd:request_errors:ratio_rate5m > 0") == []
     groups = prometheus.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 11
+    assert len(rules) == 14
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]  # fmt: skip
     firing = [r["name"] for r in rules if r["type"] == "alerting" and r["state"] != "inactive"]
     assert firing == [], firing
+
+
+#: Panels whose series exist only on CUDA hosts (NVML).
+GPU_PANELS = {"GPU memory"}
 
 
 def dashboard_targets() -> list[tuple[str, str]]:
@@ -196,6 +200,9 @@ def test_every_dashboard_query_answers(prometheus: Prometheus, traffic: Traffic)
     assert len(targets) >= 15
     for title, expr in targets:
         assert "$" not in expr, f"{title}: unknown variable in {expr}"
+        if title in GPU_PANELS:  # no GPU here: the query must parse, its answer is empty
+            assert prometheus.query(expr) == [], title
+            continue
         result = prometheus.wait_for(expr)
         if title == "Errors by code":  # the client-side codes the traffic provokes
             codes = {r["metric"]["code"] for r in result}

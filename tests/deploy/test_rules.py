@@ -45,7 +45,8 @@ def test_every_alert_is_unit_tested_firing() -> None:
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {
         "McdHighP99Latency", "McdHighErrorRate", "McdTargetDown", "McdNoModelReady",
-        "McdModelMissingOnReplica", "McdQueueNearFull",
+        "McdModelMissingOnReplica", "McdQueueNearFull", "McdRestarting",
+        "McdFileDescriptorsNearLimit", "McdGpuMemoryNearFull",
     }  # fmt: skip
     tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
     fired = {t["alertname"] for case in tests for t in case.get("alert_rule_test", ()) if t["exp_alerts"]}  # fmt: skip

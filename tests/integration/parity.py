@@ -45,13 +45,14 @@ def server_moments(
 
 
 def assert_matches_torch(
-    answer: dict[str, Any], reference: NDArray[np.float64], t: int
+    answer: dict[str, Any], reference: NDArray[np.float64], t: int, alpha: float = ALPHA
 ) -> tuple[ZTestResult, ZTestResult]:
-    """Both tests must pass; returns their results (max |z|, thresholds, variance ratios)."""
+    """Both tests must pass, each at false-failure probability ``alpha``; returns their results
+    (max |z|, thresholds, variance ratios)."""
     torch_side = Moments.from_samples(reference.reshape(reference.shape[0], -1))
     ours = server_moments(answer["mean"], answer["variance"], t, torch_side)
-    mean = mean_z_test(ours, torch_side, ALPHA)
+    mean = mean_z_test(ours, torch_side, alpha)
     assert mean.passed, mean
-    variance = variance_ratio_test(ours, torch_side, ALPHA)
+    variance = variance_ratio_test(ours, torch_side, alpha)
     assert variance.passed, variance
     return mean, variance

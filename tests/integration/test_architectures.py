@@ -6,10 +6,10 @@ sequence lengths, mixed heads through both APIs.
 
 Parity (tests/integration/parity.py): per output element, a two-sample z-test of the mean and
 a log-variance-ratio test whose standard error comes from the kurtosis (heavy tails), each with
-a Bonferroni threshold at false-failure probability 1e-4 per comparison. Class outputs compare
-the per-sample softmax probabilities. About 40 comparisons: with fresh randomness the file
-would fail by chance with probability below 4e-3 (the numpy/torch seeds are fixed, the
-server's noise is not).
+a Bonferroni threshold at false-failure probability ALPHA = 1e-5 per comparison. Class outputs
+compare the per-sample softmax probabilities. About 90 comparisons (two per output, per form,
+per model, and the server's): the file fails by chance with probability below 1e-3 (the
+weights and inputs are seeded; the PyTorch and server samples are fresh each run).
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ FORMS: list[EngineKind] = ["tiled", "split-graph", "split-sessions"]
 T = 400
 N_TORCH = 1000
 CPU = SessionConfig(use_gpu=False)
+#: False-failure probability of each comparison. At 1e-4 the file failed once by chance (the
+#: two-head value mean at z = 4.44 against a threshold of 4.06); 150 runs of each form of that
+#: model then gave z with mean within 0.3 of 0 and deviation 1.0: no bias.
+ALPHA = 1e-5
 
 
 def semantics(report: ExportReport) -> list[str]:
@@ -109,7 +113,7 @@ def test_every_engine_form_matches_pytorch(name: str, references: Any) -> None:
         stats = engine.run(feed, T)
         for spec, out, ref in zip(source.config.outputs, stats, reference, strict=True):
             mean, variance = assert_matches_torch(
-                {"mean": out.mean, "variance": out.variance}, ref, T
+                {"mean": out.mean, "variance": out.variance}, ref, T, ALPHA
             )
             # The figures, for `pytest -s` (the closing notes quote them).
             print(
@@ -131,7 +135,7 @@ def test_many_chunks_of_a_convolutional_net_match_pytorch(references: Any) -> No
     engine = build_engine(source, CPU, 4 * per_row * inputs[0].shape[0])
     assert engine.budget_rows(feed) // inputs[0].shape[0] == 4  # samples per run
     (stats,) = engine.run(feed, T)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference[0], T)
+    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference[0], T, ALPHA)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +192,7 @@ def test_served_answers_match_pytorch(name: str, zoo_client: Client, references:
         num_samples=T,
     )  # fmt: skip
     for output, ref in zip(answer.outputs.values(), reference, strict=True):
-        assert_matches_torch({"mean": output.mean, "variance": output.variance}, ref, T)
+        assert_matches_torch({"mean": output.mean, "variance": output.variance}, ref, T, ALPHA)
 
 
 @pytest.mark.parametrize("length", [16, 24])
@@ -205,7 +209,7 @@ def test_a_text_model_is_served_at_two_lengths(
     )
     reference = torch_reference("bert", (ids, mask), report)
     logits = answer.outputs["logits"]
-    assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T)
+    assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T, ALPHA)
 
 
 def test_texts_of_different_lengths_share_runs_when_the_model_pads(
@@ -241,7 +245,9 @@ def test_texts_of_different_lengths_share_runs_when_the_model_pads(
     for (ids, mask), answer in zip(texts, answers, strict=True):
         reference = torch_reference("bert", (ids, mask), report)
         logits = answer.outputs["logits"]
-        assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T)
+        assert_matches_torch(
+            {"mean": logits.mean, "variance": logits.variance}, reference[0], T, ALPHA
+        )
 
 
 def _batch_requests(server: RunningServer) -> tuple[float, float]:
@@ -280,8 +286,8 @@ def test_mixed_heads_answer_each_heads_statistics(zoo_client: Client, references
     assert set(logits.predicted_label) <= {"low", "mid", "high"}
     assert logits.mutual_information is not None
     assert value.mutual_information is None  # a values head has no class measures
-    assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T)
-    assert_matches_torch({"mean": value.mean, "variance": value.variance}, reference[1], T)
+    assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T, ALPHA)
+    assert_matches_torch({"mean": value.mean, "variance": value.variance}, reference[1], T, ALPHA)
 
 
 def test_mixed_heads_through_the_open_inference_protocol(zoo_server: RunningServer) -> None:

@@ -59,6 +59,7 @@ def test_list_shows_both_services_health_and_reflection(server: RunningServer) -
         "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     }
 
 
@@ -66,7 +67,8 @@ def test_describe_the_open_inference_service(server: RunningServer) -> None:
     result = grpcurl(server, "describe", "inference.GRPCInferenceService")
     assert result.returncode == 0, result.stderr
     for rpc in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-                "ModelInfer", "ModelStreamInfer"):  # fmt: skip
+                "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics",
+                "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"):  # fmt: skip
         assert f"rpc {rpc} (" in result.stdout
     message = grpcurl(server, "describe", "inference.ModelInferRequest")
     assert "repeated bytes raw_input_contents = 7;" in message.stdout

@@ -49,7 +49,7 @@ Requested = oip.ModelInferRequest.InferRequestedOutputTensor
 #: OIP datatype -> numpy dtype of raw contents (little-endian).
 NP = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4",
       "UINT8": "u1", "BOOL": "?", "BYTES": None}  # fmt: skip
-CLS_OUTPUTS = ["logits_mean", "logits_variance", "logits_std", "logits_predicted_class",
+CLS_OUTPUTS = ["logits", "logits_mean", "logits_variance", "logits_std", "logits_predicted_class",
                "logits_predicted_label", "logits_entropy", "logits_expected_entropy",
                "logits_mutual_information", "logits_variation_ratio"]  # fmt: skip
 
@@ -123,7 +123,10 @@ def test_server_live_ready_and_metadata(stub: oip_grpc.GRPCInferenceServiceStub)
     assert stub.ServerReady(oip.ServerReadyRequest()).ready
     meta = stub.ServerMetadata(oip.ServerMetadataRequest())
     assert (meta.name, meta.version) == ("mcdropout", service.__version__)
-    assert list(meta.extensions) == ["parameters", "mc_dropout"]
+    assert list(meta.extensions) == [
+        "parameters", "mc_dropout", "model_configuration", "statistics", "model_repository",
+        "binary_tensor_data",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -156,6 +159,7 @@ def test_model_metadata_of_a_classifier(stub: oip_grpc.GRPCInferenceServiceStub)
     )  # fmt: skip
     assert _tensors(meta.inputs) == [("x", "FP32", [-1, 6])]
     assert _tensors(meta.outputs) == [
+        ("logits", "FP32", [-1, 4]),  # the graph's own output: its MC mean
         ("logits_mean", "FP64", [-1, 4]),
         ("logits_variance", "FP64", [-1, 4]),
         ("logits_std", "FP64", [-1, 4]),
@@ -175,7 +179,8 @@ def test_model_metadata_of_a_regressor_and_its_versions(
     assert list(meta.versions) == ["2", "1"]
     assert _tensors(meta.inputs) == [("features", "FP32", [-1, 5])]
     assert _tensors(meta.outputs) == [
-        ("y_mean", "FP64", [-1, 2]), ("y_variance", "FP64", [-1, 2]), ("y_std", "FP64", [-1, 2])
+        ("y", "FP32", [-1, 2]), ("y_mean", "FP64", [-1, 2]), ("y_variance", "FP64", [-1, 2]),
+        ("y_std", "FP64", [-1, 2]),
     ]  # fmt: skip
 
 
@@ -213,6 +218,8 @@ def test_infer_raw_classifier_answers_every_statistic(
     assert out["logits_mean"].shape == (5, 4)
     np.testing.assert_allclose(out["logits_mean"].sum(axis=1), 1.0, rtol=1e-6)  # float32 softmax
     np.testing.assert_allclose(out["logits_std"] ** 2, out["logits_variance"], rtol=1e-9)
+    assert out["logits"].dtype == np.float32  # the graph's dtype
+    np.testing.assert_array_equal(out["logits"], out["logits_mean"].astype(np.float32))
     np.testing.assert_array_equal(out["logits_predicted_class"], out["logits_mean"].argmax(axis=1))
     labels = np.array(["ant", "bee", "cat", "dog"])
     assert list(out["logits_predicted_label"]) == list(labels[out["logits_predicted_class"]])
@@ -269,6 +276,12 @@ def _param(parameter: oip.InferParameter) -> oip.ModelInferRequest:
     return request
 
 
+def _named_param(name: str, parameter: oip.InferParameter) -> oip.ModelInferRequest:
+    request = infer_request("tiny_cls", rows("tiny_cls", 1))
+    request.parameters[name].CopyFrom(parameter)
+    return request
+
+
 def _short_blob() -> oip.ModelInferRequest:
     request = infer_request("tiny_cls", rows("tiny_cls", 2))
     request.raw_input_contents[0] = request.raw_input_contents[0][:-1]
@@ -290,7 +303,10 @@ ERRORS: list[tuple[str, Any, Code, str]] = [
     ("NaN", lambda: infer_request("tiny_cls", {"x": np.full((1, 6), np.nan, np.float32)}), Code.INVALID_ARGUMENT, "NaN or infinite"),
     ("raw and typed", _mixed, Code.INVALID_ARGUMENT, "either raw_input_contents or typed contents"),
     ("BYTES input", _bytes_input, Code.INVALID_ARGUMENT, "unsupported datatype 'BYTES'"),
-    ("unknown output", lambda: infer_request("tiny_cls", {"x": X}, outputs=["logits"]), Code.INVALID_ARGUMENT, "has no output 'logits'"),
+    ("unknown output", lambda: infer_request("tiny_cls", {"x": X}, outputs=["logitz"]), Code.INVALID_ARGUMENT, "has no output 'logitz'"),
+    ("unknown mc_ parameter", lambda: _named_param("mc_sample", oip.InferParameter(int64_param=3)), Code.INVALID_ARGUMENT, "unknown parameter 'mc_sample'"),
+    ("sequence_id", lambda: _named_param("sequence_id", oip.InferParameter(uint64_param=7)), Code.INVALID_ARGUMENT, "sequences are not supported"),
+    ("priority", lambda: _named_param("priority", oip.InferParameter(uint64_param=1)), Code.INVALID_ARGUMENT, "priorities are not supported"),
     ("mc_samples double", lambda: _param(oip.InferParameter(double_param=10.0)), Code.INVALID_ARGUMENT, "'mc_samples' must be an integer"),
     ("mc_samples string", lambda: _param(oip.InferParameter(string_param="10")), Code.INVALID_ARGUMENT, "'mc_samples' must be an integer"),
     ("mc_samples bool", lambda: _param(oip.InferParameter(bool_param=True)), Code.INVALID_ARGUMENT, "'mc_samples' must be an integer"),

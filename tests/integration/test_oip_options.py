@@ -51,11 +51,15 @@ def test_requested_extra_output_alone(stub: oip_grpc.GRPCInferenceServiceStub) -
     ("name", "setter", "fragment"),
     [
         ("mc_interval_levels", lambda p: setattr(p, "string_param", "0.9,x"), "comma-separated"),
-        ("mc_return_samples", lambda p: setattr(p, "int64_param", 1), "must be one of bool_param"),
+        (
+            "mc_return_samples",
+            lambda p: setattr(p, "int64_param", 1),
+            "'mc_return_samples' must be a boolean, got an integer",
+        ),
         (
             "mc_target_standard_error",
             lambda p: setattr(p, "string_param", "small"),
-            "must be one of",
+            "'mc_target_standard_error' must be a number, got a string",
         ),
     ],
 )

@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -55,6 +56,38 @@ def test_reflection_lists_and_describes_the_api(client: Client) -> None:
     assert "num_samples" in predict.input_type.fields_by_name
 
 
+def test_reflection_v1_answers_like_v1alpha(client: Client) -> None:
+    """grpc.reflection.v1 (what newer tools ask first): v1alpha's messages on the wire."""
+    from grpc_reflection.v1alpha import reflection_pb2 as messages
+
+    call = client.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=messages.ServerReflectionRequest.SerializeToString,
+        response_deserializer=messages.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        messages.ServerReflectionRequest(list_services=""),
+        messages.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+        messages.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ),
+    ]
+    listing, inference, reflection = list(call(iter(requests), timeout=10))
+    names = {s.name for s in listing.list_services_response.service}
+    assert {SERVICE, "inference.GRPCInferenceService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names  # fmt: skip
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw).name
+        for raw in inference.file_descriptor_response.file_descriptor_proto
+    ]
+    assert set(files) == {"inference/grpc_service.proto", "inference/model_config.proto"}
+    [v1] = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reflection.file_descriptor_response.file_descriptor_proto
+    ]
+    assert (v1.name, v1.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
+
+
 def scrape(server: RunningServer) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
         body: bytes = r.read()
@@ -86,11 +119,13 @@ def test_metrics_count_requests_errors_rows_and_samples(
     def delta(name: str, **labels: str) -> float:
         return sample_value(after, name, **labels) - sample_value(before, name, **labels)
 
-    ok = {"model": "tiny_reg", "method": "Predict", "code": "OK"}
-    bad = {"model": "tiny_reg", "method": "Predict", "code": "INVALID_ARGUMENT"}
+    # The latency carries the version that answered (the newest, 2); a failure has none.
+    ok = {"model": "tiny_reg", "version": "2", "method": "Predict", "code": "OK"}
+    bad = {"model": "tiny_reg", "version": "", "method": "Predict", "code": "INVALID_ARGUMENT"}
     assert delta("mcd_request_duration_seconds_count", **ok) == 3
     assert delta("mcd_request_duration_seconds_count", **bad) == 1
-    assert delta("mcd_request_errors_total", **bad) == 1
+    assert delta("mcd_request_errors_total", model="tiny_reg", method="Predict",
+                 code="INVALID_ARGUMENT") == 1  # fmt: skip
     assert delta("mcd_request_rows_sum", model="tiny_reg") == 9
     assert delta("mcd_request_samples_sum", model="tiny_reg") == 21
     assert delta("mcd_compute_duration_seconds_count", model="tiny_reg", version="2") == 3

@@ -7,9 +7,14 @@ port file appears (the server writes it once serving).
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import socket
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +243,43 @@ def test_the_plaintext_health_port_serves_health_only(secure: ServiceProcess) ->
         assert code_of(lambda: predict(channel, auth(TOKEN))) == Code.UNIMPLEMENTED
 
 
+def https(
+    server: ServiceProcess, path: str, ca: bytes, token: str | None = None, body: Any = None
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a request to the server's HTTP port over TLS."""
+    context = ssl.create_default_context(cadata=ca.decode())
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{server.http_port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={} if token is None else {"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+INFER = {"inputs": [{"name": "features", "shape": [1, 5], "datatype": "FP32", "data": [0.1] * 5}]}
+
+
+def test_the_http_port_serves_tls_and_checks_the_same_tokens(
+    secure: ServiceProcess, pki: Pki
+) -> None:
+    assert https(secure, "/v2/health/ready", pki.ca.cert) == (200, {"ready": True})
+    status, body = https(secure, "/v2/models/tiny_reg/infer", pki.ca.cert, body=INFER)
+    assert status == 401, body
+    assert "Bearer <token>" in body["error"]
+    status, body = https(secure, "/v2/models/tiny_reg/infer", pki.ca.cert, "nope", INFER)
+    assert (status, body["error"]) == (401, "the bearer token is not accepted")
+    status, body = https(secure, "/v2/models/tiny_reg/infer", pki.ca.cert, TOKEN, INFER)
+    assert status == 200, body
+    assert body["model_name"] == "tiny_reg"
+    # Plain HTTP gets no answer from the TLS port.
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://127.0.0.1:{secure.http_port}/v2/health/ready", timeout=10)
+
+
 def test_the_token_file_is_rotated_without_a_restart(secure: ServiceProcess, pki: Pki) -> None:
     with tls_channel(secure, pki.ca.cert) as channel:
         tmp = pki.tokens.with_suffix(".new")
@@ -267,6 +309,13 @@ def test_the_certificate_is_rotated_without_a_restart(secure: ServiceProcess, pk
             return code_of(lambda: predict(channel, auth(ROTATED))) == Code.OK
 
     wait_for(new_connections_use_the_new_certificate, "the renewed certificate being served")
+    # The HTTP port follows the same files.
+    wait_for(
+        lambda: https(secure, "/v2/health/ready", renewed_ca.cert)[0] == 200,
+        "the HTTP port serving the renewed certificate",
+    )
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        https(secure, "/v2/health/ready", pki.ca.cert)
     with tls_channel(secure, pki.ca.cert) as channel:
         assert code_of(lambda: predict(channel, auth(ROTATED))) == Code.UNAVAILABLE
 

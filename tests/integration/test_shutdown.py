@@ -1,11 +1,15 @@
-"""Graceful shutdown with a drain period: after SIGTERM the server reports NOT_SERVING but
-keeps answering for the drain period (so that health-checking clients and load balancers move
+"""Graceful shutdown with a drain period: after SIGTERM the server reports NOT_SERVING (gRPC
+health) and not ready (HTTP /v2/health/ready 503) but keeps answering on both protocols for the
+drain period (so that health-checking clients and load balancers move
 away before it stops accepting), a second SIGTERM ends the drain early, and it exits 0."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,15 @@ def wait_for_status(stub: health_pb2_grpc.HealthStub, service: str, status: int)
         time.sleep(0.02)
 
 
+def http_status(url: str, body: object = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data), timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def test_sigterm_drains_then_stops_and_a_second_sigterm_ends_the_drain(
     test_models: ExportedModels, tmp_path: Path
 ) -> None:
@@ -46,11 +59,17 @@ def test_sigterm_drains_then_stops_and_a_second_sigterm_ends_the_drain(
             running.process.send_signal(signal.SIGTERM)
             for service in ("", "mcdropout.v1.MCDropoutService", "tiny_cls"):
                 wait_for_status(health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
-            # Draining: NOT_SERVING, yet still answering (a client that has not looked at health
-            # yet loses nothing), and the process is still there.
+            # HTTP readiness follows: 503, while liveness stays 200.
+            assert http_status(running.http_url + "/v2/health/ready") == 503
+            assert http_status(running.http_url + "/v2/health/live") == 200
+            # Draining: NOT_SERVING, yet still answering on both protocols (a client that has
+            # not looked at health yet loses nothing), and the process is still there.
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 6],
+                                "data": rows["x"].tolist()}]}  # fmt: skip
             for _ in range(5):
                 answer = client.predict("tiny_cls", rows, num_samples=20)
                 assert answer.mean.shape == (3, 4)
+                assert http_status(running.http_url + "/v2/models/tiny_cls/infer", body) == 200
             assert running.process.poll() is None
 
             running.process.send_signal(signal.SIGTERM)  # ends the drain; then the grace

@@ -50,7 +50,7 @@ def empty_repository(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("flag", ["--grpc-port", "--metrics-port"])
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port"])
 def test_a_port_in_use_names_the_flag_and_the_port(
     empty_repository: Path, tmp_path: Path, busy_port: int, flag: str
 ) -> None:
@@ -101,15 +101,15 @@ def test_log_level_in_any_case(empty_repository: Path, tmp_path: Path, level: st
     assert "DEBUG asyncio: Using selector" in server.log(), server.log()
 
 
+@pytest.mark.parametrize("field", ["grpc_port", "http_port"])
 def test_a_port_taken_after_the_checks_is_still_a_startup_error(
-    empty_repository: Path, busy_port: int
+    empty_repository: Path, busy_port: int, field: str
 ) -> None:
     # The race __main__'s check cannot see: the port is taken between the check and the bind.
     from service.app import App, StartupError
 
-    settings = Settings(
-        model_repository=empty_repository, grpc_port=busy_port, metrics_port=0, device="cpu"
-    )
+    ports = {"grpc_port": 0, "http_port": 0, field: busy_port}
+    settings = Settings(model_repository=empty_repository, metrics_port=0, device="cpu", **ports)
 
     apps: list[App] = []
 
@@ -119,8 +119,9 @@ def test_a_port_taken_after_the_checks_is_still_a_startup_error(
 
     with pytest.raises(StartupError) as info:
         asyncio.run(start())
+    flag = "--" + field.replace("_", "-")
     assert str(info.value) == (
-        f"--grpc-port {busy_port} is in use on 127.0.0.1 (choose another port, or 0 for any)"
+        f"{flag} {busy_port} is in use on 127.0.0.1 (choose another port, or 0 for any)"
     )
     # What had started is closed: the metrics port it had bound is free again.
     assert apps[0].metrics_port > 0

@@ -46,7 +46,8 @@ def test_server_and_model_metadata(facts: dict[str, Any]) -> None:
     server = facts["metadata"]["server"]
     assert server == {
         "name": "mcdropout", "version": service.__version__,
-        "extensions": ["parameters", "mc_dropout"],
+        "extensions": ["parameters", "mc_dropout", "model_configuration", "statistics",
+                       "model_repository", "binary_tensor_data"],
     }  # fmt: skip
     model = facts["metadata"]["model"]
     assert (model["name"], model["versions"], model["platform"]) == (
@@ -63,7 +64,7 @@ def test_infer_with_raw_inputs(facts: dict[str, Any]) -> None:
     raw = facts["infer_raw"]
     assert (raw["id"], raw["model_version"], raw["mc_samples"]) == ("a", "1", "200")
     assert raw["outputs"] == [
-        "logits_mean", "logits_variance", "logits_std", "logits_predicted_class",
+        "logits", "logits_mean", "logits_variance", "logits_std", "logits_predicted_class",
         "logits_predicted_label", "logits_entropy", "logits_expected_entropy",
         "logits_mutual_information", "logits_variation_ratio",
     ]  # fmt: skip
@@ -109,7 +110,11 @@ def test_stream_answers_in_order_with_the_error_in_place(facts: dict[str, Any]) 
         ("unknown_model", "StatusCode.NOT_FOUND", "model 'nope' not found"),
         ("wrong_datatype", "StatusCode.INVALID_ARGUMENT", "must be float32, got float64"),
         ("float_mc_samples", "StatusCode.INVALID_ARGUMENT", "'mc_samples' must be an integer"),
-        ("unknown_output", "StatusCode.INVALID_ARGUMENT", "has no output 'logits'"),
+        ("unknown_output", "StatusCode.INVALID_ARGUMENT", "has no output 'logitz'"),
+        ("unknown_mc_parameter", "StatusCode.INVALID_ARGUMENT", "unknown parameter 'mc_sample'"),
+        ("sequence", "StatusCode.INVALID_ARGUMENT", "sequences are not supported"),
+        ("priority", "StatusCode.INVALID_ARGUMENT", "priorities are not supported"),
+        ("unknown_model_config", "StatusCode.NOT_FOUND", "model 'nope' not found"),
         ("too_many_rows", "StatusCode.RESOURCE_EXHAUSTED", "65 rows is more than the limit"),
         ("unknown_model_metadata", "StatusCode.NOT_FOUND", "model 'nope' not found"),
     ],
@@ -121,6 +126,29 @@ def test_errors_raise_inference_server_exception_with_the_status(
     assert error["type"] == "InferenceServerException"
     assert error["status"] == status
     assert fragment in error["message"]
+
+
+def test_the_graphs_own_output_name_answers_its_mean(facts: dict[str, Any]) -> None:
+    assert facts["own_output_name"] == {
+        "dtype": "float32", "shape": [3, 4], "is_the_mean": True, "named_outputs": ["logits"],
+    }  # fmt: skip
+
+
+def test_model_config_statistics_and_repository_index(facts: dict[str, Any]) -> None:
+    found = facts["config_statistics_index"]
+    config = found["config"]
+    assert (config["name"], config["max_batch_size"]) == ("tiny_reg", 64)
+    assert config["inputs"] == [["features", "TYPE_FP32", ["5"]]]
+    assert config["outputs"] == ["y", "y_mean", "y_variance", "y_std"]
+    assert config["dynamic_batching"] == {
+        "preferred_batch_size": [64], "max_queue_delay_microseconds": "500",
+    }  # fmt: skip
+    assert found["rows_counted"] == 3
+    assert found["successes_counted"] == 1
+    assert ["tiny_reg", "1"] in found["versions"]  # (JSON makes the tuples lists)
+    assert ["tiny_reg", "2"] in found["versions"]
+    assert ["tiny_cls", "1", "READY"] in found["index"]
+    assert ["deterministic", "1", "UNAVAILABLE"] in found["index"]
 
 
 def test_asyncio_client(facts: dict[str, Any]) -> None:

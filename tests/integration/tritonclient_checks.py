@@ -94,6 +94,46 @@ def check_requested_outputs(client: grpcclient.InferenceServerClient) -> dict[st
     }
 
 
+def check_own_output_name(client: grpcclient.InferenceServerClient) -> dict[str, Any]:
+    """A script written for the deterministic model: it names the graph's output."""
+    everything = client.infer("tiny_cls", [x_input(3)], parameters={"mc_samples": 40})
+    named = client.infer(
+        "tiny_cls", [x_input(3)], outputs=[grpcclient.InferRequestedOutput("logits")]
+    )
+    logits = everything.as_numpy("logits")
+    return {
+        "dtype": str(logits.dtype),
+        "shape": list(logits.shape),
+        "is_the_mean": bool(
+            np.array_equal(logits, everything.as_numpy("logits_mean").astype(np.float32))
+        ),
+        "named_outputs": [o["name"] for o in named.get_response(as_json=True)["outputs"]],
+    }
+
+
+def check_config_statistics_index(client: grpcclient.InferenceServerClient) -> dict[str, Any]:
+    config = client.get_model_config("tiny_reg", as_json=True)["config"]
+    before = client.get_inference_statistics("tiny_cls", as_json=True)["model_stats"][0]
+    client.infer("tiny_cls", [x_input(3)], parameters={"mc_samples": 5})
+    after = client.get_inference_statistics("tiny_cls", as_json=True)["model_stats"][0]
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    index = client.get_model_repository_index(as_json=True)["models"]
+    return {
+        "config": {
+            "name": config["name"],
+            "max_batch_size": config["max_batch_size"],
+            "inputs": [(i["name"], i["data_type"], i["dims"]) for i in config["input"]],
+            "outputs": [o["name"] for o in config["output"]],
+            "dynamic_batching": config.get("dynamic_batching"),
+        },
+        "rows_counted": int(after["inference_count"]) - int(before.get("inference_count", 0)),
+        "successes_counted": int(after["inference_stats"]["success"]["count"])
+        - int(before["inference_stats"]["success"].get("count", 0)),
+        "versions": sorted((s["name"], s["version"]) for s in every),
+        "index": sorted((m["name"], m.get("version", ""), m["state"]) for m in index),
+    }
+
+
 def check_async_infer(client: grpcclient.InferenceServerClient) -> dict[str, Any]:
     done: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.async_infer(
@@ -155,8 +195,14 @@ def check_errors(client: grpcclient.InferenceServerClient) -> dict[str, Any]:
             "tiny_cls", [x_input(1)], parameters={"mc_samples": 1.5}
         ),
         "unknown_output": lambda: client.infer(
-            "tiny_cls", [x_input(1)], outputs=[grpcclient.InferRequestedOutput("logits")]
+            "tiny_cls", [x_input(1)], outputs=[grpcclient.InferRequestedOutput("logitz")]
         ),
+        "unknown_mc_parameter": lambda: client.infer(
+            "tiny_cls", [x_input(1)], parameters={"mc_sample": 3}
+        ),
+        "sequence": lambda: client.infer("tiny_cls", [x_input(1)], sequence_id=5),
+        "priority": lambda: client.infer("tiny_cls", [x_input(1)], priority=2),
+        "unknown_model_config": lambda: client.get_model_config("nope"),
         "too_many_rows": lambda: client.infer("tiny_cls", [x_input(65)]),
         "unknown_model_metadata": lambda: client.get_model_metadata("nope"),
     }
@@ -187,6 +233,8 @@ def main(target: str) -> dict[str, Any]:
         "health": check_health,
         "metadata": check_metadata,
         "infer_raw": check_infer_raw,
+        "own_output_name": check_own_output_name,
+        "config_statistics_index": check_config_statistics_index,
         "requested_outputs": check_requested_outputs,
         "async_infer": check_async_infer,
         "stream": check_stream,

@@ -50,8 +50,8 @@ def names(catalogue: Catalogue) -> list[str]:
 
 
 def test_classification_outputs() -> None:
-    assert names(Catalogue(classifier(["a", "b"]))) == [f"p_{s}" for s in CLASSES]
-    unlabelled = [f"p_{s}" for s in CLASSES if s != "predicted_label"]
+    assert names(Catalogue(classifier(["a", "b"]))) == ["p"] + [f"p_{s}" for s in CLASSES]
+    unlabelled = ["p"] + [f"p_{s}" for s in CLASSES if s != "predicted_label"]
     assert names(Catalogue(classifier([]))) == unlabelled
     shapes = {a.name: a.shape for a in Catalogue(classifier(["a", "b"])).answers}
     assert shapes["p_mean"] == (-1, 2)
@@ -60,11 +60,11 @@ def test_classification_outputs() -> None:
 
 def test_values_outputs_and_their_variance_output() -> None:
     plain = Catalogue(regressor(values("y")))
-    assert names(plain) == ["y_mean", "y_variance", "y_std"]
+    assert names(plain) == ["y", "y_mean", "y_variance", "y_std"]
     hetero = Catalogue(regressor(values("y"), variance("s", of="y")))
     assert names(hetero) == [
-        "y_mean", "y_variance", "y_std", "y_aleatoric_variance", "y_total_variance",
-        "s_mean", "s_variance", "s_std",
+        "y", "y_mean", "y_variance", "y_std", "y_aleatoric_variance", "y_total_variance",
+        "s", "s_mean", "s_variance", "s_std",
     ]  # fmt: skip
 
 
@@ -75,7 +75,8 @@ def test_statistics_follow_the_output_semantics_not_the_task() -> None:
     logits = TensorSpec("p", np.dtype("float32"), (-1, 3), Semantics.LOGITS, labels=("a", "b", "c"))
     mixed = dataclasses.replace(config, outputs=(logits, *config.outputs))
     catalogue = Catalogue(mixed)
-    assert names(catalogue) == [f"p_{s}" for s in CLASSES] + ["y_mean", "y_variance", "y_std"]
+    assert names(catalogue) == ["p", *(f"p_{s}" for s in CLASSES), "y", "y_mean", "y_variance",
+                                "y_std"]  # fmt: skip
     assert [s.name for s in statistics_of(logits, mixed)] == CLASSES
     assert catalogue.has_intervals  # the values head has them
 
@@ -85,6 +86,33 @@ def test_colliding_statistic_names_refuse_the_version_at_load_time() -> None:
     with pytest.raises(ModelLoadError, match="'x_total_variance' would be both total_variance"):
         Catalogue(config)
     Catalogue(regressor(values("x"), values("x_total")))  # without the variance: no collision
+
+
+def test_each_output_answers_under_its_own_name_with_its_mean_in_the_graph_dtype() -> None:
+    """A script written for the deterministic model asks for the graph's own output name."""
+    half = TensorSpec("h", np.dtype("float16"), (-1, 2), Semantics.VALUES)
+    count = TensorSpec("n", np.dtype("int64"), (-1, 2), Semantics.VALUES)
+    config = dataclasses.replace(regressor(values("y")), outputs=(values_spec("y"), half, count))
+    catalogue = Catalogue(config)
+    own = {a.name: a for a in catalogue.answers if a.output is not None and a.name == a.output.name}
+    assert {n: (a.statistic.dtype.oip, a.shape) for n, a in own.items()} == {
+        "y": ("FP32", (-1, 2)), "h": ("FP16", (-1, 2)), "n": ("FP64", (-1, 2)),
+    }  # fmt: skip
+    stats = regression_stats(np.random.default_rng(0).standard_normal((5, 3, 2)))
+    assert own["y"].statistic.read(stats, ()) is stats.mean
+    options: dict[str, Any] = {"return_samples": False, "interval_levels": (), "adaptive": False}
+    assert [a.name for a in catalogue.select(["y", "y_mean"], **options)] == ["y", "y_mean"]
+
+
+def test_an_output_named_like_another_outputs_statistic_is_refused() -> None:
+    with pytest.raises(
+        ModelLoadError, match="'y_std' would be both std of 'y' and output 'y_std' itself"
+    ):
+        Catalogue(regressor(values("y"), values("y_std")))
+
+
+def values_spec(name: str) -> TensorSpec:
+    return TensorSpec(name, np.dtype("float32"), (-1, 2), Semantics.VALUES)
 
 
 def test_colliding_classification_heads_are_refused() -> None:
@@ -119,8 +147,8 @@ def test_select_answers_the_requested_outputs_in_order() -> None:
     assert catalogue.select([], **options) == catalogue.answers
     chosen = catalogue.select(["z_std", "y_mean"], **options)
     assert [a.name for a in chosen] == ["z_std", "y_mean"]
-    with pytest.raises(InvalidInput, match=r"model 'reg' has no output 'y' \(outputs: y_mean,"):
-        catalogue.select(["y"], **options)
+    with pytest.raises(InvalidInput, match=r"model 'reg' has no output 'w' \(outputs: y, y_mean,"):
+        catalogue.select(["w"], **options)
     with pytest.raises(InvalidInput, match="output 'y_mean' is requested twice"):
         catalogue.select(["y_mean", "y_mean"], **options)
     with pytest.raises(InvalidInput, match="has no output 'y_samples'"):

@@ -203,6 +203,7 @@ def test_listing_metadata_and_readiness(loop: asyncio.AbstractEventLoop) -> None
     assert (metadata.name, metadata.version, metadata.versions) == ("m", 1, (2, 1))
     assert metadata.provider == "FakeExecutionProvider"
     assert [(a.name, a.statistic.dtype.oip, a.shape) for a in metadata.statistics] == [
+        ("y", "FP32", (-1, 1)),
         ("y_mean", "FP64", (-1, 1)),
         ("y_variance", "FP64", (-1, 1)),
         ("y_std", "FP64", (-1, 1)),
@@ -234,7 +235,7 @@ def test_requested_outputs_are_answered_in_the_requested_order(
     np.testing.assert_array_equal(result.read(result.answer[0]), stats.std)
     np.testing.assert_array_equal(result.read(result.answer[1]), stats.mean)
     everything = loop.run_until_complete(make_core(FakeEngine()).predict(request()))
-    assert [a.name for a in everything.answer] == ["y_mean", "y_variance", "y_std"]
+    assert [a.name for a in everything.answer] == ["y", "y_mean", "y_variance", "y_std"]
 
 
 def test_wire_errors_are_invalid_input_and_nothing_runs(loop: asyncio.AbstractEventLoop) -> None:

@@ -100,11 +100,11 @@ def test_a_closed_gate_refuses_new_requests_and_waits_for_the_running_ones() -> 
         return "done"
 
     async def scenario() -> None:
-        running = asyncio.create_task(observe("Predict", "m", lambda: None, handler, gate))
+        running = asyncio.create_task(observe("Predict", "m", lambda: None, handler, gate=gate))
         await asyncio.sleep(0.01)
         assert gate.running == 1
         gate.close()
-        refused = await observe("Predict", "m", lambda: None, handler, gate)
+        refused = await observe("Predict", "m", lambda: None, handler, gate=gate)
         assert refused.status == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in refused.message
         assert len(ran) == 1  # the refused request never ran

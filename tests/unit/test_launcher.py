@@ -139,6 +139,6 @@ def test_nothing_in_the_repository_stops_processes_by_name() -> None:
 def test_the_port_file_carries_the_server_pid(tmp_path: Path) -> None:
     from service.app import _write_port_file
 
-    _write_port_file(tmp_path / "ports.json", 8001, 8002)
+    _write_port_file(tmp_path / "ports.json", 8001, 8000, 8002)
     ports = json.loads((tmp_path / "ports.json").read_text())
-    assert ports == {"grpc_port": 8001, "metrics_port": 8002, "pid": os.getpid()}
+    assert ports == {"grpc_port": 8001, "http_port": 8000, "metrics_port": 8002, "pid": os.getpid()}

@@ -252,6 +252,7 @@ def test_mc_samples_must_be_a_non_negative_integer(parameter: oip.InferParameter
 # --- outputs ---------------------------------------------------------------------------------
 
 CLASSIFIER_OUTPUTS = [
+    ("logits", "FP32", [-1, 4]),  # the graph's own output: its mean, in the graph's dtype
     ("logits_mean", "FP64", [-1, 4]),
     ("logits_variance", "FP64", [-1, 4]),
     ("logits_std", "FP64", [-1, 4]),
@@ -290,9 +291,11 @@ def test_a_classifier_without_labels_has_no_label_output() -> None:
 
 def test_output_names_of_a_regressor() -> None:
     assert _metadata(REGRESSOR) == [
+        ("y", "FP32", [-1, 2]),
         ("y_mean", "FP64", [-1, 2]),
         ("y_variance", "FP64", [-1, 2]),
         ("y_std", "FP64", [-1, 2]),
+        ("z", "FP32", [-1, 1]),
         ("z_mean", "FP64", [-1, 1]),
         ("z_variance", "FP64", [-1, 1]),
         ("z_std", "FP64", [-1, 1]),
@@ -365,6 +368,11 @@ def test_encode_every_classifier_output() -> None:
         tensor = encoded[name]
         assert (tensor.datatype, tensor.shape) == ("FP64", array.shape)
         np.testing.assert_array_equal(np.frombuffer(tensor.raw, "<f8").reshape(tensor.shape), array)
+    own = encoded["logits"]
+    assert (own.datatype, own.shape) == ("FP32", stats.mean.shape)
+    np.testing.assert_array_equal(
+        np.frombuffer(own.raw, "<f4").reshape(own.shape), stats.mean.astype(np.float32)
+    )
     predicted = encoded["logits_predicted_class"]
     assert (predicted.datatype, predicted.shape) == ("INT64", (3,))
     classes = np.frombuffer(predicted.raw, "<i8")

@@ -133,7 +133,8 @@ async def stream(servicer: OpenInferenceServicer, plane: Any, context: FakeConte
 
 
 def recorded(method: str, code: str) -> float:
-    labels = {"model": "m", "method": method, "code": code}
+    # A call that failed has no answering version.
+    labels = {"model": "m", "version": "", "method": method, "code": code}
     count = metrics.REGISTRY.get_sample_value("mcd_request_duration_seconds_count", labels)
     return count or 0.0
 
