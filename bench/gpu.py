@@ -59,9 +59,10 @@ The workflow for a borrowed GPU host: ``--prepare build/gpu-models`` here; carry
 there ``--prepare-real build/gpu-real-models`` (one command, several minutes), then
 ``--repository build/gpu-models --real-repository build/gpu-real-models --json OUT/gpu.json
 --out OUT/gpu.md`` (about 9 minutes on one H100 with 16 cores, bounded by ``--budget-s``, 540 s
-by default, imports included); back here ``--merge gpu.json``. Without ``--out``, a CUDA run writes its section into
-docs/benchmarks.md itself; the CPU test mode prints it instead. Exit status 0 when everything
-ran, 1 when anything failed (every output is still written, the failures listed in it).
+by default, imports included); back here ``--merge gpu.json``. Without ``--out``, a CUDA run
+writes its section into docs/benchmarks.md itself; the CPU test mode prints it instead. Exit
+status 0 when everything ran, 1 when anything failed (every output is still written, the
+failures listed in it).
 """
 
 from __future__ import annotations
