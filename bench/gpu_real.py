@@ -307,7 +307,7 @@ def gpu_real_headline(real: Mapping[str, Any]) -> dict[str, float | None]:
     return headline
 
 
-def _service_lines(real: Mapping[str, Any]) -> tuple[list[RealTarget], list[str]]:
+def _service_lines(real: Mapping[str, Any], cuda: bool) -> tuple[list[RealTarget], list[str]]:
     service = real.get("service")
     if not service:
         return [], []
@@ -326,8 +326,10 @@ def _service_lines(real: Mapping[str, Any]) -> tuple[list[RealTarget], list[str]
     ratios = service_ratios(real)
     lines = [
         "",
-        f"Service: `python -m service --device {{gpu,cpu}} --tile-memory-bytes"
-        f" {real.get('tile_memory_bytes')}` serving {', '.join(plan.names())}, loaded by"
+        f"Service: `python -m service --model-repository REPOSITORY --device"
+        f" {'gpu' if cuda else 'cpu'} --metrics-port -1 --tile-memory-bytes"
+        f" {real.get('tile_memory_bytes')}` (on 127.0.0.1, port 0, through"
+        f" `tools/launcher.py`) serving {', '.join(plan.names())}, loaded by"
         f" `bench/loadgen.py`: C = {plan.concurrency} closed-loop grpc.aio clients on 127.0.0.1,"
         f" B = {plan.rows} row per request, T = {plan.samples}, {plan.warmup_s:g} s warm-up then"
         f" a {plan.duration_s:g} s window per model, one round. The engine figure is (e) at"
@@ -377,7 +379,7 @@ def real_section_lines(real: Mapping[str, Any] | None, *, command: str, cuda: bo
         for e in real.get("cells", [])
         if Cell(**e["cell"]).key not in reference
     ]
-    service_targets, service_lines = _service_lines(real)
+    service_targets, service_lines = _service_lines(real, cuda)
     lines += render_real(
         real,
         heading="### Realistic models",

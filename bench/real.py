@@ -615,11 +615,17 @@ def render_real(
         if cuda
         else "PyTorch and ONNX Runtime on the CPU (threads = cores, spinning off)"
     )
+    smoke = any(info.get("size") == "smoke" for info in result.get("models", {}).values())
     lines = [
         heading,
         "",
         f"Command: `{command}`",
         "",
+        *(
+            ["**Smoke sizes: tiny models and budgets, not benchmark figures.**", ""]
+            if smoke
+            else []
+        ),
         "Models of `bench/realistic.py` (library code, seeded random weights, BatchNorm"
         " statistics measured on random inputs), each exported by `export.export_model` and"
         f" verified against PyTorch; in one process, {where}. Variants (`bench/anchors.py`):",
@@ -635,7 +641,9 @@ def render_real(
         "precision cells only);",
         "- (c) one deterministic pass of the B rows: ONNX Runtime on the same `model.onnx` with"
         " its default optimizations, which remove Dropout (`EliminateDropout`, which the server"
-        " turns off), checked deterministic; (c') the same in PyTorch eval mode;",
+        " turns off), the random draws of dropout exported without a Dropout node (torchvision's"
+        " in-place dropout) made constant; checked deterministic (copies of a row, and two runs,"
+        " agree); (c') the same in PyTorch eval mode;",
         "- (e) this engine, `service.engine.runtime.build_engine`, what `python -m service"
         f" --device {'gpu' if cuda else 'cpu'}` runs, with"
         f" `tile_memory_bytes` = {tile / 2**20:,.0f} MiB"
