@@ -103,15 +103,18 @@ $(MLSERVER_VENV)/.installed: bench/mlserver/requirements.txt
 
 bench-env: $(MLSERVER_VENV)/.installed
 
-# Engine (in process) and service (gRPC, against a naive server and MLServer) benchmarks;
-# writes docs/benchmarks.md and prints one JSON line of headline ratios.
+# Engine (in process), realistic models (MobileNetV3-Small, EfficientNet-B0, a small BERT
+# against PyTorch and deterministic passes) and service (gRPC, against a naive server and
+# MLServer) benchmarks; writes docs/benchmarks.md and prints one JSON line of headline ratios.
 bench: $(VENV)/.installed-dev bench-env
-	$(PY) -m bench.run
+	$(PY) -m bench.run --real-repository $(REAL_REPOSITORY)
 
-# A representative subset in under 3 minutes (once bench-env exists); it also writes
+# A representative subset in about 5 minutes (once bench-env exists); it also writes
 # docs/benchmarks.md, marked as the quick subset: commit only the full run's.
+# REAL_REPOSITORY keeps the realistic models' exports (bench/real.py) for the next run.
+REAL_REPOSITORY ?= build/bench-real-models
 bench-quick: $(VENV)/.installed-dev bench-env
-	$(PY) -m bench.run --quick
+	$(PY) -m bench.run --quick --real-repository $(REAL_REPOSITORY)
 
 # ---- GPU (CUDA): tests/gpu skip without a usable CUDA device; bench/gpu.py writes the section
 # between <!-- gpu:begin --> and <!-- gpu:end --> of docs/benchmarks.md (bench.run keeps it).
@@ -129,9 +132,15 @@ test-gpu: $(VENV)/.installed-dev
 	if [ -n "$$reason" ]; then echo "no CUDA: tests/gpu skipped ($$reason)"; \
 	else $(PY) -m pytest tests/gpu -v -rs; fi
 
-# About 6 minutes on one H100 with 16 cores (--budget-s bounds it; --json keeps the raw results).
+# GPU_REAL_REPOSITORY: the realistic models (ResNet-50, ViT-B/16, BERT-base in fp32 and fp16,
+# about 1.5 GB), exported on the GPU host on the first run and reused after
+# (`python -m bench.gpu --prepare-real DIR` exports them alone).
+GPU_REAL_REPOSITORY ?= build/bench-gpu-real-models
+# About 9 minutes on one H100 with 16 cores once the realistic models are exported (--budget-s
+# bounds the measuring; --json keeps the raw results and the headline).
 bench-gpu: $(VENV)/.installed-dev
-	$(PY) -m bench.gpu $(if $(GPU_REPOSITORY),--repository $(GPU_REPOSITORY)) $(GPU_BENCH_FLAGS)
+	$(PY) -m bench.gpu $(if $(GPU_REPOSITORY),--repository $(GPU_REPOSITORY)) \
+		--real-repository $(GPU_REAL_REPOSITORY) $(GPU_BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(MLSERVER_VENV) $(KSERVE_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -88,6 +88,9 @@ log = logging.getLogger(__name__)
 Rows = npt.NDArray[np.float32]
 #: (B rows, T samples) -> statistics of the first output.
 Runner = Callable[[Rows, int], OutputStats]
+#: What the timing loop calls: (the cell's inputs, T) -> anything (bench.real's variants take
+#: a dict of inputs and return their own statistics).
+Call = Callable[[Any, int], object]
 
 
 @dataclass(frozen=True)
@@ -490,15 +493,13 @@ def describe_error(exc: BaseException) -> str:
     return text
 
 
-def _timed(runner: Runner, rows: Rows, num_samples: int) -> float:
+def _timed(runner: Call, rows: Any, num_samples: int) -> float:
     started = time.perf_counter()
     runner(rows, num_samples)
     return time.perf_counter() - started
 
 
-def estimate_call_s(
-    runner: Runner, rows: Rows, num_samples: int, config: EngineBenchConfig
-) -> float:
+def estimate_call_s(runner: Call, rows: Any, num_samples: int, config: EngineBenchConfig) -> float:
     """Estimated seconds of one call with ``num_samples``, from probes with fewer samples.
 
     Time is about a + b*T, so T/p times a probe with p samples overestimates it by the fixed
@@ -540,22 +541,23 @@ def _another_round(
 
 def measure_cell(
     cell: Cell,
-    runners: Mapping[str, Runner],
-    rows: Rows,
+    runners: Mapping[str, Call],
+    rows: Any,
     config: EngineBenchConfig,
     *,
     deadline: float | None = None,
-    required: bool = False,
+    required: bool | Collection[str] = False,
 ) -> tuple[CellResult, dict[str, str]]:
     """Probe, warm up and time every variant of one cell in interleaved rounds.
 
     Args:
         cell: what is measured.
         runners: the variants, by key.
-        rows: the B input rows.
+        rows: the B input rows (passed to every runner as they are).
         config: repeats, budgets and caps.
         deadline: ``time.monotonic()`` after which no round beyond MIN_ROUNDS starts.
-        required: never skip a variant, whatever its estimated time.
+        required: never skip a variant, whatever its estimated time: True for every variant,
+            or the keys of those never skipped.
 
     Returns:
         The cell's result, and ``{variant: error}`` for every variant that raised (dropped
@@ -575,7 +577,8 @@ def measure_cell(
         measurement = result.measurements[key]
         try:
             measurement.estimate_s = estimate_call_s(runner, rows, cell.num_samples, config)
-            if measurement.estimate_s > config.call_cap_s and not required:
+            never_skip = required is True or (not isinstance(required, bool) and key in required)
+            if measurement.estimate_s > config.call_cap_s and not never_skip:
                 measurement.skipped = (
                     f"skipped (about {measurement.estimate_s:.2g} s per call > "
                     f"{config.call_cap_s:g} s cap)"

@@ -33,6 +33,18 @@ Optionally (unless ``--skip-service``) a service-level figure: the real server w
 on cuda (``python -m bench.naive_server --device cuda``)
 and the real server with ``--device cpu`` on the same host.
 
+Then (unless ``--skip-real``) the realistic models of ``bench/real.py`` (``bench/gpu_real.py``):
+ResNet-50 with a Dropout(0.5) head at B = 32, T = 100, ViT-B/16 and BERT-base with dropout
+everywhere at B = 8, T = 20, each exported in fp32 and fp16 and measured against the PyTorch
+anchors in the same precision ((a) the loop, (b) hand-written PyTorch MC with the backbone
+once, or PyTorch on the tile, (b') the same under bf16 autocast, (c) and (c') one deterministic
+pass), and the server at C = 64 against the engine at B = 64. The JSON result's ``headline``
+carries ``gpu_resnet50_head_b32_t100_engine_vs_torch_prefix_once`` (engine time / hand-written
+PyTorch time) and the other ratios; the run prints it as its last line. The realistic models
+(about 1.5 GB of ONNX) are exported on the GPU host itself: ``--real-repository DIR`` keeps
+them there for the next run (their export, minutes, is not counted in ``--budget-s``), and
+``--prepare-real DIR`` only exports them.
+
 Other modes:
 
 * ``python -m bench.gpu --prepare DIR``: export the benchmark models here (bench/models.py, with
@@ -44,11 +56,13 @@ Other modes:
   says so in its title); with ``--smoke``, tiny cells and budgets so that every code path runs.
 
 The workflow for a borrowed GPU host: ``--prepare build/gpu-models`` here; carry that folder;
-there ``--repository build/gpu-models --json OUT/gpu.json --out OUT/gpu.md`` (about 6 minutes
-on one H100 with 16 cores, bounded by ``--budget-s``, 380 s by default, imports included);
-back here ``--merge gpu.json``. Without ``--out``, a CUDA run writes its section into
-docs/benchmarks.md itself; the CPU test mode prints it instead. Exit status 0 when everything
-ran, 1 when anything failed (every output is still written, the failures listed in it).
+there ``--prepare-real build/gpu-real-models`` (one command, several minutes), then
+``--repository build/gpu-models --real-repository build/gpu-real-models --json OUT/gpu.json
+--out OUT/gpu.md`` (about 9 minutes on one H100 with 16 cores, bounded by ``--budget-s``, 540 s
+by default, imports included); back here ``--merge gpu.json``. Without ``--out``, a CUDA run
+writes its section into docs/benchmarks.md itself; the CPU test mode prints it instead. Exit
+status 0 when everything ran, 1 when anything failed (every output is still written, the
+failures listed in it).
 """
 
 from __future__ import annotations
@@ -96,6 +110,16 @@ from bench.engine import (
     describe_error,
     measure_cell,
 )
+from bench.gpu_real import (
+    REAL_SERVICE_PLAN,
+    SMOKE_REAL_SERVICE_PLAN,
+    RealPart,
+    gpu_real_headline,
+    measure_part,
+    prepare_part,
+    real_section_lines,
+    run_real_service,
+)
 from bench.gpu_shapes import shapes_lines
 from bench.models import (
     INPUT_NAME,
@@ -105,8 +129,21 @@ from bench.models import (
     build_mc_model,
     prepare_models,
 )
-from bench.report import GPU_BEGIN, GPU_END, _ms, _ratio, replace_gpu_section
-from bench.service import Fixture, Plan, Running, Starter, measure, start_naive, start_this_service
+from bench.real import GPU_CELLS, GPU_SMOKE_CELLS, RealCell, parse_real_cells
+from bench.real import GPU_CONFIG as REAL_GPU_CONFIG
+from bench.realistic import PreparedReal
+from bench.report import GPU_BEGIN, GPU_END, _ms, _ratio, headline_json, replace_gpu_section
+from bench.service import (
+    Fixture,
+    Plan,
+    Running,
+    Starter,
+    measure,
+    served_provider,
+    start_naive,
+    start_this_service,
+)
+from export.precision import Precision
 from service.repository import load_version
 
 __all__ = [
@@ -161,10 +198,15 @@ SMOKE_CONFIG = EngineBenchConfig(
     probe_calls=2,
     pause_s=0.0,
 )
-#: Total wall-clock budget of a run (the GPU host gives a command 8 minutes; leave margin).
-DEFAULT_BUDGET_S = 380.0
+#: Wall-clock budget of a run's measuring (exports of realistic models come on top): a GPU
+#: host gives a command 10 minutes; leave margin.
+DEFAULT_BUDGET_S = 540.0
 #: Time kept for the service part when it runs.
 SERVICE_RESERVE_S = 95.0
+#: Time kept for the realistic cells (6 exports' variants built: sessions of up to 330 MB of
+#: weights, PyTorch copies; then 8 cells), and for their service part (one server start).
+REAL_RESERVE_S = 240.0
+REAL_SERVICE_RESERVE_S = 60.0
 
 
 def default_cells() -> list[Cell]:
@@ -340,7 +382,7 @@ def _service_starters(device: Device, plan: Plan, providers: dict[str, str]) -> 
         def start(fixture: Fixture, workdir: Path) -> Iterator[Running]:
             flags_ = ["--metrics-port", "-1", *flags]
             with start_this_service(fixture, workdir, flags_, name=label, stem=stem) as running:
-                served = _served_provider(running.target, plan.model)
+                served = served_provider(running.target, plan.model)
                 providers[label] = served
                 if served != provider:
                     raise NotOnDevice(f"the server runs {plan.model} on {served}, not {provider}")
@@ -365,34 +407,6 @@ def _service_starters(device: Device, plan: Plan, providers: dict[str, str]) -> 
     cpu = "this service, --device cpu (same host)"
     starters[cpu] = service(cpu, "service-cpu", ["--device", "cpu"], CPU_PROVIDER)
     return starters
-
-
-def _served_provider(target: str, model: str, timeout_s: float = 30.0) -> str:
-    """The provider the server reports for ``model`` (GetModelMetadata).
-
-    Raises:
-        RuntimeError: the model is not served (the server refused it, e.g. CUDA did not load).
-    """
-    import grpc  # noqa: PLC0415
-
-    from service.gen.mcdropout.v1 import mcdropout_pb2 as pb  # noqa: PLC0415
-    from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc  # noqa: PLC0415
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.MCDropoutServiceStub(channel)  # type: ignore[no-untyped-call]
-        while True:
-            try:
-                meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model), timeout=5)
-                return str(meta.provider)
-            except grpc.RpcError as error:
-                code = error.code()
-                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{model} is not served ({code.name}: {error.details()}); see the "
-                        "server log for why it was refused"
-                    ) from None
-                time.sleep(0.2)
 
 
 def run_service(models_dir: Path, device: Device, plan: Plan, deadline: float) -> dict[str, Any]:
@@ -453,15 +467,28 @@ def _write_json(path: Path | None, result: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _prepared(repository: Path | None, seed: int) -> Iterator[Path]:
-    """The model repository to use: the given one, or a fresh export in a temporary folder."""
+def _prepared(repository: Path | None, seed: int, names: Sequence[str]) -> Iterator[Path]:
+    """The model repository to use: the given one, or a fresh export of ``names`` in a
+    temporary folder."""
     if repository is not None:
         yield repository
         return
     with tempfile.TemporaryDirectory(prefix="mcd-bench-gpu-") as tmp:
-        log.info("no --repository: exporting the benchmark models into %s", tmp)
-        prepare_repository(Path(tmp), seed)
+        if names:
+            log.info("no --repository: exporting %s into %s", ", ".join(names), tmp)
+            prepare_repository(Path(tmp), seed, names)
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _real_repository(part: RealPart | None) -> Iterator[Path | None]:
+    if part is None:
+        yield None
+    elif part.repository is not None:
+        yield part.repository
+    else:
+        with tempfile.TemporaryDirectory(prefix="mcd-bench-gpu-real-") as tmp:
+            yield Path(tmp)
 
 
 def run_benchmark(
@@ -476,12 +503,17 @@ def run_benchmark(
     json_path: Path | None = None,
     variants: Sequence[str] = VARIANT_KEYS,
     started: float | None = None,
+    real: RealPart | None = None,
 ) -> dict[str, Any]:
-    """Measure every cell (and the service level), never raising: every failure is recorded
-    in the result, which is also written to ``json_path`` after every cell."""
+    """Measure every cell (and the service level, and the realistic part), never raising:
+    every failure is recorded in the result, which is also written to ``json_path`` after every
+    cell.
+
+    The realistic models are exported (or reused) first; that time is added to the budget, which
+    bounds the measuring. Then the small models' cells, the realistic cells, the small models'
+    service level and the realistic one, each part keeping time for the ones after it."""
     started = time.monotonic() if started is None else started
     deadline = started + budget_s
-    engine_deadline = deadline - (SERVICE_RESERVE_S if service_plan is not None else 0.0)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,
@@ -497,10 +529,14 @@ def run_benchmark(
         "not_run": [],
         "errors": [],
         "service": None,
+        "real": None,
+        "headline": {},
     }
 
     def save() -> None:
         result["elapsed_s"] = round(time.monotonic() - started, 1)
+        if result["real"] is not None:
+            result["headline"] = gpu_real_headline(result["real"])
         try:
             _write_json(json_path, result)
         except OSError:
@@ -510,40 +546,118 @@ def run_benchmark(
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         result["device"] = device_info(device)
         save()
-        with _prepared(repository, config.seed) as models_dir:
-            names = [n for n in MODELS if any(c.model == n for c in cells)]
-            models: dict[str, PreparedModel] = {}
-            for name in names:  # one model that cannot load must not stop the others
+        with contextlib.ExitStack() as stack:
+            prepared: dict[tuple[str, Precision], PreparedReal] = {}
+            if real is not None:
+                real_dir = stack.enter_context(_real_repository(real))
+                assert real_dir is not None
+                result["real"] = {"cells": [], "models": {}, "errors": []}
+                exporting = time.monotonic()
                 try:
-                    models.update(load_repository(models_dir, [name], config.seed))
-                except Exception as exc:
-                    result["models"][name] = {"build_errors": {"load": describe_error(exc)}}
-                    log.warning("%s: cannot load", name, exc_info=True)
-            runners: dict[str, dict[str, Runner]] = {}
-            for name, model in models.items():
-                runners[name] = _build_model(
-                    name, model, device=device, config=config, variants=variants, result=result
+                    prepared = prepare_part(real, real_dir)
+                except Exception as exc:  # the small models still run
+                    result["real"]["errors"].append(f"export failed: {describe_error(exc)}")
+                    log.error("realistic export failed:\n%s", traceback.format_exc())
+                export_s = time.monotonic() - exporting
+                deadline += export_s
+                result["real_export_s"] = round(export_s, 1)
+                save()
+            reserve_real = REAL_RESERVE_S if prepared else 0.0
+            reserve_real_service = (
+                REAL_SERVICE_RESERVE_S if prepared and real is not None and real.service else 0.0
+            )
+            reserve_service = SERVICE_RESERVE_S if service_plan is not None else 0.0
+            engine_deadline = deadline - reserve_service - reserve_real - reserve_real_service
+            names = [n for n in MODELS if any(c.model == n for c in cells)]
+            models_dir = stack.enter_context(_prepared(repository, config.seed, names))
+            _run_small(
+                result,
+                cells,
+                names,
+                models_dir,
+                device=device,
+                config=config,
+                variants=variants,
+                deadline=engine_deadline,
+                save=save,
+            )
+            if real is not None and prepared:
+
+                def saved(partial: dict[str, Any]) -> None:
+                    result["real"] = {**partial, "errors": result["real"]["errors"]}
+                    save()
+
+                errors = result["real"]["errors"]
+                result["real"] = {
+                    **measure_part(
+                        real,
+                        prepared,
+                        device=device,
+                        cells_deadline=deadline - reserve_service - reserve_real_service,
+                        saved=saved,
+                    ),
+                    "errors": errors,
+                }
+                save()
+            if service_plan is not None:
+                result["service"] = run_service(
+                    models_dir, device, service_plan, deadline - reserve_real_service
                 )
                 save()
-            for cell in cells:
-                if time.monotonic() > engine_deadline:
-                    result["not_run"].append(cell.key)
-                    continue
-                result["cells"].append(_run_cell(cell, models, runners, config, engine_deadline))
-                save()
-            if result["not_run"]:
-                log.warning("time budget: not run: %s", ", ".join(result["not_run"]))
-            del runners
-            gc.collect()
-            if service_plan is not None:
-                save()
-                result["service"] = run_service(models_dir, device, service_plan, deadline)
+            if real is not None and real.service is not None and prepared:
+                result["real"]["service"] = run_real_service(
+                    prepared,
+                    real.service,
+                    device=device,
+                    tile_memory_bytes=real.budget(device),
+                    deadline=deadline,
+                )
     except Exception as exc:  # the result so far is still written
         result["errors"].append(f"run aborted: {describe_error(exc)}")
         log.error("run aborted:\n%s", traceback.format_exc())
     result["finished"] = True
     save()
     return result
+
+
+def _run_small(
+    result: dict[str, Any],
+    cells: Sequence[Cell],
+    names: Sequence[str],
+    models_dir: Path,
+    *,
+    device: Device,
+    config: EngineBenchConfig,
+    variants: Sequence[str],
+    deadline: float,
+    save: Callable[[], None],
+) -> None:
+    """The small models' cells (bench/models.py), each model's variants built once."""
+    models: dict[str, PreparedModel] = {}
+    for name in names:  # one model that cannot load must not stop the others
+        try:
+            models.update(load_repository(models_dir, [name], config.seed))
+        except Exception as exc:
+            result["models"][name] = {"build_errors": {"load": describe_error(exc)}}
+            log.warning("%s: cannot load", name, exc_info=True)
+    runners: dict[str, dict[str, Runner]] = {}
+    for name, model in models.items():
+        runners[name] = _build_model(
+            name, model, device=device, config=config, variants=variants, result=result
+        )
+        save()
+    for cell in cells:
+        if time.monotonic() > deadline:
+            result["not_run"].append(cell.key)
+            continue
+        result["cells"].append(_run_cell(cell, models, runners, config, deadline))
+        save()
+    if result["not_run"]:
+        log.warning("time budget: not run: %s", ", ".join(result["not_run"]))
+    del runners
+    gc.collect()
+    if device.cuda:
+        torch.cuda.empty_cache()
 
 
 def _build_model(
@@ -887,7 +1001,22 @@ def render_section(result: Mapping[str, Any]) -> str:
         detail = result.get("models", {}).get(name, {}).get("details", {}).get("engine", "")
         lines += _model_tables(name, [r for r, _ in mine], [e for _, e in mine], detail)
     lines += _service_lines(result.get("service"), cuda)
+    lines += real_section_lines(
+        result.get("real"), command=str(result.get("command", "?")), cuda=cuda
+    )
     lines += shapes_lines(result.get("shapes"))
+    if result.get("headline"):
+        lines += [
+            "### Headline",
+            "",
+            "Engine time / anchor time (below 1: the engine is faster), and the service's"
+            " throughput over the engine's; the run's JSON result carries it as `headline`:",
+            "",
+            "```json",
+            headline_json(result["headline"]),
+            "```",
+            "",
+        ]
     lines.append(GPU_END)
     return "\n".join(lines) + "\n"
 
@@ -928,6 +1057,36 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget of the run"
     )
     parser.add_argument("--skip-service", action="store_true", help="engine level only")
+    parser.add_argument(
+        "--skip-small", action="store_true", help="leave out the small models (bench/models.py)"
+    )
+    parser.add_argument(
+        "--skip-real", action="store_true", help="leave out the realistic models (bench/real.py)"
+    )
+    parser.add_argument(
+        "--real-cells",
+        type=parse_real_cells,
+        help="model:precision:B:T,... instead of the realistic defaults",
+    )
+    parser.add_argument(
+        "--real-repository",
+        type=Path,
+        metavar="DIR",
+        help="export the realistic models into DIR, reusing what an earlier run exported "
+        "there (default: a temporary folder, exported every run)",
+    )
+    parser.add_argument(
+        "--prepare-real",
+        type=Path,
+        metavar="DIR",
+        help="only export the realistic models into DIR (for --real-repository DIR)",
+    )
+    parser.add_argument(
+        "--real-tile-memory-bytes",
+        type=int,
+        help="the engine's budget of one run in the realistic cells (default: 60%% of the "
+        "GPU's memory; the server's 256 MiB on the CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -965,12 +1124,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in args.prepare.rglob("*") if p.is_file())
         log.info("prepared %s (%.1f MB)", args.prepare, size / 1e6)
         return 0
+    real = _real_part(args)
+    if args.prepare_real is not None:
+        prepare_part(replace(real, repository=args.prepare_real), args.prepare_real)
+        log.info("prepared the realistic models in %s", args.prepare_real)
+        return 0
 
     device = CUDA if args.device == "cuda" else CPU
     config = SMOKE_CONFIG if args.smoke else GPU_CONFIG
     config = EngineBenchConfig(**{**asdict(config), "seed": args.seed})
-    cells = args.cells or (smoke_cells() if args.smoke else default_cells())
-    plan = None if args.skip_service else (SMOKE_SERVICE_PLAN if args.smoke else SERVICE_PLAN)
+    cells = (
+        []
+        if args.skip_small
+        else (args.cells or (smoke_cells() if args.smoke else default_cells()))
+    )
+    plan = (
+        None
+        if args.skip_service or args.skip_small
+        else (SMOKE_SERVICE_PLAN if args.smoke else SERVICE_PLAN)
+    )
     result = run_benchmark(
         device=device,
         cells=cells,
@@ -981,6 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=_command(argv),
         json_path=args.json,
         started=started,
+        real=None if args.skip_real else real,
     )
     section = render_section(result)
     if args.out is not None:
@@ -993,6 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("wrote the GPU section of %s", args.output)
     else:  # test mode never touches the committed report unless asked (--out)
         sys.stdout.write(section)
+    sys.stdout.write(headline_json(result.get("headline", {})) + "\n")
     found = problems(result)
     log.info(
         "done in %.0f s: %d cells measured, %d not run (time budget), %d problems%s",
@@ -1015,7 +1189,35 @@ def problems(result: Mapping[str, Any]) -> list[str]:
         found += [f"{key} {variant}: {e}" for variant, e in cell.get("errors", {}).items()]
     service = result.get("service") or {}
     found += [f"service: {error}" for error in service.get("errors", [])]
+    real = result.get("real") or {}
+    found += [f"realistic: {error}" for error in real.get("errors", [])]
+    for name, entry in real.get("models", {}).items():
+        found += [f"{name} {key}: {e}" for key, e in entry.get("build_errors", {}).items()]
+    for cell in real.get("cells", []):
+        key = Cell(**cell["cell"]).key
+        found += [f"{key} {variant}: {e}" for variant, e in cell.get("errors", {}).items()]
+    found += [f"realistic: not run (time budget): {key}" for key in real.get("not_run", [])]
+    real_service = real.get("service") or {}
+    found += [f"realistic service: {error}" for error in real_service.get("errors", [])]
     return found
+
+
+def _real_part(args: argparse.Namespace) -> RealPart:
+    """The realistic part the command line asks for."""
+    smoke = bool(args.smoke)
+    cells: list[RealCell] = list(args.real_cells or (GPU_SMOKE_CELLS if smoke else GPU_CELLS))
+    return RealPart(
+        cells=tuple(cells),
+        config=EngineBenchConfig(
+            **{**asdict(SMOKE_CONFIG if smoke else REAL_GPU_CONFIG), "seed": args.seed}
+        ),
+        size="smoke" if smoke else "full",
+        repository=args.real_repository,
+        service=None
+        if args.skip_service
+        else (SMOKE_REAL_SERVICE_PLAN if smoke else REAL_SERVICE_PLAN),
+        tile_memory_bytes=args.real_tile_memory_bytes,
+    )
 
 
 if __name__ == "__main__":

@@ -292,6 +292,7 @@ def render(
     service_note: str | None,
     headline: Mapping[str, float | None],
     gpu_section: str | None = None,
+    real_markdown: str | None = None,
 ) -> str:
     """The whole docs/benchmarks.md.
 
@@ -305,6 +306,7 @@ def render(
         headline: the headline ratios (also printed as the JSON line).
         gpu_section: the GPU section of the document being replaced (markers included, see
             :func:`extract_gpu_section`), kept as it is at the end.
+        real_markdown: bench.real's CPU section (realistic models), after the engine level.
     """
     lines = [
         "# Benchmarks",
@@ -333,6 +335,8 @@ def render(
     lines.append("")
     if engine is not None:
         lines += _engine_markdown(engine)
+    if real_markdown is not None:  # bench.real's section brings its own heading
+        lines += [real_markdown.strip(), ""]
     if service_markdown is not None:  # bench.service's section brings its own heading
         lines += [service_markdown.strip(), ""]
     else:

@@ -1,14 +1,17 @@
 """Run the benchmarks and write docs/benchmarks.md: ``python -m bench.run [--quick]``.
 
 Full mode measures every cell of the engine benchmark (3 models x B in {1, 32, 256} x T in
-{10, 50, 1000}, about 15 minutes on 2 cores) and the full service benchmark; ``--quick`` a
-representative subset (B=32 T=50 on every model, B=1 T=1000 on the digits CNN, and the
-service benchmark's quick mode) in under 3 minutes. Progress goes to stderr; stdout gets one
-JSON line of headline ratios at the end, e.g.
+{10, 50, 1000}, about 15 minutes on 2 cores), the realistic models of ``bench.real``
+(MobileNetV3-Small and EfficientNet-B0 at (B, T) = (1, 100), (16, 100), (16, 1000) and a small
+BERT at (1, 100), (8, 20) against PyTorch and deterministic passes: their export and about 7
+minutes) and the full service benchmark; ``--quick`` a representative subset (B=32 T=50 on
+every model, B=1 T=1000 on the digits CNN, MobileNetV3-Small at T = 100 and the BERT at
+(8, 20), and the service benchmark's quick mode) in about 5 minutes. Progress goes to stderr;
+stdout gets one JSON line of headline ratios at the end, e.g.
 ``{"digits_cnn_b32_t50_speedup_vs_torch_loop": 250.1, ...}``.
 
-Exit status: 0 when every part ran, 1 when the service part failed (the report and the JSON
-line are still written).
+Exit status: 0 when every part ran, 1 when the service part or the realistic part failed
+(the report and the JSON line are still written).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from bench.engine import (
 )
 from bench.flops import MatmulRate, ModelFlops, count_model_flops, measure_matmul
 from bench.models import MODELS, prepare_models
+from bench.real import CpuPart, run_cpu
 from bench.report import EngineSection, extract_gpu_section, headline_json, render
 
 __all__ = ["engine_headline", "full_cells", "main", "quick_cells"]
@@ -246,7 +250,7 @@ def _existing_gpu_section(path: Path) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="representative subset, < 3 min")
+    parser.add_argument("--quick", action="store_true", help="representative subset, ~5 min")
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report to write"
     )
@@ -254,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--json", type=Path, default=None, help="also write every measurement to this JSON file"
     )
     parser.add_argument("--skip-service", action="store_true", help="engine benchmark only")
+    parser.add_argument(
+        "--skip-real", action="store_true", help="leave out the realistic models (bench.real)"
+    )
+    parser.add_argument(
+        "--real-repository",
+        type=Path,
+        metavar="DIR",
+        help="export the realistic models into DIR, reusing what an earlier run exported there "
+        "(default: a temporary folder, exported every run)",
+    )
     parser.add_argument(
         "--wait-quiet-s",
         type=float,
@@ -280,6 +294,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_s = time.perf_counter() - started
     log.info("engine benchmark done in %.0f s", engine_s)
 
+    real: CpuPart | None = None
+    real_s = 0.0
+    if not args.skip_real:
+        real_started = time.perf_counter()
+        real = run_cpu(
+            "quick" if args.quick else "full",
+            command=_command(argv),
+            repository=args.real_repository,
+        )
+        headline.update(real.headline)
+        real_s = time.perf_counter() - real_started
+        log.info("realistic models done in %.0f s", real_s)
+
     service: dict[str, Any] | None = None
     service_note: str | None = "skipped (--skip-service)"
     service_failed = False
@@ -295,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "quick subset (`--quick`)" if args.quick else "full"
     title_note = (
         f"Mode: {mode}. Run at {started_at:%Y-%m-%d %H:%M} UTC; engine part {engine_s:.0f} s, "
-        f"total {elapsed_s:.0f} s."
+        + (f"realistic models {real_s:.0f} s, " if real is not None else "")
+        + f"total {elapsed_s:.0f} s."
     )
     markdown = render(
         title_note=title_note,
@@ -307,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         headline=headline,
         # The GPU section (python -m bench.gpu, measured on another machine) stays as it is.
         gpu_section=_existing_gpu_section(args.output),
+        real_markdown=real.markdown if real is not None else None,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown, encoding="utf-8")
@@ -318,10 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": _command(argv),
             "engine": [result.to_dict() for result in engine.results],
             "service": service.get("results") if service is not None else None,
+            "real": real.result if real is not None else None,
         }
         args.json.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
     sys.stdout.write(headline_json(headline) + "\n")
-    return 1 if service_failed else 0
+    return 1 if service_failed or (real is not None and real.error is not None) else 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from tools.launcher import (
     start_service,
 )
 
-__all__ = ["FULL", "QUICK", "Plan", "measure", "run", "run_loadgen"]
+__all__ = ["FULL", "QUICK", "Plan", "measure", "run", "run_loadgen", "served_provider"]
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,34 @@ def run_loadgen(running: Running, inputs: Path, plan: Plan) -> dict[str, Any]:
         raise RuntimeError(f"load generator exited with {done.returncode}: {last}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def served_provider(target: str, model: str, timeout_s: float = 30.0) -> str:
+    """The provider the server reports for ``model`` (GetModelMetadata).
+
+    Raises:
+        RuntimeError: the model is not served (the server refused it, e.g. CUDA did not load).
+    """
+    import grpc  # noqa: PLC0415
+
+    from service.gen.mcdropout.v1 import mcdropout_pb2 as pb  # noqa: PLC0415
+    from service.gen.mcdropout.v1 import mcdropout_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.MCDropoutServiceStub(channel)  # type: ignore[no-untyped-call]
+        while True:
+            try:
+                meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(model=model), timeout=5)
+                return str(meta.provider)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{model} is not served ({code.name}: {error.details()}); see the "
+                        "server log for why it was refused"
+                    ) from None
+                time.sleep(0.2)
 
 
 # --- the run -------------------------------------------------------------------------------
