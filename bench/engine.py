@@ -332,17 +332,6 @@ def _synchronised(runner: Runner, device: Device) -> Runner:
     return run
 
 
-def _sessions(obj: object) -> list[Any]:
-    """Every ONNX Runtime session held by an engine (and by its seeded path)."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    found = [v for v in vars(obj).values() if isinstance(v, ort.InferenceSession)]
-    seeded = getattr(obj, "_seeded", None)
-    if seeded is not None:
-        found += [v for v in vars(seeded).values() if isinstance(v, ort.InferenceSession)]
-    return found
-
-
 def _check_providers(key: str, providers: list[str], expected: str) -> None:
     if not providers or any(p != expected for p in providers):
         raise NotOnDevice(
@@ -437,7 +426,7 @@ def build_variant(
 
     kinds: dict[str, EngineKind] = {"ort_tiled": "tiled", "engine_split_graph": "split-graph"}
     engine = build_engine(model.source, config, tile_memory_bytes, kinds.get(key, "auto"))
-    sessions = _sessions(engine)
+    sessions = list(engine.sessions().values())  # every role: prefix, sampler(s)
     providers = [engine.provider] + [s.get_providers()[0] for s in sessions]
     _check_providers(key, providers, where_device.provider)
 
