@@ -1,5 +1,5 @@
 """Monitoring for real: a Prometheus (the Debian package) on loopback scrapes the running server
-with the job and rules of deploy/prometheus/, answers the README's p99 latency query and every
+with the job and rules of deploy/prometheus/, answers docs/deploy.md's p99 latency query and every
 query of the Grafana dashboard; promtool finds no problem in the exposition text."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.deploy.conftest import DEPLOY, free_port, scrape, tool
 from tests.support.server import RunningServer
 from tools.launcher import ChildProcess
 
-P99_QUERY = (  # the README's query
+P99_QUERY = (  # docs/deploy.md's query
     "histogram_quantile(0.99, sum by (le, model) "
     '(rate(mcd_request_duration_seconds_bucket{method="Predict"}[5m])))'
 )

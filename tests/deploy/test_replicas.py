@@ -1,5 +1,5 @@
 """Scaling out on loopback: three real servers behind one client channel that balances
-round-robin (with deploy/grpc-service-config.json, the configuration the README gives real
+round-robin (with deploy/grpc-service-config.json, the configuration docs/deploy.md gives real
 clients); one replica is stopped gracefully (SIGTERM) in the middle of a bounded run. No
 request may fail, and the two survivors must carry the load.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -339,15 +341,23 @@ def test_usage_and_input_errors_exit_2(  # noqa: PLR0917 (parametrized)
 
 
 def test_readme_cli_examples_parse() -> None:
-    """Every ``python -m mcdropout_client`` line of the README section is valid usage."""
-    readme = (ROOT / "README.md").read_text().split("## Python client and CLI", 1)[1]
-    readme = readme.split("\n## ", 1)[0]
-    commands = [line.strip() for line in readme.splitlines() if "-m mcdropout_client " in line]
-    assert len(commands) >= 3
+    """Every ``.venv/bin/mcdropout`` command of README.md and docs/client.md is valid usage."""
+    commands: list[str] = []
+    for doc in ("README.md", "docs/client.md"):
+        text = (ROOT / doc).read_text()
+        for block in re.findall(r"^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                code = line.split(" #", 1)[0]
+                commands += [c.strip() for c in re.split(r"\|\||&&|\||;", code)]
+        commands += re.findall(r"`(\.venv/bin/mcdropout [^`]+)`", text)
+    commands = [c for c in commands if c.startswith(".venv/bin/mcdropout ")]
+    assert len(commands) >= 5
     from mcdropout_client.cli import build_parser
 
     parser = build_parser()
     for command in commands:
-        words = command.split("-m mcdropout_client ", 1)[1].split("#")[0].split()
+        words = shlex.split(command)[1:]
+        if ">" in words:  # an output redirection
+            words = words[: words.index(">")]
         args: Any = parser.parse_args(words)
         assert args.command in {"predict", "models", "metadata", "health"}

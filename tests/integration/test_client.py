@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import subprocess
@@ -490,12 +491,20 @@ def test_async_client_retries_unavailable_only(server: RunningServer) -> None:
     asyncio.run(scenario())
 
 
-def test_readme_client_examples_run(server: RunningServer) -> None:
-    """The Python examples of README.md, against the test server's digits and housing models."""
+def test_readme_client_examples_run(
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's Python that calls the server through the client library (the heredocs that
+    import mcdropout_client), against the test server's digits and housing models."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Python client and CLI", 1)[1].split("\n## ", 1)[0]
-    blocks = [part.split("```", 1)[0] for part in section.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    heredocs = re.findall(r"<<'EOF'\n(.*?)^EOF$", readme, re.MULTILINE | re.DOTALL)
+    blocks = [h for h in heredocs if "from mcdropout_client import" in h]
+    assert blocks
     for block in blocks:
         code = block.replace('"127.0.0.1:8001"', repr(server.target))
+        assert code != block, "the example does not call 127.0.0.1:8001"
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out
+    # The examples catch these errors: they must really have happened.
+    assert "INVALID_ARGUMENT input 'features'" in printed
+    assert "NOT_FOUND model 'no-such-model' not found" in printed
