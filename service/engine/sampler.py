@@ -38,9 +38,11 @@ __all__ = [
     "NUM_SAMPLES_INPUT",
     "Form",
     "SamplerGraph",
+    "TileStep",
     "build_prefix",
     "build_sampler",
     "default_opset",
+    "tile_steps",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,56 @@ NUM_SAMPLES_INPUT = "mcd_num_samples"
 _TILED = "__mcd_tiled"
 
 Form = Literal["tiled", "split-graph", "split-sessions"]
+
+
+#: One node's step on the tile: the tensors it makes, and those free after it (last read).
+TileStep = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _names_read(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads, with those its subgraphs read from the outer scope."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.HasField("g") else []
+        for subgraph in [*subgraphs, *attribute.graphs]:
+            for inner in subgraph.node:
+                names += _names_read(inner)
+    return names
+
+
+def tile_steps(
+    nodes: Sequence[onnx.NodeProto], tiled: Sequence[str], kept: Iterable[str]
+) -> tuple[TileStep, ...]:
+    """The tensors of the tile in the order a run makes and frees them.
+
+    ONNX Runtime's memory planner reuses a tensor's buffer once its last reader has run, so a
+    run holds at once only the tensors made and not yet read for the last time: for a chain
+    of layers about two activations, not the sum of all of them (which overstated the memory
+    of a deep model's run tenfold and more). The graph's node order is topological.
+
+    Args:
+        nodes: the nodes that run on the tile, in graph order.
+        tiled: the tensors tiled before the first node (made at a first, empty step).
+        kept: the tensors read after the last node (the outputs the summaries read).
+
+    Returns:
+        One step for the tiling, then one per node: (tensors made, tensors free after it).
+    """
+    last_read: dict[str, int] = {}
+    for index, node in enumerate(nodes, start=1):
+        for name in _names_read(node):
+            last_read[name] = index
+    for name in kept:
+        last_read[name] = len(nodes) + 1  # never freed within the run
+    made: list[tuple[str, ...]] = [tuple(dict.fromkeys(tiled))]
+    made += [tuple(name for name in node.output if name) for node in nodes]
+    freed: list[list[str]] = [[] for _ in made]
+    for index, names in enumerate(made):
+        for name in names:
+            last = last_read.get(name, index)  # never read: free at once
+            if last < len(made):
+                freed[last].append(name)
+    return tuple((names, tuple(free)) for names, free in zip(made, freed, strict=True))
 
 
 @dataclass(frozen=True)
@@ -62,8 +114,8 @@ class SamplerGraph:
         noise: its noise inputs (empty for a native graph).
         summaries: per model output, in the config's order, the summary fetches.
         raw: per model output, the fetch name of the output on the tile, (t*B, ...).
-        tile_tensors: tensors of the original graph that live on the tile (for the memory
-            estimate of a run).
+        tile_steps: the tile's tensors (original names) as a run makes and frees them, for
+            the memory estimate of a run (``tile_steps``).
     """
 
     model: onnx.ModelProto
@@ -71,7 +123,7 @@ class SamplerGraph:
     noise: tuple[NoiseSpec, ...]
     summaries: tuple[OutputSummary, ...]
     raw: tuple[str, ...]
-    tile_tensors: tuple[str, ...]
+    tile_steps: tuple[TileStep, ...]
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -249,16 +301,15 @@ def build_sampler(
     initializers = [*_used_initializers(graph, nodes), *extra.values()]
     sampler = _make_model(model, nodes, inputs, outputs, initializers=initializers,
                           name=f"{graph.name}_{form}_sampler")  # fmt: skip
-    tile_tensors = tuple(
-        out for i in on_tile_indices for out in all_nodes[i].output if out
-    ) + tuple(to_tile)
+    steps = tile_steps([all_nodes[i] for i in on_tile_indices], to_tile,
+                       [o.name for o in config.outputs])  # fmt: skip
     return SamplerGraph(
         model=sampler,
         inputs=tuple(data_inputs),
         noise=noise,
         summaries=tuple(summaries),
         raw=tuple(raw),
-        tile_tensors=tile_tensors,
+        tile_steps=steps,
     )
 
 

@@ -1,10 +1,10 @@
 """Tensor shapes of a model graph, with symbolic dimensions, evaluated per request.
 
 Shape inference gives each tensor dims that are integers, symbols (``"batch"``, ``"sequence"``,
-the names the exporter gave the dynamic axes) or expressions of them (``"batch*sequence"``),
-or nothing when inference could not tell. The engine needs two numbers per request shape,
-both per input row: how many elements each stochastic node's noise has, and how many bytes
-the part of the graph that runs on the tile holds (to size the chunks of samples). Both come
+the names the exporter gave the dynamic axes) or expressions of them (``"batch*sequence"``), or
+nothing when inference could not tell. The engine needs two numbers per request shape, both per
+input row: how many elements each stochastic node's noise has, and how many bytes the part of
+the graph that runs on the tile holds at its peak (to size the chunks of samples). Both come
 from these dims with the batch symbol set to 1 and every other symbol set from the request's
 input shapes, so a text model served at 16 and 512 tokens gets the right noise and the right
 chunks at each length.
@@ -187,6 +187,30 @@ class GraphShapes:
                         f"{name!r}: they must be equal"
                     )
         return values
+
+    def peak_row_bytes(
+        self, steps: Iterable[tuple[Iterable[str], Iterable[str]]], symbols: Mapping[str, int]
+    ) -> tuple[int, int]:
+        """The most bytes per input row held at once over ``steps`` (tensors made, tensors
+        freed after, as ``service.engine.sampler.tile_steps`` gives them), and how many tensors
+        had unknown shapes (left out)."""
+        sizes: dict[str, int] = {}
+        unknown = 0
+
+        def size(name: str) -> int:
+            nonlocal unknown
+            if name not in sizes:
+                known, missing = self.row_bytes([name], symbols)
+                sizes[name] = known
+                unknown += missing
+            return sizes[name]
+
+        held = peak = 0
+        for made, freed in steps:
+            held += sum(size(name) for name in made)
+            peak = max(peak, held)
+            held -= sum(size(name) for name in freed)
+        return peak, unknown
 
     def row_bytes(self, names: Iterable[str], symbols: Mapping[str, int]) -> tuple[int, int]:
         """Bytes of the named tensors for one input row, and how many of them had unknown

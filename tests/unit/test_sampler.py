@@ -255,12 +255,95 @@ def test_dims_that_cannot_be_evaluated_say_so(dim: Any) -> None:
 
 
 def test_chunks_are_sized_from_the_part_on_the_tile() -> None:
-    """The head graph's tile holds the Dropout's and the last MatMul's tensors, not the
-    prefix's: a budget of a few rows of the suffix gives chunks of that many rows."""
-    split = engine_for(head_graph(), "split-sessions")
-    tiled = engine_for(head_graph(), "tiled")
+    """A prefix 512 wide before a dropout on 4 values: the split forms' tile holds only the
+    suffix's tensors, so their runs take many more rows than the tiled form's."""
+    wide = RNG.standard_normal((4, 512)).astype(np.float32)
+    narrow = RNG.standard_normal((512, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wide"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "narrow"], ["c"]),
+        helper.make_node("Dropout", ["c", "ratio", "training"], ["y"]),
+    ]
+    init = [numpy_helper.from_array(wide, "wide"), numpy_helper.from_array(narrow, "narrow"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+            numpy_helper.from_array(np.array(True), "training")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "wide_prefix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], init,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     x = np.ones((1, 4), np.float32)
-    assert split.budget_rows({"x": x}) > tiled.budget_rows({"x": x})
+    tiled = engine_for(model, "tiled").budget_rows({"x": x})
+    for kind in ("split-graph", "split-sessions"):
+        assert engine_for(model, kind).budget_rows({"x": x}) > 20 * tiled
+
+
+def _chain(width: int, layers: int, *, skip: bool = False, outer_read: bool = False) -> Any:
+    """x -> Relu -> ... (``layers`` tensors of ``width`` float32 per row) -> Dropout -> y; with
+    ``skip``, y = dropout(h_last) + x (x read at the end); with ``outer_read``, the last node
+    is an If whose branches read x from the outer scope."""
+    nodes, previous = [], "x"
+    for k in range(layers):
+        nodes.append(helper.make_node("Relu", [previous], [f"h{k}"]))
+        previous = f"h{k}"
+    nodes.append(helper.make_node("Dropout", [previous, "ratio", "training"], ["d"]))
+    initializers = [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                    numpy_helper.from_array(np.array(True), "training")]  # fmt: skip
+    if skip:
+        nodes.append(helper.make_node("Add", ["d", "x"], ["y"]))
+    elif outer_read:
+        branch = helper.make_graph(
+            [helper.make_node("Add", ["d", "x"], ["z"])], "branch", [],
+            [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        )  # fmt: skip
+        initializers.append(numpy_helper.from_array(np.array(True), "cond"))
+        nodes.append(helper.make_node("If", ["cond"], ["y"], then_branch=branch,
+                                      else_branch=branch))  # fmt: skip
+    else:
+        nodes.append(helper.make_node("Identity", ["d"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], initializers,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+@pytest.mark.parametrize(
+    ("options", "held"),
+    [
+        ({}, 2),  # a chain: the tensor read and the one made (the output kept to the end)
+        ({"skip": True}, 3),  # x is read again at the end: it stays
+        ({"outer_read": True}, 3),  # read inside the If's branches: it stays too
+    ],
+)
+def test_a_run_holds_the_tensors_not_yet_read_for_the_last_time(
+    options: dict[str, bool], held: int
+) -> None:
+    """The memory estimate of a run is the peak of the tensors alive at once (ONNX Runtime
+    reuses a buffer after its last reader), not the sum of every tensor of the tile."""
+    width, layers = 256, 12
+    engine = engine_for(_chain(width, layers, **options), "tiled")
+    sampler = engine._fed
+    assert sampler is not None
+    steps = sampler.graph.tile_steps
+    peak, unknown = engine._shapes.peak_row_bytes(steps, {"batch": 1})
+    assert unknown == 0
+    assert peak == held * width * 4
+    total, _ = engine._shapes.row_bytes([n for made, _ in steps for n in made], {"batch": 1})
+    assert total >= (layers + 2) * width * 4  # what the sum would have said
+
+
+def test_a_deep_chain_gets_chunks_of_its_peak_not_of_its_sum() -> None:
+    """A 60-layer chain with a budget of 100 rows at its peak runs 100 rows per run; the sum
+    of its 62 tensors alone is over four times that estimate (fewer than 25 rows)."""
+    width, layers = 256, 60
+    probe = engine_for(_chain(width, layers), "tiled")
+    x = np.ones((1, width), np.float32)
+    per_row = probe.tile_memory_bytes // probe.budget_rows({"x": x})
+    assert (layers + 2) * width * 4 > 4 * per_row
+    engine = engine_for(_chain(width, layers), "tiled", budget=100 * per_row)
+    assert engine.budget_rows({"x": x}) == 100
 
 
 def test_io_binding_path_gives_the_same_answers() -> None:
