@@ -18,11 +18,11 @@
     ModelLoadError (not sent to clients: a model version that cannot be served)
     CredentialsError (not sent to clients: a TLS or token file that cannot be used)
 
-The core raises these without knowing about gRPC; ``service.protocol.grpc_server`` maps them to
-``grpc.StatusCode`` in one place. Codes are the canonical status names shared by gRPC and the
-Open Inference Protocol, so the core stays protocol-neutral. Any other exception reaching the
-protocol layer is a bug: it is logged with its traceback and the client gets INTERNAL with a
-generic message, so internals never leak.
+The core raises these without knowing about gRPC or HTTP; ``service.protocol.status`` maps them
+to ``grpc.StatusCode`` and to HTTP statuses in one place. Codes are the canonical status names
+shared by gRPC and the Open Inference Protocol, so the core stays protocol-neutral. Any other
+exception reaching the protocol layer is a bug: it is logged with its traceback and the client
+gets INTERNAL with a generic message, so internals never leak.
 
 A message never carries a client's string whole: :func:`quote` cuts every echoed value (a
 1 MiB model name would otherwise travel back in the status trailer, which clients refuse above

@@ -342,7 +342,9 @@ class ModelInfo:
         opset: the ONNX opset of the exported graph.
         dropout: the dropout layers of the exported model.
         verified: True when the export verification against PyTorch MC dropout passed.
-        weights_sha256: digest of the model file.
+        weights_sha256: SHA-256 (hex) of the PyTorch model's floating-point weights
+            (its state_dict tensors, in order) as exported, from ``metadata.json``; not a
+            digest of ``model.onnx``. Empty when the version has no ``metadata.json``.
         precision: "fp32", or "fp16" (the graph computes in float16 behind float32 inputs
             and outputs).
     """

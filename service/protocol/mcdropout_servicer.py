@@ -1,7 +1,8 @@
 """``mcdropout.v1.MCDropoutService``: translates wire messages to and from the data plane.
 
 No numpy maths and no ONNX Runtime here: errors raised by the data plane travel up as
-``ServiceError`` and are mapped to status codes by ``service.protocol.grpc_server``.
+``ServiceError`` and are mapped to status codes by ``service.protocol.status`` (through
+``service.protocol.interceptor.StatusInterceptor``).
 """
 
 from __future__ import annotations

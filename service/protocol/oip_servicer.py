@@ -8,8 +8,9 @@ it translates Open Inference Protocol messages to :class:`PredictInput` and the
 duplicated. Metadata and Triton's extensions (ModelConfig, ModelStatistics, RepositoryIndex,
 RepositoryModelLoad / Unload) are the documents of ``service.protocol.oip_json``, which the
 REST form sends as JSON. Unary errors travel up as ``ServiceError`` to
-``service.protocol.grpc_server.StatusInterceptor``; ModelStreamInfer answers each message on its
-own, through the same ``service.protocol.status.observe``.
+``service.protocol.interceptor.StatusInterceptor``, which maps them with
+``service.protocol.status``; ModelStreamInfer answers each message on its own, through the same
+``service.protocol.status.observe``.
 """
 
 from __future__ import annotations

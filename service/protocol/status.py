@@ -3,7 +3,7 @@ bookkeeping of a request: in-flight gauge, latency and error metrics, the log of
 failures.
 
 Every request goes through :func:`observe`, once: unary RPCs from
-``service.protocol.grpc_server.StatusInterceptor``, each message of a stream from its handler
+``service.protocol.interceptor.StatusInterceptor``, each message of a stream from its handler
 (a failed message must not close the stream). Either way a client sees the same code and
 message for the same error, and the metrics and the log are fed the same way: a call cut off by
 its deadline counts as DEADLINE_EXCEEDED, one cancelled by the client as CANCELLED. A

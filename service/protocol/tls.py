@@ -1,4 +1,4 @@
-"""TLS on the gRPC port, with certificates reloaded when their files change.
+"""TLS on the gRPC and HTTP ports, with certificates reloaded when their files change.
 
 grpc's dynamic server credentials ask a fetcher for a new certificate configuration at each
 TLS handshake: :class:`ServerCertificates` answers from memory (never from the disk, since it
@@ -8,7 +8,9 @@ standard library's ``ssl`` (the key matches the certificate, the CA file parses)
 replaces the old one: a half-written pair is refused and the old one stays. Connections already
 open keep the certificate they were made with; new ones get the new one.
 
-With a client CA file, clients must present a certificate signed by it (mutual TLS).
+With a client CA file, clients must present a certificate signed by it (mutual TLS). The
+HTTP port's ``ssl.SSLContext`` (:meth:`ServerCertificates.ssl_context`) is loaded from the same
+files and updated with them.
 """
 
 from __future__ import annotations
