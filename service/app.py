@@ -2,14 +2,13 @@
 metrics endpoint, and runs them, all on one event loop (the metrics server on its own thread).
 
 Start-up order matters for orchestrators: the gRPC and HTTP ports open first with health
-NOT_SERVING (HTTP ``/v2/health/ready`` 503),
-models load off the event loop (a model that fails is left out, not ready, with its reason;
-never the others), then health turns SERVING once a model serves (or with
-``--allow-empty-start``); with ``--repository-poll-s`` models are then loaded, swapped and
-unloaded while serving (``service.core.lifecycle``) and health follows. Shutdown
-(SIGTERM/SIGINT) turns health NOT_SERVING and HTTP readiness 503, keeps serving for the drain
-period (clients that check health and load balancers move away), stops accepting RPCs and
-connections, lets in-flight requests finish within the grace period, then exits 0.
+NOT_SERVING (HTTP ``/v2/health/ready`` 503), models load off the event loop (a model that fails
+is left out, not ready, with its reason; never the others), then health turns SERVING once a
+model serves (or with ``--allow-empty-start``); with ``--repository-poll-s`` models are then
+loaded, swapped and unloaded while serving (``service.core.lifecycle``) and health follows.
+Shutdown (SIGTERM/SIGINT) turns health NOT_SERVING and HTTP readiness 503, keeps serving for
+the drain period (clients that check health and load balancers move away), stops accepting RPCs
+and connections, lets in-flight requests finish within the grace period, then exits 0.
 
 What an operator must fix before the server can start (a port in use, the model repository
 gone) is raised as :class:`StartupError`, whose message is one line naming the flag; whatever

@@ -298,8 +298,9 @@ def decode_infer_result(
     """The :class:`~mcdropout_client.Prediction` of a tritonclient ``InferResult``.
 
     Args:
-        result: what ``tritonclient.grpc.InferenceServerClient.infer`` returned (anything
-            with ``get_response()``, giving a ModelInferResponse, and ``as_numpy(name)``).
+        result: what ``tritonclient.grpc`` or ``tritonclient.http``'s
+            ``InferenceServerClient.infer`` returned (anything with ``get_response()``, giving
+            a ModelInferResponse or the REST answer's JSON dict, and ``as_numpy(name)``).
         semantics: model output -> semantics, when known (see
             :func:`prediction_from_outputs`).
         seed: the seed of the request, to record in the result.
@@ -308,14 +309,21 @@ def decode_infer_result(
         ValueError: see :func:`prediction_from_outputs`.
     """
     response = result.get_response()
-    arrays = {output.name: result.as_numpy(output.name) for output in response.outputs}
-    num_samples = 0
-    if MC_SAMPLES in response.parameters:
-        num_samples = int(response.parameters[MC_SAMPLES].int64_param)
+    if isinstance(response, Mapping):  # tritonclient.http: the JSON answer
+        names = [str(output["name"]) for output in response.get("outputs", [])]
+        model, version = str(response.get("model_name", "")), str(response.get("model_version", ""))
+        num_samples = int(response.get("parameters", {}).get(MC_SAMPLES, 0))
+    else:
+        names = [output.name for output in response.outputs]
+        model, version = response.model_name, response.model_version
+        num_samples = 0
+        if MC_SAMPLES in response.parameters:
+            num_samples = int(response.parameters[MC_SAMPLES].int64_param)
+    arrays = {name: result.as_numpy(name) for name in names}
     return prediction_from_outputs(
         arrays,
-        model=response.model_name,
-        version=response.model_version,
+        model=model,
+        version=version,
         num_samples=num_samples,
         semantics=semantics,
         seed=seed,

@@ -7,6 +7,7 @@ the server's functions are decoded here.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -185,4 +186,24 @@ def test_decode_infer_result_reads_a_tritonclient_answer() -> None:
     prediction = oip.decode_infer_result(result, seed=4)
     assert (prediction.model, prediction.version, prediction.num_samples) == ("housing", "1", 5)
     assert prediction.seed == 4
+    assert len(prediction.intervals) == 4
+
+
+def test_decode_infer_result_reads_a_tritonclient_http_answer() -> None:
+    """tritonclient.http's InferResult of a JSON answer (its get_response() is a dict)."""
+    http = pytest.importorskip("tritonclient.http")
+    arrays = regression_arrays()
+    body = {
+        "model_name": "housing",
+        "model_version": "1",
+        "parameters": {oip.MC_SAMPLES: 5},
+        "outputs": [
+            {"name": name, "datatype": "FP64", "shape": list(a.shape), "data": a.ravel().tolist()}
+            for name, a in arrays.items()
+        ],
+    }
+    result = http.InferResult.from_response_body(json.dumps(body).encode())
+    prediction = oip.decode_infer_result(result, seed=4)
+    assert (prediction.model, prediction.version, prediction.num_samples) == ("housing", "1", 5)
+    np.testing.assert_array_equal(prediction.outputs["y"].mean, arrays["y_mean"])
     assert len(prediction.intervals) == 4
