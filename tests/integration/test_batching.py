@@ -26,7 +26,7 @@ import pytest
 from numpy.typing import NDArray
 
 from export.stats import Moments, mean_z_test
-from mcdropout_client import Client, OutputPrediction
+from mcdropout_client import Client, ClientError, InvalidArgumentError, OutputPrediction
 from tests.integration.conftest import (
     ExportedModels,
     RunningServer,
@@ -114,3 +114,40 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows(
     assert delta("mcd_batch_rows_sum", model="tiny_reg") == len(all_rows)
     assert delta("mcd_queue_duration_seconds_count", model="tiny_reg") == NUM_REQUESTS
     assert "\nmcd_queue_depth 0.0\n" in after  # every admitted request finished
+
+
+def test_a_request_that_overflows_the_model_fails_alone_in_its_shared_run(
+    batching_server: RunningServer,
+) -> None:
+    """The poison batch: 9 concurrent requests share runs; row 1 of one of them holds float32's
+    largest value, which the first Dropout's 1/(1-p) scaling takes past infinity. That request
+    gets INVALID_ARGUMENT naming its row; the 8 others get finite answers of their own rows."""
+    poisoned_index = 4
+    inputs = [request_rows(i) for i in range(9)]
+    inputs[poisoned_index] = request_rows(1)  # two rows
+    inputs[poisoned_index][1] = np.finfo(np.float32).max
+
+    def call(x: NDArray[np.float32]) -> OutputPrediction | ClientError:
+        try:
+            return client.predict("tiny_reg", x, num_samples=50).output
+        except ClientError as error:
+            return error
+
+    with Client(batching_server.target, timeout=60) as client:
+        client.model_metadata("tiny_reg")
+        before = scrape(batching_server)
+        with ThreadPoolExecutor(max_workers=len(inputs)) as pool:
+            answers = list(pool.map(call, inputs))
+        after = scrape(batching_server)
+
+    poisoned = answers.pop(poisoned_index)
+    assert isinstance(poisoned, InvalidArgumentError), poisoned
+    assert "non-finite outputs for row 1 " in str(poisoned), poisoned
+    for answer in answers:
+        assert isinstance(answer, OutputPrediction), answer
+        assert np.isfinite(answer.mean).all()
+        assert np.isfinite(answer.variance).all()
+    runs = sample_value(after, "mcd_batch_requests_count", model="tiny_reg") - sample_value(
+        before, "mcd_batch_requests_count", model="tiny_reg"
+    )
+    assert runs < len(inputs), "no run merged two or more requests"
