@@ -18,7 +18,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
 help:
 	@echo "make run     install, build the bundled model repository if missing, start the server"
 	@echo "make test    install everything and run the whole test suite"
-	@echo "make test-fast  the unit tests that train and export nothing (well under a minute)"
+	@echo "make test-fast  the unit tests that train and export nothing (under a minute)"
 	@echo "make lint    ruff (lint + format check) and mypy --strict"
 	@echo "make proto   regenerate service/gen and client/mcdropout_client/_gen from proto/"
 

@@ -48,7 +48,7 @@ from export.api import export_model
 from export.errors import VerificationError
 from export.precision import Precision
 from export.publish import METADATA_FILE, MODEL_FILE, weights_sha256
-from export.zoo import import_torchvision
+from export.zoo import BertClassifier, import_torchvision
 from service.repository import VersionSource, load_version
 
 __all__ = [
@@ -325,19 +325,6 @@ SMOKE_BERT_SEQUENCE = 16
 BERT_VOCAB = 30522
 SMOKE_BERT_VOCAB = 100
 BERT_CLASSES = 2
-
-
-class BertClassifier(nn.Module):
-    """``BertForSequenceClassification`` returning its logits tensor (not a ModelOutput)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, S) int64 token ids and mask -> (B, C) logits."""
-        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits
 
 
 def _mc_eager_attention(  # noqa: PLR0917 (transformers' attention interface)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "ZooEntry", "import_torchvision"]
+__all__ = ["ZOO", "BertClassifier", "ZooEntry", "import_torchvision"]
 
 # torchvision's two C++ operator schemas its pure-Python modules register fake kernels for at
 # import time. PyPI's torchvision wheel is built against CUDA torch; beside the CPU torch its

@@ -59,6 +59,9 @@ from service.engine.onnx_session import SessionConfig, create_session
 from tests.conftest import ZOO_FALSE_FAILURE as FALSE_FAILURE
 from tests.conftest import ZOO_VERIFY_SAMPLES as VERIFY_SAMPLES
 
+#: Every test here exports or builds a real architecture with PyTorch: not in make test-fast.
+pytestmark = pytest.mark.export
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
