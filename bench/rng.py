@@ -44,7 +44,7 @@ def rng_share(
     sampler = engine._fed
     if sampler is None:
         raise RuntimeError("the engine draws no noise (CUDA keeps its own random kernels)")
-    sizes, _ = engine._row_sizes(sampler, inputs)
+    sizes, _, _ = engine._row_sizes(sampler, inputs)
     streams = engine._streams
     call_s = _median_s(lambda: engine.run(inputs, num_samples), repeats)
     noise_s = _median_s(

@@ -6,6 +6,7 @@ Layout and file formats: docs/model-repository.md. Nothing here touches ONNX Run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -34,7 +35,6 @@ __all__ = [
     "fingerprint",
     "load_version",
     "parse_config",
-    "scan_repository",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,10 @@ class TensorSpec:
         """The shape of one row (without the batch dimension); -1 at dynamic axes."""
         return self.shape[1:]
 
-    @property
+    @functools.cached_property
     def dynamic_axes(self) -> tuple[int, ...]:
-        """The axes (beyond the batch axis) whose size a request chooses."""
+        """The axes (beyond the batch axis) whose size a request chooses (read per request:
+        computed once)."""
         return tuple(i for i, d in enumerate(self.shape) if i > 0 and d == -1)
 
     @property
@@ -639,26 +640,3 @@ def find_versions(root: Path, names: set[str] | None = None) -> dict[str, dict[i
         if versions:
             found[model_dir.name] = versions
     return found
-
-
-def scan_repository(root: Path) -> tuple[list[VersionSource], list[tuple[Path, str]]]:
-    """Every loadable version under ``root``, sorted by (name, version).
-
-    Returns:
-        The versions, and (path, reason) for each folder that looked like a version but could
-        not be parsed. Folders that are not model versions at all (hidden, temporary, not an
-        integer) are ignored without a problem entry.
-
-    Raises:
-        ModelLoadError: ``root`` is not a folder.
-    """
-    found: list[VersionSource] = []
-    problems: list[tuple[Path, str]] = []
-    for name, versions in find_versions(root).items():
-        for number, folder in sorted(versions.items()):
-            try:
-                found.append(load_version(root / name, number))
-            except ModelLoadError as exc:
-                problems.append((folder.path, str(exc)))
-    found.sort(key=lambda v: (v.name, v.version))
-    return found, problems

@@ -589,9 +589,7 @@ def _run_engine(version: VersionQueue, run: RunKey, batch: _Batch) -> list[Outpu
     return stats
 
 
-def _deliver(
-    batch: _Batch, stats: Sequence[OutputStats], statistics: VersionStatistics | None = None
-) -> None:
+def _deliver(batch: _Batch, stats: Sequence[OutputStats], statistics: VersionStatistics) -> None:
     """Give each live request its own rows of every output.
 
     The one place a batch's answer is cut per request. A row whose outputs were not finite
@@ -618,12 +616,11 @@ def _deliver(
             else:
                 request.future.set_result(rows)
         start = stop
-    if statistics is not None:
-        statistics.output_done(
-            rows=batch.rows,
-            requests=len(batch.requests),
-            output_ns=time.perf_counter_ns() - started_ns,
-        )
+    statistics.output_done(
+        rows=batch.rows,
+        requests=len(batch.requests),
+        output_ns=time.perf_counter_ns() - started_ns,
+    )
 
 
 def _failed_rows(stats: Sequence[OutputStats]) -> list[int]:

@@ -657,6 +657,7 @@ class DataPlane:
         deadline = None if timeout_s is None else loop.time() + timeout_s
         mergers = [RowMerger(rows) for _ in loaded.config.outputs]
         pending = np.arange(rows)
+        row_shapes = _row_shapes(loaded.config, inputs)  # the same for every round
         last: list[OutputStats] = []
         while pending.size:
             # Pending rows ran every round so far, so they all have the same T.
@@ -665,7 +666,7 @@ class DataPlane:
                 break
             remaining = None if deadline is None else deadline - loop.time()
             subset = {name: x[pending] for name, x in inputs.items()}
-            run = RunKey(num_samples=samples, row_shapes=_row_shapes(loaded.config, inputs))
+            run = RunKey(num_samples=samples, row_shapes=row_shapes)
             last = await self._submit(loaded, subset, int(pending.size), run, remaining)
             for merger, stats in zip(mergers, last, strict=True):
                 merger.add(pending, stats)

@@ -357,7 +357,9 @@ class McEngine:
             else (_POWERS_OF_TWO if on_cuda else ())
         )
         self._streams = StreamNoise()
-        self._sizes: OrderedDict[tuple[tuple[int, ...], ...], tuple[list[int], int]] = OrderedDict()
+        self._sizes: OrderedDict[tuple[tuple[int, ...], ...], tuple[list[int], int, list[int]]] = (
+            OrderedDict()
+        )
         self._sizes_lock = threading.Lock()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -431,9 +433,10 @@ class McEngine:
 
     def _row_sizes(
         self, sampler: _Sampler, inputs: Mapping[str, NDArray[Any]]
-    ) -> tuple[list[int], int]:
-        """Per input row and sample: the element count of each noise input, and the bytes a
-        run holds on the tile (cached per row shape)."""
+    ) -> tuple[list[int], int, list[int]]:
+        """Per input row and sample: the element count of each noise input, the bytes a run
+        holds on the tile, and the element count of each output (0 where shape inference cannot
+        tell); cached per row shape."""
         row_shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
         native = int(sampler is self._native)
         key = (*(row_shapes[name] for name in sorted(row_shapes)), (native,))
@@ -447,11 +450,13 @@ class McEngine:
         except UnknownShape as exc:
             raise InvalidInput(f"model {self._config.name!r}: {exc}") from None
         tile_bytes, _ = self._shapes.peak_row_bytes(sampler.graph.tile_steps, symbols)
-        outputs = sum(
+        outputs = [
             _row_elements_or_zero(self._shapes, o.name, symbols) for o in self._config.outputs
+        ]
+        per_row = (
+            _PEAK_MARGIN * tile_bytes + 4 * sum(noise) + _SUMMARY_BYTES_PER_ELEMENT * sum(outputs)
         )
-        per_row = _PEAK_MARGIN * tile_bytes + 4 * sum(noise) + _SUMMARY_BYTES_PER_ELEMENT * outputs
-        sizes = (noise, max(1, per_row))
+        sizes = (noise, max(1, per_row), outputs)
         with self._sizes_lock:
             self._sizes[key] = sizes
             if len(self._sizes) > _SHAPE_CACHE_SIZE:
@@ -462,15 +467,10 @@ class McEngine:
         """Elements of one row of each output at this request's shape (outputs with dynamic
         axes follow the inputs'); an output shape inference cannot tell counts as its config
         shape with each dynamic axis at 1."""
-        row_shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
-        try:
-            symbols = self._shapes.symbols(row_shapes)
-        except UnknownShape as exc:
-            raise InvalidInput(f"model {self._config.name!r}: {exc}") from None
-        return [
-            _row_elements_or_zero(self._shapes, o.name, symbols) or o.row_size
-            for o in self._config.outputs
-        ]
+        sampler = self._native or self._fed
+        assert sampler is not None
+        outputs = self._row_sizes(sampler, inputs)[2]
+        return [n or o.row_size for n, o in zip(outputs, self._config.outputs, strict=True)]
 
     def budget_rows(self, inputs: Mapping[str, NDArray[Any]]) -> int:
         """Tile rows (samples x rows) one run may hold at this request's shape."""
@@ -561,7 +561,7 @@ class McEngine:
         sampler = self._native or self._fed
         assert sampler is not None
         rows = next(iter(inputs.values())).shape[0]
-        noise_sizes, per_row = self._row_sizes(sampler, inputs)
+        noise_sizes, per_row, _ = self._row_sizes(sampler, inputs)
         chunk = chunk_samples(num_samples, rows, max(1, self.tile_memory_bytes // per_row))
         keep = keep_samples or bool(interval_levels)
         fetches = sampler.summary_fetches + (sampler.sample_fetches if keep else [])
@@ -596,7 +596,7 @@ class McEngine:
         parts: list[list[OutputStats]] = []
         for b in range(num_rows):
             row = {name: x[b : b + 1] for name, x in inputs.items()}
-            noise_sizes, per_row = self._row_sizes(sampler, row)
+            noise_sizes, per_row, _ = self._row_sizes(sampler, row)
             # One row per run: kernels may round differently for different numbers of rows
             # (measured: the housing MLP's small GEMMs), so a run's shape must depend on T only.
             chunk = min(SEEDED_CHUNK_SAMPLES, max(1, self.tile_memory_bytes // per_row))
@@ -636,7 +636,7 @@ class McEngine:
                                                     len(graph.noise))))  # fmt: skip
         per_group: list[list[NDArray[Any]]] = []
         for group, group_rows, noise in groups:
-            noise_sizes, per_row = self._row_sizes(sampler, group)
+            noise_sizes, per_row, _ = self._row_sizes(sampler, group)
             chunk = chunk_samples(num_samples, group_rows, self.tile_memory_bytes // per_row)
             data = self._prepare(group, None)
             collected: list[list[NDArray[Any]]] = [[] for _ in graph.raw]

@@ -10,6 +10,7 @@ metrics and logs at most once every few seconds (:func:`note`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,10 +51,14 @@ def _message_type(deserializer: Callable[[bytes], Any]) -> str:
     return name if isinstance(name, str) else "protobuf"
 
 
+@functools.cache
 def tolerant(
     deserializer: Callable[[bytes], Any] | None,
 ) -> Callable[[bytes], Any] | None:
     """``deserializer`` returning :class:`Undecodable` instead of raising.
+
+    Cached per deserializer: the interceptor asks for it on every call, and there is one per
+    method.
 
     Args:
         deserializer: the handler's request deserializer (a message class's ``FromString``);

@@ -83,7 +83,6 @@ Authenticator = Callable[[str | None], None]
 
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
-BINARY_SIZE = "binary_data_size"
 _PLANE = web.AppKey("plane", DataPlane)
 
 

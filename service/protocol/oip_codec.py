@@ -18,14 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
-
 from service import tensors
-from service.core.catalogue import Answer
 from service.core.dataplane import PredictResult
 from service.errors import InvalidInput, quote
 from service.gen.inference import grpc_service_pb2 as oip
-from service.protocol import oip_json
 from service.protocol.parameters import (
     MC_INTERVAL_LEVELS,
     MC_RETURN_SAMPLES,
@@ -35,7 +31,6 @@ from service.protocol.parameters import (
     RequestOptions,
     request_options,
 )
-from service.repository import TensorSpec
 
 __all__ = [
     "MC_INTERVAL_LEVELS",
@@ -48,11 +43,8 @@ __all__ = [
     "encode_outputs",
     "input_dtype",
     "mc_options_of",
-    "mc_samples_of",
-    "output_metadata",
     "parameter_values",
     "requested_output_names",
-    "tensor_metadata",
     "wire_inputs",
 ]
 
@@ -191,20 +183,6 @@ def requested_output_names(
     return [output.name for output in requested]
 
 
-def tensor_metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
-    """Metadata of a model input: OIP datatype, shape with -1 for the batch."""
-    return json_format.ParseDict(
-        oip_json.input_metadata(spec), oip.ModelMetadataResponse.TensorMetadata()
-    )
-
-
-def output_metadata(answer: Answer) -> oip.ModelMetadataResponse.TensorMetadata:
-    """Metadata of one output of the answers (from the catalogue)."""
-    return json_format.ParseDict(
-        oip_json.output_metadata(answer), oip.ModelMetadataResponse.TensorMetadata()
-    )
-
-
 @dataclass(frozen=True)
 class OutputTensor:
     """One encoded output: metadata plus its raw contents."""
@@ -244,12 +222,3 @@ def mc_options_of(parameters: Mapping[str, oip.InferParameter]) -> RequestOption
         InvalidInput: see :func:`service.protocol.parameters.request_options`.
     """
     return request_options(parameter_values(parameters))
-
-
-def mc_samples_of(parameters: Mapping[str, oip.InferParameter]) -> int | None:
-    """T from the request parameter ``mc_samples``; None for the model's default.
-
-    Raises:
-        InvalidInput: see :func:`mc_options_of`.
-    """
-    return mc_options_of(parameters).num_samples

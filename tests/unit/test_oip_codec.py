@@ -21,12 +21,11 @@ from service.core.dataplane import OutputResult, PredictResult, decode_inputs
 from service.errors import InvalidInput
 from service.gen.inference import grpc_service_pb2 as oip
 from service.maths.uncertainty import classification_stats, regression_stats
+from service.protocol import oip_json
 from service.protocol.oip_codec import (
     encode_outputs,
-    mc_samples_of,
-    output_metadata,
+    mc_options_of,
     requested_output_names,
-    tensor_metadata,
     wire_inputs,
 )
 from service.repository import ModelConfig, parse_config
@@ -226,12 +225,16 @@ def _params(**values: oip.InferParameter) -> dict[str, oip.InferParameter]:
     return dict(values)
 
 
+def _mc_samples(parameters: dict[str, oip.InferParameter]) -> int | None:
+    return mc_options_of(parameters).num_samples
+
+
 def test_mc_samples_parameter() -> None:
-    assert mc_samples_of({}) is None
-    assert mc_samples_of(_params(other=oip.InferParameter(string_param="x"))) is None
-    assert mc_samples_of(_params(mc_samples=oip.InferParameter(int64_param=0))) is None
-    assert mc_samples_of(_params(mc_samples=oip.InferParameter(int64_param=250))) == 250
-    assert mc_samples_of(_params(mc_samples=oip.InferParameter(uint64_param=7))) == 7
+    assert _mc_samples({}) is None
+    assert _mc_samples(_params(other=oip.InferParameter(string_param="x"))) is None
+    assert _mc_samples(_params(mc_samples=oip.InferParameter(int64_param=0))) is None
+    assert _mc_samples(_params(mc_samples=oip.InferParameter(int64_param=250))) == 250
+    assert _mc_samples(_params(mc_samples=oip.InferParameter(uint64_param=7))) == 7
 
 
 @pytest.mark.parametrize(
@@ -246,7 +249,7 @@ def test_mc_samples_parameter() -> None:
 )
 def test_mc_samples_must_be_a_non_negative_integer(parameter: oip.InferParameter) -> None:
     with pytest.raises(InvalidInput, match="mc_samples"):
-        mc_samples_of({"mc_samples": parameter})
+        _mc_samples({"mc_samples": parameter})
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -266,8 +269,8 @@ CLASSIFIER_OUTPUTS = [
 
 
 def _metadata(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
-    outputs = [output_metadata(a) for a in Catalogue(config).answers]
-    return [(t.name, t.datatype, list(t.shape)) for t in outputs]
+    outputs = [oip_json.output_metadata(a) for a in Catalogue(config).answers]
+    return [(t["name"], t["datatype"], list(t["shape"])) for t in outputs]
 
 
 def test_output_names_of_a_classifier() -> None:
@@ -304,7 +307,8 @@ def test_output_names_of_a_regressor() -> None:
 
 def test_input_metadata_uses_oip_datatypes() -> None:
     assert [
-        (t.name, t.datatype, list(t.shape)) for t in map(tensor_metadata, REGRESSOR.inputs)
+        (t["name"], t["datatype"], list(t["shape"]))
+        for t in map(oip_json.input_metadata, REGRESSOR.inputs)
     ] == [
         ("a", "INT64", [-1, 2]),
         ("b", "FP16", [-1, 2, 2]),

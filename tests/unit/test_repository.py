@@ -15,8 +15,8 @@ from service.repository import (
     Task,
     find_versions,
     fingerprint,
+    load_version,
     parse_config,
-    scan_repository,
 )
 
 GOOD: dict[str, Any] = {
@@ -156,18 +156,18 @@ def _version(root: Path, name: str, version: str, config: dict[str, Any] | None)
     return folder
 
 
-def test_scan_finds_versions_and_reports_broken_ones(tmp_path: Path) -> None:
+def test_versions_found_load_in_numeric_order_and_a_broken_one_says_why(tmp_path: Path) -> None:
     _version(tmp_path, "digits", "1", GOOD)
     _version(tmp_path, "digits", "2", GOOD)
     _version(tmp_path, "digits", "10", GOOD)
     _version(tmp_path, "digits", "3", None)  # no config.json
     _version(tmp_path, "digits", ".tmp-4-abc", GOOD)  # an export in progress: ignored
     _version(tmp_path, "digits", "latest", GOOD)  # not a version number: ignored
-    found, problems = scan_repository(tmp_path)
-    assert [(v.name, v.version) for v in found] == [("digits", 1), ("digits", 2), ("digits", 10)]
-    assert len(problems) == 1
-    assert problems[0][0].name == "3"
-    assert "config.json is missing" in problems[0][1]
+    found = find_versions(tmp_path)
+    assert sorted(found["digits"]) == [1, 2, 3, 10]
+    assert [load_version(tmp_path / "digits", n).version for n in (1, 2, 10)] == [1, 2, 10]
+    with pytest.raises(ModelLoadError, match=r"config\.json is missing"):
+        load_version(tmp_path / "digits", 3)
 
 
 def test_find_versions_lists_version_folders_without_parsing_them(tmp_path: Path) -> None:
@@ -208,9 +208,9 @@ def test_a_fingerprint_changes_with_any_write_or_replacement_not_with_reads(
     assert fingerprint(folder) != written
 
 
-def test_scan_of_a_missing_folder_fails_clearly(tmp_path: Path) -> None:
+def test_a_missing_repository_folder_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="is not a folder"):
-        scan_repository(tmp_path / "nowhere")
+        find_versions(tmp_path / "nowhere")
 
 
 HETEROSCEDASTIC: dict[str, Any] = {
