@@ -236,8 +236,8 @@ class ServiceProcess(ChildProcess):
         if not self.port_file.exists():
             return False
         ports = read_port_file(self.port_file)
-        if ports.get("pid", self.pid) != self.pid:
-            raise self.failed(f"{self.port_file} was written by pid {ports['pid']}")
+        if ports.get("pid") != self.pid:
+            raise self.failed(f"{self.port_file} was written by pid {ports.get('pid')}")
         self.grpc_port = ports["grpc_port"]
         self.http_port = ports.get("http_port", -1)
         self.metrics_port = ports.get("metrics_port", -1)

@@ -638,10 +638,6 @@ def run_both(
     return results
 
 
-def predict_answer(request: pb.PredictRequest) -> pb.PredictResponse:
-    return response(classification_output(2))
-
-
 def test_predict_fetches_metadata_once_then_sends_every_option(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

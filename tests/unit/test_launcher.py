@@ -81,7 +81,8 @@ def test_stop_ends_what_the_child_left_in_its_own_group(tmp_path: Path) -> None:
 
 
 def test_stop_never_touches_another_process_with_the_same_command(tmp_path: Path) -> None:
-    # What `pkill -f` did: another server with the same command line was stopped too.
+    # Stopping by command-line pattern (the old smoke script) also ended another server that
+    # ran the same command; stop() must end only the process it started.
     with (tmp_path / "other.log").open("wb") as log:
         other = subprocess.Popen(python(ON_TERM_EXIT_3), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -95,15 +96,19 @@ def test_stop_never_touches_another_process_with_the_same_command(tmp_path: Path
         other.wait(30)
 
 
-def test_a_port_file_written_by_another_process_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("pid", "shown"), [(", 'pid': 1", "1"), ("", "None")])
+def test_a_port_file_written_by_another_process_is_refused(
+    pid: str, shown: str, tmp_path: Path
+) -> None:
+    """Another process's port file, or one that does not say whose it is."""
     port_file = tmp_path / "ports.json"
     code = (
-        f"import json, time; json.dump({{'grpc_port': 1, 'metrics_port': 2, 'pid': 1}}, "
+        f"import json, time; json.dump({{'grpc_port': 1, 'metrics_port': 2{pid}}}, "
         f"open({str(port_file)!r}, 'w')); time.sleep(120)"
     )
     server = ServiceProcess("t", python(code), port_file=port_file, log_path=tmp_path / "log")
     try:
-        with pytest.raises(LaunchError, match="written by pid 1"):
+        with pytest.raises(LaunchError, match=f"written by pid {shown}"):
             server.wait_until(server.port_file_ready, timeout_s=30)
     finally:
         server.stop()
