@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from bench.engine import CPU_PROVIDER, CUDA_PROVIDER, Call, Device, NotOnDevice, describe_error
+from bench.engine import Call, Device, NotOnDevice, describe_error
 from bench.realistic import Inputs, PreparedReal
 from export.mc_mode import mc_dropout_copy
-from service.engine.onnx_session import SessionConfig, cuda_usable, seed_process_rng
-from service.engine.runtime import McEngine, build_engine
+from service.engine.onnx_session import (
+    SessionConfig,
+    create_session,
+)
+from service.engine.runtime import McEngine, build_engine, chunk_samples
 
 __all__ = [
     "REAL_VARIANTS",
@@ -59,7 +63,6 @@ __all__ = [
     "check_deterministic",
     "deterministic_graph",
     "deterministic_session",
-    "device_stats",
 ]
 
 
@@ -149,13 +152,6 @@ class _Accumulator:
             return np.asarray(tensor.cpu().numpy(), dtype=np.float64)
 
         return DeviceStats(host(mean), host(variance), host(entropy), host(information))
-
-
-def device_stats(samples: torch.Tensor) -> DeviceStats:
-    """The statistics of logits (T, B, C) sample-major (computed where they are)."""
-    accumulator = _Accumulator()
-    accumulator.update(samples)
-    return accumulator.result()
 
 
 @dataclass
@@ -255,29 +251,12 @@ def deterministic_session(model: Path, config: SessionConfig) -> tuple[ort.Infer
     ``EliminateDropout`` to keep dropout stochastic; this one lets it run, with the server's
     other settings (threads, spinning, providers).
     """
-    seed_process_rng()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = config.intra_op_threads
-    options.inter_op_num_threads = config.inter_op_threads
-    spinning = "1" if config.allow_spinning else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-    options.log_severity_level = 3
-    providers: list[str | tuple[str, dict[str, str]]] = [CPU_PROVIDER]
-    if config.use_gpu and cuda_usable():
-        cuda_options = {
-            "device_id": str(config.gpu_device_id),
-            "cudnn_conv_algo_search": config.cuda_conv_algo_search.upper(),
-        }
-        providers.insert(0, (CUDA_PROVIDER, cuda_options))
     original = onnx.load(str(model))
     replaced = sum(n.op_type in _RANDOM_LIKE for n in original.graph.node)
     graph = deterministic_graph(original)
     del original
-    session = ort.InferenceSession(
-        graph.SerializeToString(), sess_options=options, providers=providers
-    )
+    every_optimization = dataclasses.replace(config, graph_optimization_level="all")
+    session = create_session(graph.SerializeToString(), every_optimization, keep_dropout=False)
     return session, replaced
 
 
@@ -318,7 +297,7 @@ def _autocast(device: Device, dtype: torch.dtype | None) -> Iterator[None]:
 
 def _runs(num_samples: int, num_rows: int, budget_rows: int) -> Iterator[int]:
     """Samples per run: runs of at most ``budget_rows`` tile rows (at least one sample)."""
-    chunk = max(1, min(num_samples, budget_rows // max(1, num_rows)))
+    chunk = chunk_samples(num_samples, num_rows, budget_rows)
     done = 0
     while done < num_samples:
         t = min(chunk, num_samples - done)

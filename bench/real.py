@@ -810,10 +810,11 @@ def _repository(folder: Path | None) -> Iterator[Path]:
 def gpu_tile_memory_bytes(fraction: float = 0.6) -> int:
     """The realistic GPU cells' tile budget: a fraction of the device's memory.
 
-    The engine sizes its runs from a static upper bound of a row's activations (every
-    intermediate tensor counted, no reuse): about 500 MB for ViT-B/16 at 224, so the server's
-    default 256 MiB would run one sample per run. On a GPU the operator raises
-    ``--tile-memory-bytes``; this benchmark gives both the engine and (b) the same budget.
+    The engine sizes its runs from the peak memory of a row on the tile, twice over (the
+    arena grows in powers of two): tens of MB for ViT-B/16 and BERT-base at full size, so the
+    server's default 256 MiB holds only a few samples per run, far below what an H200 holds.
+    On a GPU the operator raises ``--tile-memory-bytes``; this benchmark gives both the engine
+    and (b) the same budget, most of the device (the rest for weights and the arena's slack).
     """
     return int(torch.cuda.get_device_properties(0).total_memory * fraction)
 

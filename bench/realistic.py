@@ -48,7 +48,7 @@ from export.api import export_model
 from export.errors import VerificationError
 from export.precision import Precision
 from export.publish import METADATA_FILE, MODEL_FILE, weights_sha256
-from export.zoo import BertClassifier, import_torchvision
+from export.zoo import BertClassifier, calibrate_batchnorm, import_torchvision
 from service.repository import VersionSource, load_version
 
 __all__ = [
@@ -130,28 +130,6 @@ class RealSpec:
 
 
 # ---------------------------------------------------------------- building blocks
-
-
-def calibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``model`` on ``batches``
-    (a cumulative average), as after training; other modules are untouched.
-
-    At initialisation (mean 0, variance 1) deep CNNs shrink their activations block after
-    block in eval mode, down to logits around 1e-13 for EfficientNet-B0: every softmax would
-    be uniform and the benchmark would time a degenerate model.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-    return model
 
 
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:

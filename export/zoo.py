@@ -26,7 +26,7 @@ import importlib
 import importlib.util
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "BertClassifier", "ZooEntry", "import_torchvision"]
+__all__ = ["ZOO", "BertClassifier", "ZooEntry", "calibrate_batchnorm", "import_torchvision"]
 
 # torchvision's two C++ operator schemas its pure-Python modules register fake kernels for at
 # import time. PyPI's torchvision wheel is built against CUDA torch; beside the CPU torch its
@@ -133,8 +133,9 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _calibrated(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``model`` on ``batches``.
+def calibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``model`` on ``batches`` (a
+    cumulative average), as after training; other modules are untouched.
 
     At initialisation (running mean 0, variance 1) deep convolutional nets such as
     EfficientNet-B0 shrink their activations block after block in eval mode: their logits
@@ -292,12 +293,12 @@ def _image_batches(size: int) -> list[torch.Tensor]:
 
 def _efficientnet_b0() -> nn.Module:
     model: nn.Module = import_torchvision().models.efficientnet_b0(num_classes=10)
-    return _calibrated(model, _image_batches(64))
+    return calibrate_batchnorm(model, _image_batches(64))
 
 
 def _mobilenet_v3_small() -> nn.Module:
     model: nn.Module = import_torchvision().models.mobilenet_v3_small(num_classes=10)
-    return _calibrated(model, _image_batches(64))
+    return calibrate_batchnorm(model, _image_batches(64))
 
 
 # ---- heads -------------------------------------------------------------------------------

@@ -122,13 +122,15 @@ def cuda_usable() -> bool:
 
 
 def create_session(
-    model: Path | str | bytes, config: SessionConfig | None = None
+    model: Path | str | bytes, config: SessionConfig | None = None, *, keep_dropout: bool = True
 ) -> ort.InferenceSession:
     """Create an InferenceSession that keeps Dropout stochastic.
 
     Args:
         model: path to a .onnx file, or its serialized bytes.
         config: session settings; defaults to ``SessionConfig()``.
+        keep_dropout: False lets ONNX Runtime remove Dropout (``EliminateDropout``), for a
+            deterministic pass to compare against (benchmarks); the server never does.
 
     Returns:
         The session. ``session.get_providers()[0]`` is the provider that really runs: asking
@@ -159,5 +161,5 @@ def create_session(
         source,
         sess_options=options,
         providers=providers,
-        disabled_optimizers=list(DISABLED_OPTIMIZERS),
+        disabled_optimizers=list(DISABLED_OPTIMIZERS) if keep_dropout else [],
     )
