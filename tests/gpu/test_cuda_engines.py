@@ -34,7 +34,7 @@ from service.repository import load_version
 from service.settings import EngineKind
 from tests.gpu.cuda import PROVIDER, USE_GPU
 from tests.integration.conftest import ExportedModels
-from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples
+from tests.integration.parity import N_TORCH, assert_matches_torch, measured, torch_mc_samples
 from tests.integration.test_engines import KINDS, T
 
 pytestmark = pytest.mark.gpu
@@ -79,19 +79,19 @@ def test_engine_matches_pytorch_on_cuda(
 ) -> None:
     engine = _engine(test_models, name, kind)
     x = _rows(test_models, name)
-    (stats,) = engine.run({engine.config.inputs[0].name: x}, T)
+    (stats,) = engine.run({engine.config.inputs[0].name: x}, T, keep_samples=True)
     assert stats.num_samples == T
     reference = torch_mc_samples(test_models.torch_models[name], x, N_TORCH, softmax=softmax)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+    assert_matches_torch(measured(stats), reference, T)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_seeded_path_matches_pytorch_on_cuda(test_models: ExportedModels, kind: EngineKind) -> None:
     engine = _engine(test_models, "digits", kind)
     x = _rows(test_models, "digits")
-    (stats,) = engine.run({"image": x}, T, seed=123)
+    (stats,) = engine.run({"image": x}, T, seed=123, keep_samples=True)
     reference = torch_mc_samples(test_models.torch_models["digits"], x, N_TORCH, softmax=True)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+    assert_matches_torch(measured(stats), reference, T)
 
 
 def _row_bytes(stats: Any, row: int) -> list[bytes]:
@@ -129,10 +129,10 @@ def test_chunked_runs_match_one_run_on_cuda(test_models: ExportedModels, kind: E
     engine = _engine(test_models, "tiny_d2", kind, budget=1)
     x = np.random.default_rng(8).standard_normal((2, 2, 5, 5)).astype(np.float32)
     assert engine.budget_rows({"image": x}) == 1
-    (stats,) = engine.run({"image": x}, 1500)
+    (stats,) = engine.run({"image": x}, 1500, keep_samples=True)
     assert stats.num_samples == 1500
     reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x, N_TORCH, softmax=False)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, 1500)
+    assert_matches_torch(measured(stats), reference, 1500)
 
 
 def test_large_t_in_many_chunks_on_cuda(test_models: ExportedModels) -> None:
@@ -145,13 +145,13 @@ def test_large_t_in_many_chunks_on_cuda(test_models: ExportedModels) -> None:
     assert engine.provider == PROVIDER
     assert engine.budget_rows({"image": x}) // x.shape[0] == 256
     t = 20_000
-    (stats,) = engine.run({"image": x}, t)
+    (stats,) = engine.run({"image": x}, t, keep_samples=True)
     assert stats.num_samples == t
     # As many reference samples as ours: with N_TORCH = 4000 against 20,000 the test's power
     # rests on the reference alone, whose variance of a rare class's probability (kurtosis
     # ~200 here) is too noisy for the kurtosis-based standard error.
     reference = torch_mc_samples(test_models.torch_models["digits"], x, t, softmax=True)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, t)
+    assert_matches_torch(measured(stats), reference, t)
 
 
 def test_batch_sizes_are_padded_to_buckets_on_cuda(test_models: ExportedModels) -> None:
@@ -160,10 +160,10 @@ def test_batch_sizes_are_padded_to_buckets_on_cuda(test_models: ExportedModels) 
     engine = _engine(test_models, "digits", "auto")
     assert engine.batch_buckets[:4] == (1, 2, 4, 8)
     x = np.concatenate([_rows(test_models, "digits")] * 3)[:5]  # 5 rows: padded to 8
-    (stats,) = engine.run({"image": x}, T)
+    (stats,) = engine.run({"image": x}, T, keep_samples=True)
     assert stats.mean.shape == (5, 10)
     reference = torch_mc_samples(test_models.torch_models["digits"], x, N_TORCH, softmax=True)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+    assert_matches_torch(measured(stats), reference, T)
 
 
 def test_half_precision_on_cuda(tmp_path: Path) -> None:

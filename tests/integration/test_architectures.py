@@ -31,7 +31,7 @@ from service.engine.onnx_session import SessionConfig
 from service.engine.runtime import build_engine
 from service.repository import load_version
 from service.settings import EngineKind
-from tests.integration.parity import assert_matches_torch
+from tests.integration.parity import assert_matches_torch, measured
 from tests.support.server import RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.export
@@ -110,11 +110,9 @@ def test_every_engine_form_matches_pytorch(name: str, references: Any) -> None:
     feed = {s.name: t.numpy() for s, t in zip(source.config.inputs, inputs, strict=True)}
     for kind in FORMS:
         engine = build_engine(source, CPU, 256 * 2**20, kind)
-        stats = engine.run(feed, T)
+        stats = engine.run(feed, T, keep_samples=True)
         for spec, out, ref in zip(source.config.outputs, stats, reference, strict=True):
-            mean, variance = assert_matches_torch(
-                {"mean": out.mean, "variance": out.variance}, ref, T, ALPHA
-            )
+            mean, variance = assert_matches_torch(measured(out), ref, T, ALPHA)
             # The figures, for `pytest -s` (the closing notes quote them).
             print(
                 f"{name} {kind} {spec.name}: mean max|z| {mean.max_abs_z:.2f}, variance max|z| "
@@ -134,8 +132,8 @@ def test_many_chunks_of_a_convolutional_net_match_pytorch(references: Any) -> No
     per_row = probe.tile_memory_bytes // probe.budget_rows(feed)
     engine = build_engine(source, CPU, 4 * per_row * inputs[0].shape[0])
     assert engine.budget_rows(feed) // inputs[0].shape[0] == 4  # samples per run
-    (stats,) = engine.run(feed, T)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference[0], T, ALPHA)
+    (stats,) = engine.run(feed, T, keep_samples=True)
+    assert_matches_torch(measured(stats), reference[0], T, ALPHA)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +187,10 @@ def test_served_answers_match_pytorch(name: str, zoo_client: Client, references:
     report, inputs, reference = references(name)
     answer = zoo_client.predict(
         name, {s.name: t.numpy() for s, t in zip(report.inputs, inputs, strict=True)},
-        num_samples=T,
+        num_samples=T, return_samples=True,
     )  # fmt: skip
     for output, ref in zip(answer.outputs.values(), reference, strict=True):
-        assert_matches_torch({"mean": output.mean, "variance": output.variance}, ref, T, ALPHA)
+        assert_matches_torch(measured(output), ref, T, ALPHA)
 
 
 @pytest.mark.parametrize("length", [16, 24])
@@ -205,11 +203,14 @@ def test_a_text_model_is_served_at_two_lengths(
     mask = torch.ones(2, length, dtype=torch.int64)
     mask[1, length - 3 :] = 0  # a padded row
     answer = zoo_client.predict(
-        "bert", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, num_samples=T
+        "bert",
+        {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+        num_samples=T,
+        return_samples=True,
     )
     reference = torch_reference("bert", (ids, mask), report)
     logits = answer.outputs["logits"]
-    assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T, ALPHA)
+    assert_matches_torch(measured(logits), reference[0], T, ALPHA)
 
 
 def test_texts_of_different_lengths_share_runs_when_the_model_pads(
@@ -233,7 +234,7 @@ def test_texts_of_different_lengths_share_runs_when_the_model_pads(
         async with AsyncClient(zoo_server.target, timeout=120) as client:
             calls = [
                 client.predict("bert_padded", {"input_ids": i.numpy(), "attention_mask": m.numpy()},
-                               num_samples=T)
+                               num_samples=T, return_samples=True)
                 for i, m in texts
             ]  # fmt: skip
             return list(await asyncio.gather(*calls))
@@ -245,9 +246,7 @@ def test_texts_of_different_lengths_share_runs_when_the_model_pads(
     for (ids, mask), answer in zip(texts, answers, strict=True):
         reference = torch_reference("bert", (ids, mask), report)
         logits = answer.outputs["logits"]
-        assert_matches_torch(
-            {"mean": logits.mean, "variance": logits.variance}, reference[0], T, ALPHA
-        )
+        assert_matches_torch(measured(logits), reference[0], T, ALPHA)
 
 
 def _batch_requests(server: RunningServer) -> tuple[float, float]:
@@ -278,7 +277,9 @@ def test_a_longer_text_than_the_model_allows_is_refused(zoo_client: Client) -> N
 
 def test_mixed_heads_answer_each_heads_statistics(zoo_client: Client, references: Any) -> None:
     _, inputs, reference = references("two_head")
-    answer = zoo_client.predict("two_head", {"features": inputs[0].numpy()}, num_samples=T)
+    answer = zoo_client.predict(
+        "two_head", {"features": inputs[0].numpy()}, num_samples=T, return_samples=True
+    )
     logits, value = answer.outputs["logits"], answer.outputs["value"]
     assert logits.semantics == "logits"
     assert value.semantics == "values"
@@ -286,8 +287,8 @@ def test_mixed_heads_answer_each_heads_statistics(zoo_client: Client, references
     assert set(logits.predicted_label) <= {"low", "mid", "high"}
     assert logits.mutual_information is not None
     assert value.mutual_information is None  # a values head has no class measures
-    assert_matches_torch({"mean": logits.mean, "variance": logits.variance}, reference[0], T, ALPHA)
-    assert_matches_torch({"mean": value.mean, "variance": value.variance}, reference[1], T, ALPHA)
+    assert_matches_torch(measured(logits), reference[0], T, ALPHA)
+    assert_matches_torch(measured(value), reference[1], T, ALPHA)
 
 
 def test_mixed_heads_through_the_open_inference_protocol(zoo_server: RunningServer) -> None:

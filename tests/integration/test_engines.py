@@ -15,7 +15,7 @@ from service.engine.runtime import build_engine
 from service.repository import load_version
 from service.settings import EngineKind
 from tests.integration.conftest import ExportedModels
-from tests.integration.parity import N_TORCH, assert_matches_torch, torch_mc_samples
+from tests.integration.parity import N_TORCH, assert_matches_torch, measured, torch_mc_samples
 
 KINDS: list[EngineKind] = ["tiled", "split-graph", "split-sessions"]
 T = 3000
@@ -43,9 +43,9 @@ def test_engine_matches_pytorch(
         else np.random.default_rng(7).standard_normal((3, 2, 5, 5)).astype(np.float32)
     )
     input_name = engine.config.inputs[0].name
-    (stats,) = engine.run({input_name: x}, T)
+    (stats,) = engine.run({input_name: x}, T, keep_samples=True)
     reference = torch_mc_samples(test_models.torch_models[name], x, N_TORCH, softmax=softmax)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, T)
+    assert_matches_torch(measured(stats), reference, T)
 
 
 def test_auto_engine_splits_where_work_can_run_once(test_models: ExportedModels) -> None:
@@ -62,10 +62,10 @@ def test_chunked_runs_match_one_run(test_models: ExportedModels, kind: EngineKin
     engine = _engine(test_models, "tiny_d2", kind, budget=1)
     x = np.random.default_rng(8).standard_normal((2, 2, 5, 5)).astype(np.float32)
     assert engine.budget_rows({"image": x}) == 1
-    (stats,) = engine.run({"image": x}, 1500)
+    (stats,) = engine.run({"image": x}, 1500, keep_samples=True)
     assert stats.num_samples == 1500
     reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x, N_TORCH, softmax=False)
-    assert_matches_torch({"mean": stats.mean, "variance": stats.variance}, reference, 1500)
+    assert_matches_torch(measured(stats), reference, 1500)
 
 
 def test_load_probe_accepts_models_with_small_dropout_rates(tmp_path: Path) -> None:
