@@ -93,7 +93,10 @@ class Settings:
         ),
     )
     intra_op_threads: int = field(
-        default=0, metadata=_doc("ONNX Runtime threads per run; 0 = one per core")
+        default=0,
+        metadata=_doc(
+            "ONNX Runtime threads per run, and the threads drawing its noise; 0 = one per core"
+        ),
     )
     inter_op_threads: int = field(default=0, metadata=_doc("ONNX Runtime inter-op threads"))
     allow_spinning: bool = field(

@@ -356,7 +356,7 @@ class McEngine:
             if batch_buckets is not None
             else (_POWERS_OF_TWO if on_cuda else ())
         )
-        self._streams = StreamNoise()
+        self._streams = StreamNoise(session_config.intra_op_threads)
         self._sizes: OrderedDict[tuple[tuple[int, ...], ...], tuple[list[int], int, list[int]]] = (
             OrderedDict()
         )

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 #: The extra input of every sampler graph: t for this run, int64, shape [1].
 NUM_SAMPLES_INPUT = "mcd_num_samples"
 _TILED = "__mcd_tiled"
+_SHAPE_ONLY = "__mcd_shape_only"
 
 Form = Literal["tiled", "split-graph", "split-sessions"]
 
@@ -160,6 +161,43 @@ def _tile_nodes(source: str, target: str) -> tuple[list[onnx.NodeProto], list[on
     return nodes, constants
 
 
+def _tiled_shape_nodes(
+    source: str, target: str
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The shape (t*B, ...) of ``source`` tiled, without the tile: for a tensor the tile only
+    reads the shape of (the input of a random node, such as the ``empty_like`` that in-place
+    dropout draws its uniforms for; its noise is fed)."""
+    p = f"{target}__"
+    constants = [
+        numpy_helper.from_array(np.array([0], np.int64), "mcd_zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "mcd_one"),
+        numpy_helper.from_array(np.array([2**62], np.int64), "mcd_end"),
+    ]
+    nodes = [
+        helper.make_node("Shape", [source], [p + "shape"]),
+        helper.make_node("Slice", [p + "shape", "mcd_zero", "mcd_one"], [p + "rows"]),
+        helper.make_node("Mul", [p + "rows", NUM_SAMPLES_INPUT], [p + "tile_rows"]),
+        helper.make_node("Slice", [p + "shape", "mcd_one", "mcd_end"], [p + "row_shape"]),
+        helper.make_node("Concat", [p + "tile_rows", p + "row_shape"], [target], axis=0),
+    ]
+    return nodes, constants
+
+
+def _shape_only(nodes: Sequence[onnx.NodeProto], candidates: set[str]) -> set[str]:
+    """The candidates every reader of which is a whole-tensor ``Shape`` node (and that some
+    node reads): their tile would be made only for its shape."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in _names_read(node):
+            if name in candidates:
+                readers.setdefault(name, []).append(node)
+    return {
+        name
+        for name, found in readers.items()
+        if all(n.op_type == "Shape" and n.input[0] == name and not n.attribute for n in found)
+    }
+
+
 def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
     if not any(n in names for n in node.input):
         return node
@@ -256,13 +294,8 @@ def build_sampler(
         data_inputs = list(to_tile)
 
     tiled_name = {name: name + _TILED for name in to_tile}
-    nodes: list[onnx.NodeProto] = list(before)
-    extra: dict[str, onnx.TensorProto] = {}
-    for name in to_tile:
-        tile, constants = _tile_nodes(name, tiled_name[name])
-        nodes += tile
-        extra.update({c.name: c for c in constants})
     on_tile = [_renamed(all_nodes[i], tiled_name) for i in on_tile_indices]
+    extra: dict[str, onnx.TensorProto] = {}
 
     noise: tuple[NoiseSpec, ...] = ()
     noise_inputs: list[onnx.ValueInfoProto] = []
@@ -275,10 +308,24 @@ def build_sampler(
         noise = rewrite.noise
         noise_inputs = list(rewrite.inputs)
         extra.update({c.name: c for c in rewrite.initializers})
-    nodes += on_tile
 
     # A model output on the tile: produced there, or a deterministic output tiled.
     raw = [tiled_name.get(o.name, o.name) for o in config.outputs]
+    shape_only = _shape_only(on_tile, set(tiled_name.values()) - set(raw))
+    nodes: list[onnx.NodeProto] = list(before)
+    for name in to_tile:
+        if tiled_name[name] in shape_only:
+            tile, constants = _tiled_shape_nodes(name, tiled_name[name] + _SHAPE_ONLY)
+        else:
+            tile, constants = _tile_nodes(name, tiled_name[name])
+        nodes += tile
+        extra.update({c.name: c for c in constants})
+    nodes += [
+        helper.make_node("Identity", [node.input[0] + _SHAPE_ONLY], list(node.output))
+        if node.op_type == "Shape" and node.input[0] in shape_only
+        else node
+        for node in on_tile
+    ]
     summaries: list[OutputSummary] = []
     outputs: list[onnx.ValueInfoProto] = []
     for k, (spec, tensor) in enumerate(zip(config.outputs, raw, strict=True)):
@@ -301,7 +348,8 @@ def build_sampler(
     initializers = [*_used_initializers(graph, nodes), *extra.values()]
     sampler = _make_model(model, nodes, inputs, outputs, initializers=initializers,
                           name=f"{graph.name}_{form}_sampler")  # fmt: skip
-    steps = tile_steps([all_nodes[i] for i in on_tile_indices], to_tile,
+    made = [name for name in to_tile if tiled_name[name] not in shape_only]
+    steps = tile_steps([all_nodes[i] for i in on_tile_indices], made,
                        [o.name for o in config.outputs])  # fmt: skip
     return SamplerGraph(
         model=sampler,

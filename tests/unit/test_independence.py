@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.core.dataplane import PredictInput
+from service.engine.noise import PARALLEL_MIN_VALUES
 from service.engine.onnx_session import SessionConfig, create_session
 from service.engine.runtime import McEngine
 from service.repository import parse_config
@@ -107,6 +108,26 @@ def test_seeded_requests_draw_fresh_noise_per_sample() -> None:
     assert stats.samples is not None
     report = coin_independence(stats.samples[0] != 0)
     assert report.independent, str(report)
+
+
+def test_noise_drawn_by_several_threads_is_independent() -> None:
+    """A run of T = 1024 samples holds 262,144 draws: two threads draw it, samples 0-511 from
+    one stream and 512-1023 from another. Over 300 consecutive runs, the samples on either
+    side of the seam (511, 512), and the agreement of samples s and s + 512 (a fair coin when
+    the two streams are independent; always True were they one stream), pass the coin checks
+    (1e-6 each)."""
+    e = McEngine(dropout_only(), CONFIG, "dropout_only/1", tile_memory_bytes=2**28,
+                 session_config=dataclasses.replace(CPU, intra_op_threads=2))  # fmt: skip
+    assert e.budget_rows({"x": ONES}) >= 1024
+    assert 1024 * WIDTH >= 2 * PARALLEL_MIN_VALUES  # two segments
+    seam, agree = [], []
+    for _ in range(300):
+        kept = kept_samples(e, ONES, 1024)[:, 0]  # (1024, WIDTH)
+        seam.append(kept[510:514].reshape(-1))
+        agree.append((kept[:512:64] == kept[512::64]).reshape(-1))
+    for coins in (np.stack(seam), np.stack(agree)):
+        report = coin_independence(coins)
+        assert report.independent, str(report)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.75])

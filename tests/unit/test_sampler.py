@@ -14,7 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.graph_split import plan_split
-from service.engine.noise import NoiseRewriteError, SeededNoise, StreamNoise
+from service.engine.noise import (
+    PARALLEL_MIN_VALUES,
+    NoiseRewriteError,
+    NoiseSpec,
+    SeededNoise,
+    StreamNoise,
+)
 from service.engine.onnx_session import SessionConfig, create_session
 from service.engine.runtime import McEngine
 from service.engine.sampler import NUM_SAMPLES_INPUT, build_sampler
@@ -85,6 +91,48 @@ def test_shape_computations_run_on_the_tile(kind: str) -> None:
     fraction = kept.mean(axis=0)[relu > 0]
     assert (fraction > 0).all()
     assert (fraction < 1).all()
+
+
+def inplace_dropout_graph() -> onnx.ModelProto:
+    """torchvision's in-place dropout as exported: uniforms drawn for a tensor computed only
+    for its shape (``e``), compared with the keep probability, the mask scaled and applied."""
+    return _model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Sub", ["r", "r"], ["e"]),
+         helper.make_node("RandomUniformLike", ["e"], ["u"]),
+         helper.make_node("Less", ["u", "ratio"], ["keep"]),
+         helper.make_node("Cast", ["keep"], ["keep_x"], to=TensorProto.FLOAT),
+         helper.make_node("Div", ["keep_x", "ratio"], ["mask"]),
+         helper.make_node("Mul", ["r", "mask"], ["d"]),
+         helper.make_node("MatMul", ["d", "w2"], ["y"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["split-graph", "split-sessions"])
+def test_a_tensor_read_only_for_its_shape_is_not_tiled(kind: str) -> None:
+    """``e`` crosses the cut, but the fed graph reads only its shape: one Tile (``r``'s), and
+    each element is kept exactly where its fed uniform is below the keep probability."""
+    model = inplace_dropout_graph()
+    plan = plan_split(model)
+    assert set(plan.cut) == {"r", "e"}
+    graph = build_sampler(model, config_for(model), plan, kind,  # type: ignore[arg-type]
+                          GraphShapes(model), native=False)  # fmt: skip
+    tiles = [n for n in graph.model.graph.node if n.op_type == "Tile"]
+    assert [n.input[0] for n in tiles] == ["r__mcd_tiled__flat"]
+    assert {name for made, _ in graph.tile_steps[:1] for name in made} == {"r"}
+    session = create_session(graph.model.SerializeToString(), CPU)
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    data = {"x": x} if kind == "split-graph" else {
+        "r": np.maximum(x @ W1, 0), "e": np.zeros((2, 8), np.float32)}  # fmt: skip
+    uniforms = np.tile(np.array([0.25, 0.75], np.float32), 3 * 2 * 4)  # t = 3 samples
+    feed = {**data, NUM_SAMPLES_INPUT: np.array([3], np.int64), graph.noise[0].name: uniforms}
+    y = session.run([graph.raw[0]], feed)[0]
+    kept = np.where(uniforms.reshape(6, 8) < 0.5, 2.0 * np.tile(np.maximum(x @ W1, 0), (3, 1)), 0)
+    np.testing.assert_allclose(y, kept @ W2, rtol=1e-5)
+    samples = engine_for(model, kind).sample({"x": x}, 50)[0]
+    assert samples.shape == (50, 2, 3)
 
 
 def test_deterministic_outputs_are_tiled_with_the_others() -> None:
@@ -239,6 +287,31 @@ def test_unseeded_streams_are_per_thread_and_continue() -> None:
     generator = streams.generator()
     assert not np.array_equal(generator.bit_generator.random_raw(4),
                               generator.bit_generator.random_raw(4))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["bits", "uniform", "normal"])
+def test_several_threads_fill_each_kind_of_noise(kind: str) -> None:
+    """Above PARALLEL_MIN_VALUES a draw is cut into one segment per thread: every value is
+    filled (an odd count of bits too), in its kind's range, and the segments come from
+    different streams: the sign agreement of values i and i + half is a fair coin, within
+    Hoeffding's bound at 1e-6 (one stream would agree everywhere)."""
+    count = 2 * PARALLEL_MIN_VALUES + 1
+    spec = NoiseSpec("n", kind, "t", (None,), "node")  # type: ignore[arg-type]
+    streams = StreamNoise(threads=2)
+    (values,) = streams.draw([spec], [count], 1, 1).values()
+    assert values.shape == (count,)
+    assert values.dtype == (np.uint32 if kind == "bits" else np.float32)
+    centred = values.astype(np.float64) - {"bits": 2.0**31, "uniform": 0.5, "normal": 0.0}[kind]
+    if kind == "uniform":
+        assert values.min() >= 0.0
+        assert values.max() < 1.0
+    assert np.all(np.isfinite(centred))
+    half = count // 2
+    agree = np.sign(centred[:half]) == np.sign(centred[half : 2 * half])
+    bound = np.sqrt(2 * np.log(2 / 1e-6) / half)
+    assert abs(2 * agree.mean() - 1) < bound
+    again = streams.draw([spec], [count], 1, 1)["n"]
+    assert not np.array_equal(values, again)
 
 
 @pytest.mark.parametrize(
