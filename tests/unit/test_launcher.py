@@ -127,17 +127,18 @@ def test_nothing_in_the_repository_stops_processes_by_name() -> None:
         .stdout.decode()
         .split("\0")
     )
-    this_file = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    # The words are assembled, so that this file does not contain them either.
+    words = ("p" + "kill", "kill" + "all", "p" + "grep")
     offenders = []
     for name in tracked:
         path = ROOT / name
-        if name == this_file or not path.is_file() or path.suffix in (".md", ".png", ".onnx"):
+        if not path.is_file() or path.suffix in (".md", ".png", ".onnx"):
             continue
         try:
             text = path.read_text()
         except UnicodeDecodeError:
             continue
-        offenders += [f"{name}: {word}" for word in ("pkill", "killall", "pgrep") if word in text]
+        offenders += [f"{name}: {word}" for word in words if word in text]
     assert not offenders, offenders
 
 
