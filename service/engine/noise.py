@@ -344,12 +344,13 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 def _draw_pool() -> ThreadPoolExecutor:
     """The process's noise-drawing threads (made again after a fork: threads do not survive
-    one); it starts threads on demand, up to the number of CPUs."""
+    one); it starts threads on demand, up to one fewer than the usable CPUs (the caller draws
+    a segment itself)."""
     global _pool  # noqa: PLW0603 (one pool per process)
     pid = os.getpid()
     with _pool_lock:
         if _pool is None or _pool[0] != pid:
-            workers = max(1, (os.cpu_count() or 1) - 1)
+            workers = max(1, usable_cpus() - 1)
             _pool = (pid, ThreadPoolExecutor(workers, thread_name_prefix="mcd-noise"))
         return _pool[1]
 
@@ -380,7 +381,8 @@ class StreamNoise(NoiseSource):
     A run's noise is drawn by up to ``threads`` threads when it holds at least
     :data:`PARALLEL_MIN_VALUES` values: each noise input is cut into that many contiguous
     segments, and thread j fills segment j of every input from its own stream (numpy draws
-    without holding the GIL). ONNX Runtime's threads are idle while the noise is drawn.
+    without holding the GIL). The noise is drawn between the request's session runs, while its
+    own ONNX Runtime threads wait.
 
     Args:
         threads: threads that draw one run's noise (0: the CPUs this process may use).

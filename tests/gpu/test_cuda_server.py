@@ -19,11 +19,10 @@ from tests.gpu.cuda import require_cuda
 require_cuda()
 
 import re
-from typing import Any
 
 import numpy as np
 
-from mcdropout_client import Client, OutputPrediction
+from mcdropout_client import Client
 from tests.gpu.cuda import PROVIDER
 from tests.integration.conftest import ExportedModels, RunningServer
 from tests.integration.parity import N_TORCH, assert_matches_torch, measured, torch_mc_samples
@@ -33,10 +32,6 @@ from tests.integration.test_seeded import row_bytes, seeded
 pytestmark = pytest.mark.gpu
 
 SERVED = ("digits", "housing", "tiny_cls", "tiny_reg", "tiny_d2")
-
-
-def moments(out: OutputPrediction) -> dict[str, Any]:
-    return measured(out)
 
 
 @pytest.mark.parametrize("model", SERVED)
@@ -66,7 +61,7 @@ def test_bundled_examples_match_pytorch_on_gpu(
         test_models.torch_models[name], x, N_TORCH, softmax=name == "digits"
     )
     stats = answer.outputs[output]
-    assert_matches_torch(moments(stats), reference, t)
+    assert_matches_torch(measured(stats), reference, t)
     if name == "digits":
         assert stats.predicted_class is not None
         assert stats.mutual_information is not None
@@ -86,7 +81,7 @@ def test_test_models_match_pytorch_on_gpu(
     answer = gpu_client.predict(name, x, num_samples=t, return_samples=True)
     reference = torch_mc_samples(test_models.torch_models[name], next(iter(x.values())), N_TORCH,
                                  softmax=name == "tiny_cls")  # fmt: skip
-    assert_matches_torch(moments(answer.outputs[output]), reference, t)
+    assert_matches_torch(measured(answer.outputs[output]), reference, t)
 
 
 def test_large_t_goes_through_many_chunks_on_gpu(
@@ -102,7 +97,7 @@ def test_large_t_goes_through_many_chunks_on_gpu(
     reference = torch_mc_samples(test_models.torch_models["digits"], x, t, softmax=True)
     # Its 10,000 samples would not fit a 1 MiB message: the kurtosis is borrowed from a
     # reference as large as the answer (the estimate the guard distrusts comes from 4,000).
-    assert_matches_torch(moments(answer.outputs["logits"]), reference, t, borrow_kurtosis=True)
+    assert_matches_torch(measured(answer.outputs["logits"]), reference, t, borrow_kurtosis=True)
 
 
 @pytest.mark.parametrize(

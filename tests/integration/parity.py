@@ -9,8 +9,8 @@ The variance test's standard error needs each side's fourth moment. An answer th
 samples gives its own; one without them borrows the reference's kurtosis, which is the same
 distribution under the null hypothesis but only when the estimate is good: the digits CNN's
 softmax probabilities of rare classes (kurtosis up to ~180, few rare events in 4,000 samples)
-made the borrowed standard error too small, and the test failed ~1.4% of the time (null
-simulation, 3,000 repeats) instead of 1e-4. So heavy-tailed references
+made the borrowed standard error too small, and the test failed 1.3-1.5% of the time (null
+simulations of 1,500 and 3,000 repeats) instead of 1e-4. So heavy-tailed references
 (kurtosis > MAX_BORROWED_KURTOSIS) need the answer's samples.
 """
 

@@ -18,7 +18,6 @@ from export.stats import Moments, mean_z_test, variance_ratio_test
 from mcdropout_client import (
     Client,
     InvalidArgumentError,
-    OutputPrediction,
     ResourceExhaustedError,
 )
 from service.gen.mcdropout.v1 import mcdropout_pb2 as pb
@@ -28,6 +27,7 @@ from tests.integration.parity import (
     ALPHA,
     N_TORCH,
     assert_matches_torch,
+    measured,
     server_moments,
     torch_mc_samples,
 )
@@ -44,11 +44,6 @@ def inputs_for(name: str, rows: int, seed: int = 0) -> dict[str, NDArray[Any]]:
     return {key: rng.standard_normal((rows, *shape)).astype(np.float32)}
 
 
-def moments(out: OutputPrediction) -> dict[str, NDArray[np.float64] | None]:
-    """What parity compares: the samples too when the call returned them."""
-    return {"mean": out.mean, "variance": out.variance, "samples": out.samples}
-
-
 @pytest.mark.parametrize(
     ("name", "output"), [("tiny_cls", "logits"), ("tiny_reg", "y"), ("tiny_d2", "y")]
 )
@@ -61,7 +56,7 @@ def test_mean_and_variance_match_pytorch_mc_dropout(
     assert answer.num_samples == t
     reference = torch_mc_samples(test_models.torch_models[name], next(iter(x.values())), N_TORCH,
                                  softmax=name == "tiny_cls")  # fmt: skip
-    assert_matches_torch(moments(answer.outputs[output]), reference, t)
+    assert_matches_torch(measured(answer.outputs[output]), reference, t)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +72,7 @@ def test_bundled_examples_match_pytorch_mc_dropout(
     reference = torch_mc_samples(
         test_models.torch_models[name], x, N_TORCH, softmax=name == "digits"
     )
-    assert_matches_torch(moments(answer.outputs[output]), reference, t)
+    assert_matches_torch(measured(answer.outputs[output]), reference, t)
 
 
 def test_two_identical_requests_differ_but_agree(
@@ -135,7 +130,7 @@ def test_an_older_version_is_served_on_request(client: Client, test_models: Expo
     reference = torch_mc_samples(
         test_models.torch_models["tiny_reg@1"], x["features"], N_TORCH, False
     )
-    assert_matches_torch(moments(answer.outputs["y"]), reference, 3000)
+    assert_matches_torch(measured(answer.outputs["y"]), reference, 3000)
 
 
 def test_one_sample(client: Client) -> None:
@@ -160,7 +155,7 @@ def test_large_number_of_samples_in_many_chunks(
     answer = client.predict("tiny_d2", x, num_samples=t)
     assert answer.num_samples == t
     reference = torch_mc_samples(test_models.torch_models["tiny_d2"], x["image"], N_TORCH, False)
-    assert_matches_torch(moments(answer.outputs["y"]), reference, t)
+    assert_matches_torch(measured(answer.outputs["y"]), reference, t)
 
 
 def test_model_without_active_dropout_is_refused(client: Client, server: Any) -> None:
